@@ -1,0 +1,14 @@
+"""Errors a user can fix, kept apart from programming errors.
+
+The CLI prints a `UserInputError` as one line and exits with code 2; anything else is a bug and keeps
+its traceback. `ImageReadError` is raised for one unreadable image so that batch commands can record
+it and carry on with the rest.
+"""
+
+
+class UserInputError(Exception):
+    """A mistake in what the user asked for: a missing folder, a bad option, an unreadable model."""
+
+
+class ImageReadError(UserInputError):
+    """One image file could not be decoded (missing, empty, truncated or not an image)."""

@@ -1,0 +1,170 @@
+"""Patch scorers: how far a patch feature is from the normal ones.
+
+Both scorers are position-independent (a patch is compared with normal patches from anywhere), fitted
+incrementally so that training features never have to be held in memory all at once, and serialisable
+to plain tensors for safetensors.
+
+* `MahalanobisScorer` — one Gaussian over all normal patch features. The covariance is shrunk towards a
+  scaled identity with the Oracle Approximating Shrinkage (OAS) estimate, computed from streamed sums,
+  plus a small ridge: the prototype inverted a raw covariance of fewer samples than dimensions.
+* `KNNScorer` — PatchCore-style memory bank: a seeded reservoir of candidate patches, reduced by greedy
+  k-center coreset selection; a patch's score is its cosine distance to the nearest bank entry.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SCORERS = ("mahalanobis", "knn")
+_CHUNK = 8192  # rows scored at once: bounds memory on very large images
+
+
+class PatchScorer(Protocol):
+    name: str
+
+    def partial_fit(self, features: torch.Tensor) -> None: ...
+    def finalize(self) -> None: ...
+    def score(self, features: torch.Tensor) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def oas_shrinkage(cov: np.ndarray, n_samples: int) -> float:
+    """Oracle Approximating Shrinkage coefficient (Chen et al. 2010), as in scikit-learn's `OAS`."""
+    p = cov.shape[0]
+    mu = np.trace(cov) / p
+    alpha = float(np.mean(cov**2))
+    den = (n_samples + 1) * (alpha - mu**2 / p)
+    return 1.0 if den <= 0 else min((alpha + mu**2) / den, 1.0)
+
+
+class MahalanobisScorer:
+    """Mahalanobis distance to a shrunk Gaussian of normal patch features."""
+
+    name = "mahalanobis"
+
+    def __init__(self, ridge: float = 1e-3) -> None:
+        self.ridge = ridge
+        self._n = 0
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.whitener: torch.Tensor | None = None  # L with L L^T = precision
+        self.shrinkage: float | None = None
+
+    def partial_fit(self, features: torch.Tensor) -> None:
+        x = features.reshape(-1, features.shape[-1]).double()
+        if self._sum is None:
+            self._sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self._outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self._sum += x.sum(0)
+        self._outer += x.T @ x
+        self._n += x.shape[0]
+
+    def finalize(self) -> None:
+        if self._n < 2:
+            raise ValueError("Mahalanobis scorer needs at least 2 patch features")
+        mean = self._sum / self._n
+        cov = ((self._outer - self._n * torch.outer(mean, mean)) / (self._n - 1)).numpy()
+        self.shrinkage = oas_shrinkage(cov, self._n)
+        mu = np.trace(cov) / cov.shape[0]
+        shrunk = (1 - self.shrinkage) * cov + (self.shrinkage + self.ridge) * mu * np.eye(cov.shape[0])
+        precision = np.linalg.inv(shrunk)
+        precision = (precision + precision.T) / 2
+        self.mean = mean.float()
+        self.whitener = torch.from_numpy(np.linalg.cholesky(precision)).float()
+        self._sum = self._outer = None
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.reshape(-1, features.shape[-1]).float()
+        return torch.cat([((c - self.mean) @ self.whitener).norm(dim=1) for c in x.split(_CHUNK)])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "whitener": self.whitener, "shrinkage": torch.tensor([self.shrinkage])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean, self.whitener = state["mean"].float(), state["whitener"].float()
+        self.shrinkage = float(state["shrinkage"][0])
+
+
+def greedy_coreset(features: torch.Tensor, size: int, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
+    """Indices of a k-center greedy coreset (PatchCore): each step adds the point farthest from the set.
+
+    Distances are computed in a random projection to `projection_dim` dimensions (Johnson–Lindenstrauss),
+    which keeps selection fast without changing which regions get covered.
+    """
+    n, dim = features.shape
+    if size >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    x = features.float()
+    if dim > projection_dim:
+        x = x @ (torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim))
+    selected = [int(torch.randint(n, (1,), generator=generator))]
+    min_dist = (x - x[selected[0]]).square().sum(1)
+    for _ in range(size - 1):
+        nxt = int(torch.argmax(min_dist))
+        selected.append(nxt)
+        min_dist = torch.minimum(min_dist, (x - x[nxt]).square().sum(1))
+    return torch.tensor(selected)
+
+
+class KNNScorer:
+    """Nearest-neighbour cosine distance to a coreset memory bank of normal patches."""
+
+    name = "knn"
+
+    def __init__(self, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0) -> None:
+        if not 0 < coreset_ratio <= 1:
+            raise ValueError("coreset_ratio must be in (0, 1]")
+        self.coreset_ratio, self.max_candidates, self.seed = coreset_ratio, max_candidates, seed
+        self._rng = np.random.default_rng(seed)
+        self._reservoir: torch.Tensor | None = None
+        self._seen = 0
+        self.bank: torch.Tensor | None = None
+
+    def partial_fit(self, features: torch.Tensor) -> None:
+        """Reservoir sampling (Algorithm R, vectorised): every patch seen has equal chance to be kept."""
+        x = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=1)
+        if self._reservoir is None:
+            self._reservoir = torch.empty(0, x.shape[1])
+        room = self.max_candidates - len(self._reservoir)
+        if room > 0:
+            self._reservoir = torch.cat([self._reservoir, x[:room]])
+            self._seen += min(room, len(x))
+            x = x[room:]
+        if len(x):
+            slots = self._rng.integers(0, self._seen + np.arange(1, len(x) + 1))
+            keep = slots < self.max_candidates
+            self._reservoir[torch.from_numpy(slots[keep])] = x[torch.from_numpy(keep)]
+            self._seen += len(x)
+
+    def finalize(self) -> None:
+        if self._reservoir is None or len(self._reservoir) == 0:
+            raise ValueError("kNN scorer needs at least 1 patch feature")
+        size = max(1, round(len(self._reservoir) * self.coreset_ratio))
+        self.bank = self._reservoir[greedy_coreset(self._reservoir, size, self.seed)].contiguous()
+        self._reservoir = None
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=1)
+        return torch.cat([1 - (c @ self.bank.T).amax(dim=1) for c in x.split(_CHUNK)])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.bank = state["bank"].float()
+
+
+def make_scorer(name: str, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0) -> PatchScorer:
+    """Build an unfitted scorer by name."""
+    if name == "mahalanobis":
+        return MahalanobisScorer()
+    if name == "knn":
+        return KNNScorer(coreset_ratio, max_candidates, seed)
+    raise ValueError(f"unknown scorer '{name}' (choose from {', '.join(SCORERS)})")
