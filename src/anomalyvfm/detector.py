@@ -27,21 +27,12 @@ CONFIG_FILE = "config.json"
 SCORER_FILE = "scorer.safetensors"
 
 
-def default_layers(depth: int) -> tuple[int, ...]:
-    """Default feature blocks for a backbone of `depth` blocks: the middle-to-late third.
-
-    Measured on magnetic_tile (train + validation with synthetic defects, README "Choosing the layers"):
-    blocks 6–9 of ViT-S/14's 12 beat the last blocks clearly; the same fractions are used for deeper models.
-    """
-    return tuple(sorted({max(1, round(depth * f)) for f in (0.5, 0.75)}))
-
-
 @dataclass
 class DetectorConfig:
     """Every setting of a detector. Thresholds are filled by `fit` from validation (good) images only."""
 
     backbone: str = DEFAULT_BACKBONE
-    layers: tuple[int, ...] | None = None  # None: default_layers(depth) when the backbone loads
+    layers: tuple[int, ...] | None = None  # None: backbone.default_layers(depth), filled in at load
     image_size: int = 448
     scorer: str = "mahalanobis"
     coreset_ratio: float = 0.1
@@ -99,13 +90,8 @@ class AnomalyDetector:
     def backbone(self) -> Backbone:
         """The backbone, loaded on first use (loading takes seconds; `load` then `predict` pays once)."""
         if self._backbone is None:
-            layers = self.config.layers
-            if layers is None:
-                from transformers import AutoConfig
-
-                depth = AutoConfig.from_pretrained(self.config.backbone).num_hidden_layers
-                layers = default_layers(depth)
-            self._backbone = load_backbone(self.config.backbone, layers, self.config.device, self.config.precision)
+            c = self.config
+            self._backbone = load_backbone(c.backbone, c.layers, c.device, c.precision)
             self.config.layers = self._backbone.layers
         return self._backbone
 

@@ -1,0 +1,187 @@
+"""Command-line interface: `anomalyvfm fit | predict | demo …`.
+
+User mistakes (missing folders, bad options, unreadable models) end in one line on stderr and exit
+code 2. In `predict`, an unreadable image is reported and recorded, the rest are still scored, and the
+exit code is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
+from anomalyvfm.detector import AnomalyDetector, DetectorConfig
+from anomalyvfm.errors import UserInputError
+from anomalyvfm.scoring import SCORERS
+from anomalyvfm.visualize import display_range, mask_image, overlay
+
+
+def add_fit_options(parser: argparse.ArgumentParser) -> None:
+    """Options that define a detector; shared by every command that fits one."""
+    defaults = DetectorConfig()
+    parser.add_argument("--data", required=True, help="dataset root folder")
+    parser.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout (default: mvtec_ad2)")
+    parser.add_argument("--backbone", default=defaults.backbone, help="DINOv2 hub id or local model directory")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="short side fed to the backbone (px)")
+    parser.add_argument("--layers", type=int, nargs="+", help="1-based backbone blocks to take patch features from")
+    parser.add_argument("--scorer", choices=SCORERS, default=defaults.scorer, help="patch scorer")
+    parser.add_argument("--coreset-ratio", type=float, default=defaults.coreset_ratio, help="kNN memory-bank fraction kept")
+    parser.add_argument("--top-percent", type=float, default=defaults.top_percent, help="image score = mean of top %% patches")
+    parser.add_argument("--sigma", type=float, default=defaults.sigma, help="Gaussian smoothing of maps (px at backbone size)")
+    parser.add_argument("--threshold-sigma", type=float, default=defaults.threshold_sigma,
+                        help="thresholds = validation mean + N std (default 3)")
+    add_runtime_options(parser)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Options that change how, not what, a detector computes."""
+    parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size, help="images per backbone batch")
+    parser.add_argument("--device", default=DetectorConfig.device, help="cpu, cuda, cuda:1 …")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
+
+
+def config_from_args(args: argparse.Namespace) -> DetectorConfig:
+    return DetectorConfig(
+        backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
+        scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
+        threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        precision=args.precision,
+    )
+
+
+def fit_category(args: argparse.Namespace, category: str | None) -> tuple[AnomalyDetector, float]:
+    """Fit a detector on a category's train split, thresholds on its validation split; return it and seconds."""
+    dataset = load_dataset(args.data, category, args.layout, args.seed)
+    start = time.perf_counter()
+    detector = AnomalyDetector(config_from_args(args))
+    detector.fit([s.path for s in dataset.split("train")], [s.path for s in dataset.split("validation")])
+    return detector, time.perf_counter() - start
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    detector, seconds = fit_category(args, args.category)
+    out = detector.save(args.out)
+    c = detector.config
+    print(f"saved {out}  (fit {seconds:.1f}s, layers {list(c.layers)}, image threshold {c.image_threshold:.4g}, "
+          f"pixel threshold {c.pixel_threshold:.4g})")
+    return 0
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Files as given, folders as their images (not recursive); error naming any missing path."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += list_images(path)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserInputError(f"{path}: no such file or folder")
+    return files
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """Unique, readable output stems: the file stem, prefixed by its folder (and index) on collisions."""
+    stems = [f.stem for f in files]
+    names = [f"{f.parent.name}_{f.stem}" if stems.count(f.stem) > 1 else f.stem for f in files]
+    return [f"{i:05d}_{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    files = expand_inputs(args.paths)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = detector.config
+    vmin, vmax = display_range(c.validation_stats["pixel_score_mean"], c.pixel_threshold)
+    failures = 0
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "is_anomalous", "error"])
+        for name, pred in zip(output_names(files), detector.predict_iter(files)):
+            if pred.error:
+                failures += 1
+                print(f"anomalyvfm: skipped {pred.error}", file=sys.stderr)
+                writer.writerow([pred.source, "", "", pred.error])
+                continue
+            writer.writerow([pred.source, f"{pred.score:.6g}", int(pred.is_anomalous), ""])
+            if not args.no_images:
+                image = load_rgb(pred.source)
+                Image.fromarray(overlay(image, pred.anomaly_map, vmin, vmax, pred.mask)).save(out / f"{name}_overlay.png")
+                Image.fromarray(mask_image(pred.mask)).save(out / f"{name}_mask.png")
+    print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
+          + (f"; {failures} unreadable (see stderr)" if failures else ""))
+    return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sklearn.metrics import roc_auc_score
+
+    from anomalyvfm.demo import make_demo_dataset, make_random_backbone
+
+    out = Path(args.out)
+    print("DEMO: generated textured images and a RANDOMLY INITIALISED tiny DINOv2 — it shows the pipeline "
+          "runs offline, not how well real DINOv2 features work.")
+    make_demo_dataset(out / "data")
+    backbone = make_random_backbone(out / "backbone")
+    fit_args = build_parser().parse_args(["fit", "--data", str(out / "data"), "--category", "demo", "--backbone",
+                                          str(backbone), "--image-size", "112", "--out", str(out / "model")])
+    cmd_fit(fit_args)
+    dataset = load_dataset(out / "data", "demo")
+    test = dataset.split("test_public")
+    detector = AnomalyDetector.load(out / "model")
+    preds = detector.predict([s.path for s in test])
+    auroc = roc_auc_score([s.label for s in test], [p.score for p in preds])
+    print(f"demo image AUROC on test_public: {auroc:.3f} ({len(test)} images)")
+    predict_args = build_parser().parse_args(["predict", "--model", str(out / "model"), "--out", str(out / "predictions"),
+                                              str(out / "data" / "demo" / "test_public" / "bad")])
+    return cmd_predict(predict_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit a detector on good images and save it")
+    add_fit_options(fit)
+    fit.add_argument("--category", help="category folder under --data (required for MVTec layouts)")
+    fit.add_argument("--out", required=True, help="model directory to write")
+    fit.set_defaults(func=cmd_fit)
+
+    predict = sub.add_parser("predict", help="score images with a saved model")
+    predict.add_argument("--model", required=True, help="model directory written by fit")
+    predict.add_argument("paths", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
+    predict.add_argument("--out", required=True, help="output folder for predictions.csv and pictures")
+    predict.add_argument("--no-images", action="store_true", help="write only predictions.csv")
+    add_runtime_options(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")
+    demo.add_argument("--out", default="demo_output", help="folder for the example data, model and predictions")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserInputError as exc:
+        print(f"anomalyvfm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anomalyvfm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
