@@ -19,6 +19,7 @@ from PIL import Image
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
 from anomalyvfm.detector import AnomalyDetector, DetectorConfig
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.report import format_table
 from anomalyvfm.scoring import SCORERS
 from anomalyvfm.visualize import display_range, mask_image, overlay
 
@@ -147,6 +148,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_predict(predict_args)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from anomalyvfm.evaluation import evaluate
+
+    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    dataset = load_dataset(args.data, args.category, args.layout)
+    result = evaluate(detector, dataset, args.split, args.out)
+    print(format_table(result), end="")
+    print(f"wrote {Path(args.out) / 'metrics.json'} and report pictures")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from anomalyvfm.benchmark import run_benchmark
+
+    rows = run_benchmark(args, fit_category)
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if rows else 2
+
+
+def cmd_export_submission(args: argparse.Namespace) -> int:
+    from anomalyvfm.evaluation import export_submission
+
+    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
+    print(", ".join(f"{split}: {n} images" for split, n in written.items()) + f" → {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-images", action="store_true", help="write only predictions.csv")
     add_runtime_options(predict)
     predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics and report pictures for a saved model")
+    evaluate.add_argument("--model", required=True, help="model directory written by fit")
+    evaluate.add_argument("--data", required=True, help="dataset root folder")
+    evaluate.add_argument("--category", help="category folder under --data")
+    evaluate.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
+    add_runtime_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser("benchmark", help="fit and evaluate every category; write results tables")
+    add_fit_options(bench)
+    bench.add_argument("--categories", default="all", help="'all' or a comma-separated list")
+    bench.add_argument("--split", default="test_public", help="labelled split to evaluate on")
+    bench.add_argument("--out", required=True, help="folder for results.{json,csv,md} and per-category reports")
+    bench.set_defaults(func=cmd_benchmark)
+
+    export = sub.add_parser("export-submission", help="write MVTec AD 2 benchmark-server files for test_private(_mixed)")
+    export.add_argument("--model", required=True, help="model directory written by fit")
+    export.add_argument("--data", required=True, help="dataset root folder")
+    export.add_argument("--category", required=True, help="category folder under --data")
+    export.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    export.add_argument("--out", required=True, help="submission folder")
+    add_runtime_options(export)
+    export.set_defaults(func=cmd_export_submission)
 
     demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")
     demo.add_argument("--out", default="demo_output", help="folder for the example data, model and predictions")
