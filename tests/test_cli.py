@@ -75,3 +75,17 @@ def test_user_mistakes_give_one_line_and_exit_2(argv, fragment, fitted_model, da
     code, out, err = _run(capsys, [a.format(**values) for a in argv])
     assert code == 2
     assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_synth_preview_draws_a_grid(data_root, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = main(["synth-preview", "--data", str(data_root), "--category", "demo", "--per-stage", "2", "--out", str(out)])
+    assert code == 0
+    grid = Image.open(out)
+    assert grid.size[0] >= 2 * 100 and grid.size[1] >= 3 * 100
+
+
+def test_max_train_images_limits_fit(backbone_dir, data_root, tmp_path, capsys):
+    code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 "--image-size", "56", "--max-train-images", "3", "--out", str(tmp_path / "m")])
+    assert code == 0 and "(fit" in capsys.readouterr().out

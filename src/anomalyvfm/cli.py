@@ -40,6 +40,7 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
                         help="thresholds = validation mean + N std (default 3)")
     add_runtime_options(parser)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
+    parser.add_argument("--max-train-images", type=int, help="use at most N evenly spaced training images (quick runs)")
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,10 @@ def fit_category(args: argparse.Namespace, category: str | None) -> tuple[Anomal
     dataset = load_dataset(args.data, category, args.layout, args.seed)
     start = time.perf_counter()
     detector = AnomalyDetector(config_from_args(args))
-    detector.fit([s.path for s in dataset.split("train")], [s.path for s in dataset.split("validation")])
+    train = [s.path for s in dataset.split("train")]
+    if args.max_train_images and args.max_train_images < len(train):
+        train = [train[i] for i in np.linspace(0, len(train) - 1, args.max_train_images).round().astype(int)]
+    detector.fit(train, [s.path for s in dataset.split("validation")])
     return detector, time.perf_counter() - start
 
 
@@ -122,6 +126,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
           + (f"; {failures} unreadable (see stderr)" if failures else ""))
     return 1 if failures else 0
+
+
+def cmd_synth_preview(args: argparse.Namespace) -> int:
+    from anomalyvfm.synthesis import preview_grid, synthetic_set
+
+    dataset = load_dataset(args.data, args.category, args.layout)
+    samples = dataset.split(args.split)[: max(2, args.count)]
+    images = [load_rgb(s.path) for s in samples]
+    grid = preview_grid(synthetic_set(images, per_stage=args.per_stage, seed=args.seed), columns=args.per_stage)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    print(f"wrote {args.out} ({3 * args.per_stage} synthetic anomalies, mask outlined in red)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -219,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="submission folder")
     add_runtime_options(export)
     export.set_defaults(func=cmd_export_submission)
+
+    synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
+    synth.add_argument("--data", required=True, help="dataset root folder")
+    synth.add_argument("--category", help="category folder under --data")
+    synth.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    synth.add_argument("--split", default="train", help="split whose images are used (default: train)")
+    synth.add_argument("--count", type=int, default=12, help="source images to draw from")
+    synth.add_argument("--per-stage", type=int, default=6, help="examples per stage (texture, structure, context)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    synth.add_argument("--out", required=True, help="PNG file to write")
+    synth.set_defaults(func=cmd_synth_preview)
 
     demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")
     demo.add_argument("--out", default="demo_output", help="folder for the example data, model and predictions")

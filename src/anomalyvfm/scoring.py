@@ -65,6 +65,15 @@ class MahalanobisScorer:
         self._outer += x.T @ x
         self._n += x.shape[0]
 
+    def subset(self, dims: torch.Tensor) -> "MahalanobisScorer":
+        """An unfinalised scorer over feature dimensions `dims`, sharing these streamed sums.
+
+        One pass over the training images then fits every block combination (layer selection).
+        """
+        sub = MahalanobisScorer(self.ridge)
+        sub._n, sub._sum, sub._outer = self._n, self._sum[dims], self._outer[dims][:, dims]
+        return sub
+
     def finalize(self) -> None:
         if self._n < 2:
             raise ValueError("Mahalanobis scorer needs at least 2 patch features")
