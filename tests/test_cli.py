@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -89,3 +90,4 @@ def test_max_train_images_limits_fit(backbone_dir, data_root, tmp_path, capsys):
     code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
                  "--image-size", "56", "--max-train-images", "3", "--out", str(tmp_path / "m")])
     assert code == 0 and "(fit" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["train_images"] == 3

@@ -47,6 +47,7 @@ class DetectorConfig:
     pixel_threshold: float | None = None
     image_threshold: float | None = None
     validation_stats: dict = field(default_factory=dict)
+    train_images: int = 0
     version: str = ""
 
     def validate(self) -> None:
@@ -134,6 +135,7 @@ class AnomalyDetector:
             fitted += 1
         scorer.finalize()
         self.scorer = scorer
+        self.config.train_images = fitted
         self._fit_thresholds(list(validation_images), progress)
         from anomalyvfm import __version__
 
