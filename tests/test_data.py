@@ -4,7 +4,7 @@ from PIL import Image
 
 from anomalyvfm.data import load_dataset, load_rgb
 from anomalyvfm.data.transforms import processed_size, to_tensor
-from anomalyvfm.errors import ImageReadError, UserInputError
+from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "RGB"])
@@ -38,6 +38,24 @@ def test_bad_files_raise_naming_the_file(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(ImageReadError, match="bad.png"):
         load_rgb(path)
+
+
+def test_bytes_decode_like_files_and_respect_the_pixel_limit(tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(path)
+    np.testing.assert_array_equal(load_rgb(path.read_bytes()), load_rgb(path))
+    with pytest.raises(ImageTooLargeError, match="600 pixels, over the limit of 599"):
+        load_rgb(path.read_bytes(), max_pixels=599)
+    with pytest.raises(ImageReadError, match="truncated"):
+        load_rgb(path.read_bytes()[:100])
+
+
+def test_decompression_bomb_is_an_image_read_error(tmp_path):
+    from test_serve import bomb_png
+
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    with pytest.raises(ImageTooLargeError, match="bomb.png: .*decompression bomb"):
+        load_rgb(tmp_path / "bomb.png")
 
 
 def test_processed_size_keeps_aspect_and_patch_multiples():

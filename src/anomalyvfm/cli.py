@@ -1,4 +1,4 @@
-"""Command-line interface: `anomalyvfm fit | predict | demo …`.
+"""Command-line interface: `anomalyvfm fit | predict | serve | demo …`.
 
 User mistakes (missing folders, bad options, unreadable models) end in one line on stderr and exit
 code 2. In `predict`, an unreadable image is reported and recorded, the rest are still scored, and the
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from anomalyvfm.detector import AnomalyDetector, DetectorConfig
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.report import format_table
 from anomalyvfm.scoring import SCORERS
+from anomalyvfm.serve import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, run_server
 from anomalyvfm.visualize import display_range, mask_image, overlay
 
 
@@ -141,6 +143,15 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)
+    run_server(args.model, args.host, args.port, api_key, args.max_pixels, args.max_bytes, args.max_files,
+               device=args.device, batch_size=args.batch_size, precision=args.precision)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sklearn.metrics import roc_auc_score
 
@@ -247,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed")
     synth.add_argument("--out", required=True, help="PNG file to write")
     synth.set_defaults(func=cmd_synth_preview)
+
+    serve = sub.add_parser("serve", help="serve a saved model over HTTP (POST /predict; docs at /docs)")
+    serve.add_argument("--model", required=True, help="model directory written by fit")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--api-key", help="require this key in the X-API-Key header (default: $ANOMALYVFM_API_KEY; "
+                                         "prefer the variable, command lines are visible to other users)")
+    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted (pixels)")
+    serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload accepted per image (bytes)")
+    serve.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES, help="most images in one /predict/batch")
+    add_runtime_options(serve)
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")
     demo.add_argument("--out", default="demo_output", help="folder for the example data, model and predictions")

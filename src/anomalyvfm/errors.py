@@ -2,7 +2,8 @@
 
 The CLI prints a `UserInputError` as one line and exits with code 2; anything else is a bug and keeps
 its traceback. `ImageReadError` is raised for one unreadable image so that batch commands can record
-it and carry on with the rest.
+it and carry on with the rest; `ImageTooLargeError` is the kind of unreadable image that a server
+answers with "payload too large" rather than "not an image".
 """
 
 
@@ -12,3 +13,7 @@ class UserInputError(Exception):
 
 class ImageReadError(UserInputError):
     """One image file could not be decoded (missing, empty, truncated or not an image)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image declares more pixels than the caller allows (or than PIL's decompression-bomb limit)."""

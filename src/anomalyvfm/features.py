@@ -47,7 +47,7 @@ class FailedImage:
 
 def describe(image: ImageLike, index: int) -> str:
     """A name for an input in messages and reports: its path, or its position for in-memory images."""
-    return str(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else f"<image {index}>"
+    return str(image) if isinstance(image, str) or hasattr(image, "__fspath__") else f"<image {index}>"
 
 
 def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 4) -> Iterator[R]:

@@ -1,20 +1,22 @@
 """Reading images from disk into one canonical form: uint8 RGB arrays.
 
 Industrial cameras write grayscale, 16-bit, palette and RGBA files; the backbone wants RGB. Decoding
-happens here once so every later stage sees `HxWx3 uint8` and never a file format.
+happens here once — for files and for bytes received over the network alike — so every later stage sees
+`HxWx3 uint8` and never a file format.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from anomalyvfm.errors import ImageReadError, UserInputError
+from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-ImageLike = Union[str, Path, np.ndarray, Image.Image]
+ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -35,8 +37,13 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def load_rgb(image: ImageLike) -> np.ndarray:
-    """Return an image as a contiguous `HxWx3 uint8` array; raise `ImageReadError` naming the file."""
+def load_rgb(image: ImageLike, max_pixels: int | None = None) -> np.ndarray:
+    """Return an image as a contiguous `HxWx3 uint8` array; raise `ImageReadError` naming the file.
+
+    `bytes` are an encoded image file held in memory (an upload); their errors name no file. With
+    `max_pixels`, an encoded image whose header declares more pixels is refused before its pixels are
+    decoded, so a small compressed file cannot make the caller allocate gigabytes.
+    """
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
@@ -45,17 +52,38 @@ def load_rgb(image: ImageLike) -> np.ndarray:
         return np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False)
     if isinstance(image, Image.Image):
         return _to_rgb(image)
+    if isinstance(image, bytes):
+        if not image:
+            raise ImageReadError("image data is empty")
+        return _decode(io.BytesIO(image), "", max_pixels)
     path = Path(image)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such image file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty")
+    return _decode(path, f"{path}: ", max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, prefix: str, max_pixels: int | None) -> np.ndarray:
+    """Decode one encoded image; `prefix` names it in errors.
+
+    PIL's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`) still applies on top of `max_pixels`;
+    it raises `DecompressionBombError`, which is not an `OSError`, so it is caught here explicitly.
+    """
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
+            pixels = opened.width * opened.height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageTooLargeError(f"{prefix}{opened.width}x{opened.height} image has {pixels} pixels, "
+                                         f"over the limit of {max_pixels}")
             opened.load()
             return _to_rgb(opened)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageReadError(f"{path}: cannot read image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{prefix}{exc}") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{prefix}cannot read image (not a recognised image format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"{prefix}cannot read image ({exc})") from None
 
 
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
