@@ -53,8 +53,10 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> DetectorConfig:
+    # A local backbone directory is stored absolute so the model loads from any working directory.
+    backbone = str(Path(args.backbone).resolve()) if Path(args.backbone).is_dir() else args.backbone
     return DetectorConfig(
-        backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
+        backbone=backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
         scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
         threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
         precision=args.precision,
