@@ -22,7 +22,7 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fitted_model(tmp_path_factory, backbone_dir, data_root) -> Path:
-    """A saved Mahalanobis model fitted through the CLI, reused by read-only tests."""
+    """A saved model (default settings) fitted through the CLI, reused by read-only tests."""
     from anomalyvfm.cli import main
 
     out = tmp_path_factory.mktemp("model") / "model"
