@@ -87,7 +87,8 @@ def _write_pictures(detector, samples, labels, scores, maps, masks, result, data
                          "gt": masks[pick], "map": maps[pick].astype(np.float32), "mask": maps[pick] > c.pixel_threshold})
     vmin, vmax = display_range(c.validation_stats["pixel_score_mean"], c.pixel_threshold)
     report.plot_sample_detections(rows, vmin, vmax, out / "sample_detections.png")
-    bad = [(s, m) for s, m in zip(samples, masks) if m.any()][:PCA_IMAGES]
+    # the defective images with the largest defects: small ones hold too few patches to show a cloud
+    bad = sorted(((s, m) for s, m in zip(samples, masks) if m.any()), key=lambda sm: -int(sm[1].sum()))[:PCA_IMAGES]
     normal = _patch_sample(detector, [s.path for s in dataset.split("train")[:PCA_IMAGES]], None)
     defect = _patch_sample(detector, [s.path for s, _ in bad], [m for _, m in bad])
     report.plot_feature_pca(normal, defect, out / "feature_analysis.png")
