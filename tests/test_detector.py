@@ -63,3 +63,10 @@ def test_in_memory_arrays_and_bad_items(fitted_model, tmp_path):
     assert [p.error is None for p in preds] == [True, False, True]
     assert "broken.png" in preds[1].error
     assert preds[0].score == preds[2].score and preds[0].anomaly_map.shape == (100, 130)
+
+
+def test_fit_without_validation_holds_out_a_tenth(backbone_dir, data_root):
+    ds = load_dataset(data_root, "demo")
+    paths = [s.path for s in ds.split("train")] + [s.path for s in ds.split("validation")]
+    detector = AnomalyDetector(backbone=str(backbone_dir), image_size=56).fit(paths, progress=False)
+    assert detector.config.train_images == 15 and detector.config.validation_stats["images"] == 2

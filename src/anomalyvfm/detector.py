@@ -7,7 +7,6 @@ copied into the model directory; `config.backbone` names the hub id or local dir
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anomalyvfm.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from anomalyvfm.data.datasets import hold_out
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features import FailedImage, ImageFeatures, extract_features
@@ -118,11 +118,8 @@ class AnomalyDetector:
         """
         images = list(images)
         if validation_images is None:
-            order = list(range(len(images)))
-            random.Random(self.config.seed).shuffle(order)
-            n_val = max(1, round(0.1 * len(images))) if len(images) > 1 else 0
-            validation_images = [images[i] for i in sorted(order[:n_val])]
-            images = [images[i] for i in sorted(order[n_val:])]
+            train, validation = hold_out(len(images), self.config.seed)
+            images, validation_images = [images[i] for i in train], [images[i] for i in validation]
         if not images:
             raise UserInputError("no training images given")
         torch.manual_seed(self.config.seed)

@@ -65,14 +65,26 @@ def _find_mask(mask_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _hold_out(paths: list[Path], seed: int) -> tuple[list[Path], list[Path]]:
-    """Split good images into (train, validation) with a seeded shuffle; validation gets ≥ 1 image."""
-    if len(paths) < 2:
-        raise UserInputError(f"{paths[0].parent if paths else '?'}: need at least 2 good images to hold one out")
-    order = list(paths)
+def hold_out(count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, validation) of a seeded `VALIDATION_FRACTION` split; validation gets ≥ 1 item.
+
+    Used wherever no validation split exists, so thresholds never come from the images the model was
+    fitted on.
+    """
+    if count < 2:
+        raise UserInputError("need at least 2 good images to hold one out for validation")
+    order = list(range(count))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(order) * VALIDATION_FRACTION))
+    n_val = max(1, round(count * VALIDATION_FRACTION))
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _hold_out(paths: list[Path], seed: int) -> tuple[list[Path], list[Path]]:
+    try:
+        train, validation = hold_out(len(paths), seed)
+    except UserInputError as exc:
+        raise UserInputError(f"{paths[0].parent}: {exc}") from None
+    return [paths[i] for i in train], [paths[i] for i in validation]
 
 
 def _category_dir(root: Path, category: str | None) -> Path:
