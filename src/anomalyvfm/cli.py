@@ -10,6 +10,7 @@ import argparse
 import csv
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -17,10 +18,13 @@ import numpy as np
 from PIL import Image
 
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
-from anomalyvfm.detector import AnomalyDetector, DetectorConfig
+from anomalyvfm.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.losses import LOSSES
 from anomalyvfm.report import format_table
+from anomalyvfm.score_modes import SCORE_MODES
 from anomalyvfm.scoring import SCORERS
+from anomalyvfm.training import AdaptationConfig
 from anomalyvfm.visualize import display_range, mask_image, overlay
 
 
@@ -41,6 +45,39 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     parser.add_argument("--max-train-images", type=int, help="use at most N evenly spaced training images (quick runs)")
+    add_lora_options(parser)
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    """LoRA adaptation on synthetic anomalies (README_lora.md); off unless --lora is given."""
+    d = AdaptationConfig()
+    lora = parser.add_argument_group("LoRA adaptation")
+    lora.add_argument("--lora", action="store_true", help="adapt the backbone with LoRA and train anomaly heads")
+    lora.add_argument("--lora-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    lora.add_argument("--lora-alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
+    lora.add_argument("--lora-dropout", type=float, default=d.dropout, help=f"LoRA dropout (default {d.dropout:g})")
+    lora.add_argument("--lora-steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    lora.add_argument("--lora-lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    lora.add_argument("--lora-batch-size", type=int, default=d.batch_size, help=f"crops per step, half synthetic "
+                      f"(default {d.batch_size})")
+    lora.add_argument("--lora-image-size", type=int, default=d.image_size, help="side of the square training crops, "
+                      f"cut at the detector's scale; 0: the full short side (default {d.image_size})")
+    lora.add_argument("--loss", choices=LOSSES, default=d.loss, help=f"patch loss (default {d.loss})")
+    lora.add_argument("--temperature", type=float, default=d.temperature,
+                      help=f"confidence-weighting temperature; large = plain BCE (default {d.temperature:g})")
+    lora.add_argument("--score", choices=SCORE_MODES, default="distance",
+                      help="anomaly score: distance on adapted features, head logits, or their fusion (default distance)")
+
+
+def lora_settings(args: argparse.Namespace) -> dict | None:
+    """The `DetectorConfig.lora` dict from the LoRA options; None without --lora."""
+    if not args.lora:
+        return None
+    return asdict(AdaptationConfig(
+        rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, steps=args.lora_steps, lr=args.lora_lr,
+        batch_size=args.lora_batch_size, image_size=args.lora_image_size or None, loss=args.loss,
+        temperature=args.temperature,
+    ))
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +87,25 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options of commands that use a saved model."""
+    parser.add_argument("--model", required=True, help="model directory written by fit")
+    parser.add_argument("--score", choices=SCORE_MODES, help="score mode of a LoRA model (default: the one it was fitted "
+                        "with); thresholds of every mode are saved with the model")
+    add_runtime_options(parser)
+
+
+def load_model(args: argparse.Namespace) -> AnomalyDetector:
+    return AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
+                                score=args.score)
+
+
 def config_from_args(args: argparse.Namespace) -> DetectorConfig:
     return DetectorConfig(
         backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
         scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
         threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        precision=args.precision,
+        precision=args.precision, score=args.score, lora=lora_settings(args),
     )
 
 
@@ -77,6 +127,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     c = detector.config
     print(f"saved {out}  (fit {seconds:.1f}s, layers {list(c.layers)}, image threshold {c.image_threshold:.4g}, "
           f"pixel threshold {c.pixel_threshold:.4g})")
+    if c.lora is not None:
+        r = c.lora_record
+        size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size
+        print(f"LoRA: {r['steps_run']} steps in {r['seconds']:.1f}s, best step {r['best_step']} (validation score "
+              f"{r['best_validation_score']:.3f}), score mode {c.score}, adapter + heads {size} bytes")
     return 0
 
 
@@ -102,7 +157,7 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    detector = load_model(args)
     files = expand_inputs(args.paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomalyvfm.evaluation import evaluate
 
-    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    detector = load_model(args)
     dataset = load_dataset(args.data, args.category, args.layout)
     result = evaluate(detector, dataset, args.split, args.out)
     print(format_table(result), end="")
@@ -187,7 +242,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_export_submission(args: argparse.Namespace) -> int:
     from anomalyvfm.evaluation import export_submission
 
-    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    detector = load_model(args)
     written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
     print(", ".join(f"{split}: {n} images" for split, n in written.items()) + f" → {args.out}")
     return 0
@@ -204,21 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images with a saved model")
-    predict.add_argument("--model", required=True, help="model directory written by fit")
+    add_model_options(predict)
     predict.add_argument("paths", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     predict.add_argument("--out", required=True, help="output folder for predictions.csv and pictures")
     predict.add_argument("--no-images", action="store_true", help="write only predictions.csv")
-    add_runtime_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics and report pictures for a saved model")
-    evaluate.add_argument("--model", required=True, help="model directory written by fit")
+    add_model_options(evaluate)
     evaluate.add_argument("--data", required=True, help="dataset root folder")
     evaluate.add_argument("--category", help="category folder under --data")
     evaluate.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
     evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
-    add_runtime_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("benchmark", help="fit and evaluate every category; write results tables")
@@ -229,12 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_benchmark)
 
     export = sub.add_parser("export-submission", help="write MVTec AD 2 benchmark-server files for test_private(_mixed)")
-    export.add_argument("--model", required=True, help="model directory written by fit")
+    add_model_options(export)
     export.add_argument("--data", required=True, help="dataset root folder")
     export.add_argument("--category", required=True, help="category folder under --data")
     export.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
     export.add_argument("--out", required=True, help="submission folder")
-    add_runtime_options(export)
     export.set_defaults(func=cmd_export_submission)
 
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
