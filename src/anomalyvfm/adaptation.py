@@ -10,8 +10,10 @@ and without it. Projection names differ between transformers versions (5.x: `att
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from torch import nn
 
@@ -20,6 +22,15 @@ from anomalyvfm.errors import UserInputError
 
 # Projection kind → leaf module names it has had across transformers versions.
 PROJECTION_NAMES = {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj")}
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    on every call; it is about peft's internals, not anything a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def find_lora_targets(model: nn.Module, kinds: Sequence[str] = ("query", "value")) -> list[str]:
@@ -55,7 +66,8 @@ def add_lora(backbone: Backbone, rank: int = 16, alpha: float = 32.0, dropout: f
                              f"got {rank}, {alpha}, {dropout}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=find_lora_targets(backbone.model, kinds))
-    return get_peft_model(backbone.model, config)
+    with _quiet_peft():
+        return get_peft_model(backbone.model, config)
 
 
 def load_lora(backbone: Backbone, directory: str | Path):
@@ -64,7 +76,8 @@ def load_lora(backbone: Backbone, directory: str | Path):
 
     if not (Path(directory) / "adapter_config.json").is_file():
         raise UserInputError(f"{directory}: no LoRA adapter (adapter_config.json missing)")
-    return PeftModel.from_pretrained(backbone.model, str(directory), is_trainable=False)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(backbone.model, str(directory), is_trainable=False)
 
 
 def lora_parameters(backbone: Backbone) -> dict[str, nn.Parameter]:
