@@ -65,8 +65,6 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--loss", choices=LOSSES, default=d.loss, help=f"patch loss (default {d.loss})")
     lora.add_argument("--temperature", type=float, default=d.temperature,
                       help=f"confidence-weighting temperature; large = plain BCE (default {d.temperature:g})")
-    lora.add_argument("--score", choices=SCORE_MODES, default="distance",
-                      help="anomaly score: distance on adapted features, head logits, or their fusion (default distance)")
 
 
 def lora_settings(args: argparse.Namespace) -> dict | None:
@@ -85,17 +83,12 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size, help="images per backbone batch")
     parser.add_argument("--device", default=DetectorConfig.device, help="cpu, cuda, cuda:1 …")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options of commands that use a saved model."""
-    parser.add_argument("--model", required=True, help="model directory written by fit")
-    parser.add_argument("--score", choices=SCORE_MODES, help="score mode of a LoRA model (default: the one it was fitted "
-                        "with); thresholds of every mode are saved with the model")
-    add_runtime_options(parser)
+    parser.add_argument("--score", choices=SCORE_MODES, help="distance (patch scorer), head or fusion (need --lora); "
+                        "fit: default distance; saved models: default the fitted one (thresholds of all modes are saved)")
 
 
 def load_model(args: argparse.Namespace) -> AnomalyDetector:
+    """A saved model with the runtime options applied."""
     return AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
                                 score=args.score)
 
@@ -105,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> DetectorConfig:
         backbone=args.backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
         scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
         threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        precision=args.precision, score=args.score, lora=lora_settings(args),
+        precision=args.precision, score=args.score or "distance", lora=lora_settings(args),
     )
 
 
@@ -259,19 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images with a saved model")
-    add_model_options(predict)
+    predict.add_argument("--model", required=True, help="model directory written by fit")
     predict.add_argument("paths", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     predict.add_argument("--out", required=True, help="output folder for predictions.csv and pictures")
     predict.add_argument("--no-images", action="store_true", help="write only predictions.csv")
+    add_runtime_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics and report pictures for a saved model")
-    add_model_options(evaluate)
+    evaluate.add_argument("--model", required=True, help="model directory written by fit")
     evaluate.add_argument("--data", required=True, help="dataset root folder")
     evaluate.add_argument("--category", help="category folder under --data")
     evaluate.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
     evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
+    add_runtime_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("benchmark", help="fit and evaluate every category; write results tables")
@@ -282,11 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_benchmark)
 
     export = sub.add_parser("export-submission", help="write MVTec AD 2 benchmark-server files for test_private(_mixed)")
-    add_model_options(export)
+    export.add_argument("--model", required=True, help="model directory written by fit")
     export.add_argument("--data", required=True, help="dataset root folder")
     export.add_argument("--category", required=True, help="category folder under --data")
     export.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
     export.add_argument("--out", required=True, help="submission folder")
+    add_runtime_options(export)
     export.set_defaults(func=cmd_export_submission)
 
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
