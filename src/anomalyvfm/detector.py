@@ -275,6 +275,6 @@ class AnomalyDetector:
         if config.lora is not None:
             detector.heads = AnomalyHeads.load(directory / HEADS_FILE)
             detector._adapter_dir = directory / ADAPTER_DIR
-        if score is not None:
+        if score not in (None, config.score):  # models saved before score modes have no mode_thresholds
             detector.use_score(score)
         return detector
