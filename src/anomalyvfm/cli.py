@@ -11,6 +11,7 @@ import csv
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -18,11 +19,14 @@ import numpy as np
 from PIL import Image
 
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
-from anomalyvfm.detector import AnomalyDetector, DetectorConfig
+from anomalyvfm.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.losses import LOSSES
 from anomalyvfm.report import format_table
+from anomalyvfm.score_modes import SCORE_MODES
 from anomalyvfm.scoring import SCORERS
 from anomalyvfm.serve import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, run_server
+from anomalyvfm.training import AdaptationConfig
 from anomalyvfm.visualize import display_range, mask_image, overlay
 
 
@@ -43,6 +47,37 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     parser.add_argument("--max-train-images", type=int, help="use at most N evenly spaced training images (quick runs)")
+    add_lora_options(parser)
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    """LoRA adaptation on synthetic anomalies (README_lora.md); off unless --lora is given."""
+    d = AdaptationConfig()
+    lora = parser.add_argument_group("LoRA adaptation")
+    lora.add_argument("--lora", action="store_true", help="adapt the backbone with LoRA and train anomaly heads")
+    lora.add_argument("--lora-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    lora.add_argument("--lora-alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
+    lora.add_argument("--lora-dropout", type=float, default=d.dropout, help=f"LoRA dropout (default {d.dropout:g})")
+    lora.add_argument("--lora-steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    lora.add_argument("--lora-lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    lora.add_argument("--lora-batch-size", type=int, default=d.batch_size, help=f"crops per step, half synthetic "
+                      f"(default {d.batch_size})")
+    lora.add_argument("--lora-image-size", type=int, default=d.image_size, help="side of the square training crops, "
+                      f"cut at the detector's scale; 0: the full short side (default {d.image_size})")
+    lora.add_argument("--loss", choices=LOSSES, default=d.loss, help=f"patch loss (default {d.loss})")
+    lora.add_argument("--temperature", type=float, default=d.temperature,
+                      help=f"confidence-weighting temperature; large = plain BCE (default {d.temperature:g})")
+
+
+def lora_settings(args: argparse.Namespace) -> dict | None:
+    """The `DetectorConfig.lora` dict from the LoRA options; None without --lora."""
+    if not args.lora:
+        return None
+    return asdict(AdaptationConfig(
+        rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, steps=args.lora_steps, lr=args.lora_lr,
+        batch_size=args.lora_batch_size, image_size=args.lora_image_size or None, loss=args.loss,
+        temperature=args.temperature,
+    ))
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +85,14 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size, help="images per backbone batch")
     parser.add_argument("--device", default=DetectorConfig.device, help="cpu, cuda, cuda:1 …")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
+    parser.add_argument("--score", choices=SCORE_MODES, help="distance (patch scorer), head or fusion (need --lora); "
+                        "fit: default distance; saved models: default the fitted one (thresholds of all modes are saved)")
+
+
+def load_model(args: argparse.Namespace) -> AnomalyDetector:
+    """A saved model with the runtime options applied."""
+    return AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
+                                score=args.score)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectorConfig:
@@ -59,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> DetectorConfig:
         backbone=backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
         scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
         threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        precision=args.precision,
+        precision=args.precision, score=args.score or "distance", lora=lora_settings(args),
     )
 
 
@@ -81,6 +124,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     c = detector.config
     print(f"saved {out}  (fit {seconds:.1f}s, layers {list(c.layers)}, image threshold {c.image_threshold:.4g}, "
           f"pixel threshold {c.pixel_threshold:.4g})")
+    if c.lora is not None:
+        r = c.lora_record
+        size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size
+        print(f"LoRA: {r['steps_run']} steps in {r['seconds']:.1f}s, best step {r['best_step']} (validation score "
+              f"{r['best_validation_score']:.3f}), score mode {c.score}, adapter + heads {size} bytes")
     return 0
 
 
@@ -106,7 +154,7 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    detector = load_model(args)
     files = expand_inputs(args.paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomalyvfm.evaluation import evaluate
 
-    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    detector = load_model(args)
     dataset = load_dataset(args.data, args.category, args.layout)
     result = evaluate(detector, dataset, args.split, args.out)
     print(format_table(result), end="")
@@ -200,7 +248,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_export_submission(args: argparse.Namespace) -> int:
     from anomalyvfm.evaluation import export_submission
 
-    detector = AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision)
+    detector = load_model(args)
     written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
     print(", ".join(f"{split}: {n} images" for split, n in written.items()) + f" → {args.out}")
     return 0

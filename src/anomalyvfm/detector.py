@@ -3,6 +3,8 @@
 State lives in one place: a `DetectorConfig` (everything needed to rebuild the detector, saved as
 `config.json`) plus the fitted scorer's tensors (saved as `scorer.safetensors`). The backbone is not
 copied into the model directory; `config.backbone` names the hub id or local directory it came from.
+A LoRA-adapted detector (`config.lora` set) also saves its peft adapter (`adapter/`) and anomaly heads
+(`heads.safetensors`); thresholds are kept for every score mode, so `load(..., score=MODE)` switches.
 """
 from __future__ import annotations
 
@@ -15,16 +17,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from anomalyvfm.adaptation import load_lora
 from anomalyvfm.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from anomalyvfm.data.datasets import hold_out
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features import FailedImage, ImageFeatures, extract_features
-from anomalyvfm.maps import RunningMoments, anomaly_map, image_score, sigma_threshold
+from anomalyvfm.heads import AnomalyHeads
+from anomalyvfm.maps import RunningMoments, anomaly_map, sigma_threshold
+from anomalyvfm.score_modes import SCORE_MODES, RawScores, combine, fusion_stats, raw_scores
 from anomalyvfm.scoring import SCORERS, PatchScorer, make_scorer
+from anomalyvfm.training import AdaptationConfig, train_adapter
 
 CONFIG_FILE = "config.json"
 SCORER_FILE = "scorer.safetensors"
+ADAPTER_DIR = "adapter"
+HEADS_FILE = "heads.safetensors"
 
 
 @dataclass
@@ -48,6 +56,11 @@ class DetectorConfig:
     image_threshold: float | None = None
     validation_stats: dict = field(default_factory=dict)
     train_images: int = 0
+    score: str = "distance"  # distance | head | fusion (see score_modes); head and fusion need lora
+    lora: dict | None = None  # AdaptationConfig fields; None: frozen backbone
+    lora_record: dict = field(default_factory=dict)  # what training did: steps, best step, seconds
+    fusion_stats: dict = field(default_factory=dict)
+    mode_thresholds: dict = field(default_factory=dict)  # score mode -> thresholds and validation stats
     version: str = ""
 
     def validate(self) -> None:
@@ -59,6 +72,12 @@ class DetectorConfig:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0 < self.top_percent <= 100:
             raise UserInputError(f"top_percent must be in (0, 100], got {self.top_percent}")
+        if self.score not in SCORE_MODES:
+            raise UserInputError(f"unknown score mode '{self.score}' (choose from {', '.join(SCORE_MODES)})")
+        if self.lora is None and self.score != "distance":
+            raise UserInputError(f"--score {self.score} needs LoRA heads: fit with --lora")
+        if self.lora is not None:
+            AdaptationConfig(**self.lora).validate()
 
 
 @dataclass
@@ -85,6 +104,9 @@ class AnomalyDetector:
         self.config.validate()
         self._backbone: Backbone | None = None
         self.scorer: PatchScorer | None = None
+        self.heads: AnomalyHeads | None = None
+        self._adapter = None  # peft model of the adapted backbone
+        self._adapter_dir: Path | None = None  # saved adapter, injected when the backbone loads
 
     # -- components -----------------------------------------------------------------------------
     @property
@@ -94,18 +116,35 @@ class AnomalyDetector:
             c = self.config
             self._backbone = load_backbone(c.backbone, c.layers, c.device, c.precision)
             self.config.layers = self._backbone.layers
+            if self._adapter_dir is not None:
+                self._adapter = load_lora(self._backbone, self._adapter_dir)
         return self._backbone
 
     def features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageFeatures | FailedImage]:
         """Patch features of each image, in order (a `FailedImage` for unreadable ones)."""
         return extract_features(self.backbone, images, self.config.image_size, self.config.batch_size, progress)
 
-    def patch_scores(self, item: ImageFeatures) -> torch.Tensor:
-        """`(h, w)` anomaly scores of one image's patches."""
+    def _raw_scores(self, item: ImageFeatures) -> RawScores:
         if self.scorer is None:
             raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
-        h, w, _ = item.features.shape
-        return self.scorer.score(item.features.reshape(h * w, -1)).reshape(h, w)
+        return raw_scores(self.scorer, self.heads, item.features, self.config.top_percent)
+
+    def scores(self, item: ImageFeatures) -> tuple[torch.Tensor, float]:
+        """`(h, w)` anomaly scores of one image's patches and its image score, in the configured score mode."""
+        return combine(self._raw_scores(item), self.config.score, self.config.fusion_stats)
+
+    def patch_scores(self, item: ImageFeatures) -> torch.Tensor:
+        """`(h, w)` anomaly scores of one image's patches."""
+        return self.scores(item)[0]
+
+    def use_score(self, mode: str) -> None:
+        """Switch a fitted detector to score `mode`, with that mode's thresholds (fitted on validation)."""
+        if mode not in self.config.mode_thresholds:
+            have = ", ".join(self.config.mode_thresholds) or "none"
+            raise UserInputError(f"this model has no '{mode}' scores (it has: {have}); head and fusion need fit --lora")
+        self.config.score = mode
+        for key, value in self.config.mode_thresholds[mode].items():
+            setattr(self.config, key, value)
 
     # -- fit / predict --------------------------------------------------------------------------
     def fit(
@@ -122,6 +161,8 @@ class AnomalyDetector:
             images, validation_images = [images[i] for i in train], [images[i] for i in validation]
         if not images:
             raise UserInputError("no training images given")
+        if self.config.lora is not None:
+            self._adapt(images, list(validation_images), progress)
         torch.manual_seed(self.config.seed)
         scorer = make_scorer(self.config.scorer, self.config.coreset_ratio, self.config.max_bank_candidates, self.config.seed)
         fitted = 0
@@ -139,24 +180,37 @@ class AnomalyDetector:
         self.config.version = __version__
         return self
 
+    def _adapt(self, images: list[ImageLike], validation_images: list[ImageLike], progress: bool) -> None:
+        """Train LoRA adapters and heads on synthetic anomalies, starting from the pretrained backbone."""
+        self._backbone, self._adapter_dir = None, None
+        settings = AdaptationConfig(**self.config.lora)
+        self._adapter, self.heads, self.config.lora_record = train_adapter(
+            self.backbone, images, validation_images, settings, self.config.image_size, self.config.seed, progress)
+
     def _fit_thresholds(self, images: Sequence[ImageLike], progress: bool) -> None:
+        """Thresholds of every available score mode from one pass over validation/good images."""
         if not images:
             raise UserInputError("no validation images: thresholds need defect-free validation images")
+        outputs = []
+        for item in self.features(images, "thresholds (validation)" if progress else None):
+            if isinstance(item, FailedImage):
+                raise UserInputError(f"validation image unreadable: {item.error}")
+            outputs.append((self._raw_scores(item), item.processed_shape, item.image_shape))
+        self.config.fusion_stats = fusion_stats([raw for raw, *_ in outputs]) if self.heads is not None else {}
+        modes = SCORE_MODES if self.heads is not None else ("distance",)
+        self.config.mode_thresholds = {mode: self._mode_thresholds(outputs, mode) for mode in modes}
+        self.use_score(self.config.score)
+
+    def _mode_thresholds(self, outputs: list[tuple[RawScores, tuple, tuple]], mode: str) -> dict:
         pixels, scores = RunningMoments(), RunningMoments()
-        for pred in self.predict_iter(images, progress="thresholds (validation)" if progress else None, decide=False):
-            if pred.error:
-                raise UserInputError(f"validation image unreadable: {pred.error}")
-            pixels.update(pred.anomaly_map)
-            scores.update(np.array([pred.score]))
-        self.config.pixel_threshold = sigma_threshold(pixels, self.config.threshold_sigma)
-        self.config.image_threshold = sigma_threshold(scores, self.config.threshold_sigma)
-        self.config.validation_stats = {
-            "images": scores.n,
-            "image_score_mean": scores.mean,
-            "image_score_std": scores.std,
-            "pixel_score_mean": pixels.mean,
-            "pixel_score_std": pixels.std,
-        }
+        for raw, processed_shape, image_shape in outputs:
+            grid, score = combine(raw, mode, self.config.fusion_stats)
+            pixels.update(anomaly_map(grid, processed_shape, image_shape, self.config.sigma))
+            scores.update(np.array([score]))
+        stats = {"images": scores.n, "image_score_mean": scores.mean, "image_score_std": scores.std,
+                 "pixel_score_mean": pixels.mean, "pixel_score_std": pixels.std}
+        return {"pixel_threshold": sigma_threshold(pixels, self.config.threshold_sigma),
+                "image_threshold": sigma_threshold(scores, self.config.threshold_sigma), "validation_stats": stats}
 
     def predict_iter(
         self, images: Sequence[ImageLike], progress: str | None = "predict", decide: bool = True
@@ -166,9 +220,9 @@ class AnomalyDetector:
             if isinstance(item, FailedImage):
                 yield Prediction(source=item.source, error=item.error)
                 continue
-            scores = self.patch_scores(item)
+            scores, score = self.scores(item)
             amap = anomaly_map(scores, item.processed_shape, item.image_shape, self.config.sigma)
-            pred = Prediction(source=item.source, score=image_score(scores, self.config.top_percent), anomaly_map=amap)
+            pred = Prediction(source=item.source, score=score, anomaly_map=amap)
             if decide:
                 pred.is_anomalous = bool(pred.score > self.config.image_threshold)
                 pred.mask = amap > self.config.pixel_threshold
@@ -180,7 +234,7 @@ class AnomalyDetector:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write `config.json` and `scorer.safetensors` into `directory` (created if needed)."""
+        """Write `config.json`, `scorer.safetensors` and, when adapted, `adapter/` and `heads.safetensors`."""
         if self.scorer is None:
             raise RuntimeError("nothing to save: detector is not fitted")
         directory = Path(directory)
@@ -189,11 +243,15 @@ class AnomalyDetector:
         config["layers"] = list(config["layers"]) if config["layers"] else None
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in self.scorer.state_dict().items()}, str(directory / SCORER_FILE))
+        if self.config.lora is not None:
+            self.backbone  # a loaded detector injects its adapter on first backbone use
+            self._adapter.save_pretrained(str(directory / ADAPTER_DIR))
+            self.heads.save(directory / HEADS_FILE)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, **overrides) -> "AnomalyDetector":
-        """Rebuild a fitted detector; `overrides` may change runtime settings (device, batch_size …)."""
+        """Rebuild a fitted detector; `overrides` may change runtime settings (device, batch_size, score …)."""
         directory = Path(directory)
         config_path, scorer_path = directory / CONFIG_FILE, directory / SCORER_FILE
         if not config_path.is_file() or not scorer_path.is_file():
@@ -206,8 +264,14 @@ class AnomalyDetector:
             state = load_file(str(scorer_path))
         except (ValueError, TypeError, OSError) as exc:
             raise UserInputError(f"{directory}: unreadable model directory ({exc})") from None
+        score = overrides.pop("score", None)
         detector = cls(config, **overrides)
         scorer = make_scorer(config.scorer, config.coreset_ratio, config.max_bank_candidates, config.seed)
         scorer.load_state_dict(state)
         detector.scorer = scorer
+        if config.lora is not None:
+            detector.heads = AnomalyHeads.load(directory / HEADS_FILE)
+            detector._adapter_dir = directory / ADAPTER_DIR
+        if score not in (None, config.score):  # models saved before score modes have no mode_thresholds
+            detector.use_score(score)
         return detector

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# LoRA ablation on one MVTec AD 2 category: frozen features vs LoRA (confidence-weighted and plain BCE
+# loss), each LoRA model trained ONCE and evaluated in all three score modes (evaluate --score).
+# Every choice (thresholds, early stopping, fusion statistics) comes from train/validation; test_public
+# is only reported. Each heavy command holds $LOCK so runs on a shared machine are serialised.
+#
+#   benchmarks/lora_ablation.sh [OUT]          env: DATA CATEGORY BACKBONE MAX_TRAIN LOCK EXTRA_FIT
+#
+# Writes OUT/<variant>/{model,fit.log,fit.err,eval_<mode>/metrics.json} and OUT/table.md.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-/work/runs/lora/ablation}
+DATA=${DATA:-/work/shared/data}
+CATEGORY=${CATEGORY:-magnetic_tile}
+BACKBONE=${BACKBONE:-/work/models/dinov2-vits14}
+MAX_TRAIN=${MAX_TRAIN:-140}
+LOCK=${LOCK:-/work/cpu.lock}
+export PYTHONPATH="$REPO/src"  # this checkout, not whatever anomalyvfm is installed
+CLI=(python -m anomalyvfm.cli)
+
+locked() { flock "$LOCK" /usr/bin/time -v "$@"; }
+
+fit() {  # fit NAME [fit options…]
+  local name=$1; shift
+  mkdir -p "$OUT/$name"
+  [[ -f "$OUT/$name/model/config.json" ]] && return 0  # resumable: a finished fit is kept
+  locked "${CLI[@]}" fit --data "$DATA" --category "$CATEGORY" --backbone "$BACKBONE" --max-train-images "$MAX_TRAIN" \
+    --out "$OUT/$name/model" ${EXTRA_FIT:-} "$@" > "$OUT/$name/fit.log" 2> "$OUT/$name/fit.err"
+}
+
+evaluate() {  # evaluate NAME MODE
+  local name=$1 mode=$2
+  [[ -f "$OUT/$name/eval_$mode/metrics.json" ]] && return 0
+  locked "${CLI[@]}" evaluate --model "$OUT/$name/model" --data "$DATA" --category "$CATEGORY" --score "$mode" \
+    --out "$OUT/$name/eval_$mode" > "$OUT/$name/eval_$mode.log" 2> "$OUT/$name/eval_$mode.err"
+}
+
+fit frozen
+evaluate frozen distance
+for loss in confidence bce; do
+  fit "lora_$loss" --lora --loss "$loss"
+  for mode in distance head fusion; do evaluate "lora_$loss" "$mode"; done
+done
+
+python - "$OUT" > "$OUT/table.md" <<'EOF'
+import json, re, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+print("| variant | score | image AUROC | AU-PRO(0.05) | SegF1 | fit s (wall, /usr/bin/time) | LoRA steps (best) |")
+print("|---|---|---|---|---|---|---|")
+for variant in ("frozen", "lora_confidence", "lora_bce"):
+    err = (out / variant / "fit.err").read_text()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", err).group(1)
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    config = json.loads((out / variant / "model" / "config.json").read_text())
+    record = config.get("lora_record") or {}
+    steps = f"{record['steps_run']} ({record['best_step']})" if record else "-"
+    for mode in ("distance", "head", "fusion"):
+        path = out / variant / f"eval_{mode}" / "metrics.json"
+        if path.is_file():
+            m = json.loads(path.read_text())
+            print(f"| {variant} | {mode} | {m['image_auroc']:.4f} | {m['aupro_0.05']:.4f} | {m['seg_f1']:.4f} "
+                  f"| {seconds:.0f} | {steps} |")
+EOF
+cat "$OUT/table.md"

@@ -1,0 +1,78 @@
+"""Score modes of an adapted detector: distance, head or their fusion.
+
+* ``distance`` — the fitted patch scorer (Mahalanobis / kNN) on the adapted features; image score =
+  mean of the top `top_percent` % patch scores, exactly as for a frozen backbone.
+* ``head``     — the patch head's logits as patch scores; image score = the image head's logit, which
+  was trained for that decision (attention-pooled over suspicious patches, see `heads`).
+* ``fusion``   — the sum of both after standardising each with its mean and std on validation/good
+  images: patch level for the map, image level for the image score. The two scales are unrelated
+  (distances vs logits), and standardising on normal data makes "one std above normal" count the same
+  in both.
+
+All three come from one backbone pass (`raw_scores`), so thresholds of every mode are fitted in a
+single validation pass and a saved model can be re-scored with another mode without refitting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from anomalyvfm.heads import AnomalyHeads
+from anomalyvfm.maps import image_score
+from anomalyvfm.scoring import PatchScorer
+
+SCORE_MODES = ("distance", "head", "fusion")
+
+
+@dataclass
+class RawScores:
+    """One image's scores from every available source (head fields are None without heads)."""
+
+    distance: torch.Tensor  # (h, w)
+    distance_image: float
+    head: torch.Tensor | None = None  # (h, w) patch logits
+    head_image: float | None = None
+
+
+def raw_scores(scorer: PatchScorer, heads: AnomalyHeads | None, features: torch.Tensor, top_percent: float) -> RawScores:
+    """Distance scores and, when there are heads, head logits of one `(h, w, C)` feature grid."""
+    h, w, dim = features.shape
+    distance = scorer.score(features.reshape(h * w, dim)).reshape(h, w)
+    raw = RawScores(distance, image_score(distance, top_percent))
+    if heads is not None:
+        with torch.inference_mode():
+            logits, image_logit = heads(features[None].float())
+        raw.head, raw.head_image = logits[0], float(image_logit[0])
+    return raw
+
+
+def fusion_stats(raws: list[RawScores]) -> dict[str, list[float]]:
+    """[mean, std] of each score source over validation/good images (patches pooled over all images)."""
+    values = {
+        "distance_patch": torch.cat([r.distance.reshape(-1) for r in raws]),
+        "distance_image": torch.tensor([r.distance_image for r in raws]),
+        "head_patch": torch.cat([r.head.reshape(-1) for r in raws]),
+        "head_image": torch.tensor([r.head_image for r in raws]),
+    }
+    return {key: [float(v.double().mean()), float(v.double().std(correction=0))] for key, v in values.items()}
+
+
+def _standardised(value, stats: list[float]):
+    mean, std = stats
+    return (value - mean) / max(std, 1e-12)
+
+
+def combine(raw: RawScores, mode: str, stats: dict[str, list[float]]) -> tuple[torch.Tensor, float]:
+    """`(h, w)` patch scores and the image score of one image in score `mode`."""
+    if mode == "distance":
+        return raw.distance, raw.distance_image
+    if raw.head is None:
+        raise ValueError(f"score mode '{mode}' needs anomaly heads (a model fitted with --lora)")
+    if mode == "head":
+        return raw.head, raw.head_image
+    if mode == "fusion":
+        grid = _standardised(raw.distance, stats["distance_patch"]) + _standardised(raw.head, stats["head_patch"])
+        score = _standardised(raw.distance_image, stats["distance_image"]) + _standardised(raw.head_image, stats["head_image"])
+        return grid, float(score)
+    raise ValueError(f"unknown score mode '{mode}' (choose from {', '.join(SCORE_MODES)})")
