@@ -1,8 +1,13 @@
 """`AnomalyDetector`: the fit/predict surface that ties backbone, features, scorer and maps together.
 
 State lives in one place: a `DetectorConfig` (everything needed to rebuild the detector, saved as
-`config.json`) plus the fitted scorer's tensors (saved as `scorer.safetensors`). The backbone is not
+`config.json`) plus the fitted scorers' tensors (saved as `scorer.safetensors`). The backbone is not
 copied into the model directory; `config.backbone` names the hub id or local directory it came from.
+
+An image is seen through one or more *views* (`DetectorConfig.views`): the whole image at a short side,
+several short sides (multi-scale), or overlapping tiles (high resolution). Each view has its own scorer;
+with several views the patch scores are standardised by their validation statistics and averaged on
+the finest view's grid, so one map and one image score come out whatever the views.
 """
 from __future__ import annotations
 
@@ -14,17 +19,21 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anomalyvfm.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features import FailedImage, ImageFeatures, extract_features
+from anomalyvfm.features import FailedImage, ImageFeatures, Tiling, extract_features
+from anomalyvfm.foreground import (FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, coverage_stats,
+                                   looks_like_object, suppress_background)
 from anomalyvfm.maps import RunningMoments, anomaly_map, image_score, sigma_threshold
 from anomalyvfm.scoring import SCORERS, PatchScorer, make_scorer
 
 CONFIG_FILE = "config.json"
 SCORER_FILE = "scorer.safetensors"
+PATCH = 14  # every DINOv2 has 14-px patches; tile sizes are checked against it before loading the model
 
 
 @dataclass
@@ -44,10 +53,19 @@ class DetectorConfig:
     batch_size: int = 8
     device: str = "cpu"
     precision: str = "fp32"
+    tile_size: int = 0  # > 0: score overlapping tiles of this many backbone px (features.Tiling)
+    tile_overlap: int = 56
+    tile_scale: float = 1.0  # tiles are cut from the image resized by this factor
+    scales: tuple[int, ...] = ()  # several short sides, fused into one map; () means (image_size,)
+    foreground: str = "off"  # off | on | auto (foreground.py)
+    auto: bool = False  # choose image size, tiling, layers and scorer on validation data (autoconfig.py)
     pixel_threshold: float | None = None
     image_threshold: float | None = None
     validation_stats: dict = field(default_factory=dict)
     train_images: int = 0
+    view_stats: list = field(default_factory=list)  # per view: validation patch-score mean and std
+    foreground_stats: dict = field(default_factory=dict)  # validation mask coverage and whether it is applied
+    auto_choice: dict = field(default_factory=dict)  # what --auto chose and the validation figures behind it
     version: str = ""
 
     def validate(self) -> None:
@@ -59,6 +77,22 @@ class DetectorConfig:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0 < self.top_percent <= 100:
             raise UserInputError(f"top_percent must be in (0, 100], got {self.top_percent}")
+        if self.tile_size and (self.tile_size % PATCH or self.tile_overlap % PATCH
+                               or not 0 <= self.tile_overlap < self.tile_size):
+            raise UserInputError(f"--tile-size and --tile-overlap must be multiples of {PATCH} with overlap < size, "
+                                 f"got {self.tile_size} and {self.tile_overlap}")
+        if self.tile_scale <= 0:
+            raise UserInputError(f"--tile-scale must be positive, got {self.tile_scale}")
+        if self.scales and (self.tile_size or min(self.scales) < PATCH):
+            raise UserInputError(f"--scales needs sizes >= {PATCH} and no --tile-size, got {list(self.scales)}")
+        if self.foreground not in FOREGROUND_MODES:
+            raise UserInputError(f"unknown --foreground '{self.foreground}' (choose from {', '.join(FOREGROUND_MODES)})")
+
+    def views(self) -> list[tuple[int, Tiling | None]]:
+        """(image_size, tiling) of each view, coarsest first; the last one is the reference grid."""
+        if self.tile_size:
+            return [(self.image_size, Tiling(self.tile_size, self.tile_overlap, self.tile_scale))]
+        return [(size, None) for size in sorted(self.scales or (self.image_size,))]
 
 
 @dataclass
@@ -73,6 +107,17 @@ class Prediction:
     error: str | None = None
 
 
+@dataclass
+class _Scored:
+    """One image's patch scores per view and foreground mask, before fusion; small enough to keep."""
+
+    source: str
+    grids: list[torch.Tensor]
+    foreground: torch.Tensor | None
+    processed_shape: tuple[int, int]
+    image_shape: tuple[int, int]
+
+
 class AnomalyDetector:
     """Fit on good images, then score new ones: `AnomalyDetector(backbone=DIR).fit(paths).predict(paths)`."""
 
@@ -84,7 +129,8 @@ class AnomalyDetector:
             setattr(self.config, key, value)
         self.config.validate()
         self._backbone: Backbone | None = None
-        self.scorer: PatchScorer | None = None
+        self.scorers: list[PatchScorer] = []  # one per view
+        self.foreground_model: ForegroundModel | None = None
 
     # -- components -----------------------------------------------------------------------------
     @property
@@ -96,16 +142,39 @@ class AnomalyDetector:
             self.config.layers = self._backbone.layers
         return self._backbone
 
-    def features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageFeatures | FailedImage]:
-        """Patch features of each image, in order (a `FailedImage` for unreadable ones)."""
-        return extract_features(self.backbone, images, self.config.image_size, self.config.batch_size, progress)
+    def features(
+        self, images: Sequence[ImageLike], progress: str | None = None, view: int = -1
+    ) -> Iterator[ImageFeatures | FailedImage]:
+        """Patch features of each image at one view (default: the reference view), in order."""
+        image_size, tiling = self.config.views()[view]
+        return extract_features(self.backbone, images, image_size, self.config.batch_size, progress, tiling)
 
-    def patch_scores(self, item: ImageFeatures) -> torch.Tensor:
-        """`(h, w)` anomaly scores of one image's patches."""
-        if self.scorer is None:
+    def _view_features(self, images: Sequence[ImageLike], progress: str | None) -> Iterator[list[ImageFeatures] | FailedImage]:
+        """Every view's features of each image, in lockstep: one batch per view in memory at a time."""
+        last = len(self.config.views()) - 1
+        streams = [self.features(images, progress if i == last else None, i) for i in range(last + 1)]
+        for items in zip(*streams):
+            yield items[0] if isinstance(items[0], FailedImage) else list(items)
+
+    def _score_views(self, items: list[ImageFeatures]) -> _Scored:
+        if not self.scorers:
             raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
-        h, w, _ = item.features.shape
-        return self.scorer.score(item.features.reshape(h * w, -1)).reshape(h, w)
+        grids = [scorer.score(item.features.reshape(-1, item.features.shape[-1])).reshape(item.features.shape[:2])
+                 for scorer, item in zip(self.scorers, items)]
+        ref = items[-1]
+        mask = self.foreground_model.mask(ref.features) if self.foreground_model else None
+        return _Scored(ref.source, grids, mask, ref.processed_shape, ref.image_shape)
+
+    def patch_scores(self, scored: _Scored) -> torch.Tensor:
+        """`(h, w)` anomaly scores on the reference grid: views standardised and averaged, background capped."""
+        grid = scored.grids[-1]
+        if len(scored.grids) > 1:
+            standard = [(g - s["mean"]) / s["std"] for g, s in zip(scored.grids, self.config.view_stats)]
+            grid = torch.stack([F.interpolate(g[None, None], size=grid.shape, mode="bilinear", align_corners=False)[0, 0]
+                                for g in standard]).mean(0)
+        if self.config.foreground_stats.get("active") and scored.foreground is not None:
+            grid = suppress_background(grid, scored.foreground)
+        return grid
 
     # -- fit / predict --------------------------------------------------------------------------
     def fit(
@@ -125,16 +194,29 @@ class AnomalyDetector:
             images = [images[i] for i in sorted(order[n_val:])]
         if not images:
             raise UserInputError("no training images given")
+        if self.config.auto:
+            from anomalyvfm.autoconfig import choose_settings
+
+            self.config.auto_choice = choose_settings(self.config, images, list(validation_images), progress)
+            for key, value in self.config.auto_choice["chosen"].items():
+                setattr(self.config, key, tuple(value) if key == "layers" else value)
+            self._backbone = None  # reload with the chosen layers
         torch.manual_seed(self.config.seed)
-        scorer = make_scorer(self.config.scorer, self.config.coreset_ratio, self.config.max_bank_candidates, self.config.seed)
+        c = self.config
+        self.scorers = [make_scorer(c.scorer, c.coreset_ratio, c.max_bank_candidates, c.seed) for _ in c.views()]
+        self.foreground_model = None if c.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // len(images), c.seed)
         fitted = 0
-        for item in self.features(images, "features (train)" if progress else None):
-            if isinstance(item, FailedImage):
-                raise UserInputError(f"training image unreadable: {item.error}")
-            scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
+        for items in self._view_features(images, "features (train)" if progress else None):
+            if isinstance(items, FailedImage):
+                raise UserInputError(f"training image unreadable: {items.error}")
+            for scorer, item in zip(self.scorers, items):
+                scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
+            if self.foreground_model:
+                self.foreground_model.partial_fit(items[-1].features)
             fitted += 1
-        scorer.finalize()
-        self.scorer = scorer
+        for part in [*self.scorers, self.foreground_model]:
+            if part:
+                part.finalize()
         self.config.train_images = fitted
         self._fit_thresholds(list(validation_images), progress)
         from anomalyvfm import __version__
@@ -145,10 +227,15 @@ class AnomalyDetector:
     def _fit_thresholds(self, images: Sequence[ImageLike], progress: bool) -> None:
         if not images:
             raise UserInputError("no validation images: thresholds need defect-free validation images")
+        scored = []
+        for items in self._view_features(images, "thresholds (validation)" if progress else None):
+            if isinstance(items, FailedImage):
+                raise UserInputError(f"validation image unreadable: {items.error}")
+            scored.append(self._score_views(items))
+        self._calibrate(scored)
         pixels, scores = RunningMoments(), RunningMoments()
-        for pred in self.predict_iter(images, progress="thresholds (validation)" if progress else None, decide=False):
-            if pred.error:
-                raise UserInputError(f"validation image unreadable: {pred.error}")
+        for item in scored:
+            pred = self._predict_one(item, decide=False)
             pixels.update(pred.anomaly_map)
             scores.update(np.array([pred.score]))
         self.config.pixel_threshold = sigma_threshold(pixels, self.config.threshold_sigma)
@@ -161,37 +248,62 @@ class AnomalyDetector:
             "pixel_score_std": pixels.std,
         }
 
+    def _calibrate(self, scored: list[_Scored]) -> None:
+        """Per-view score statistics (to fuse views) and the foreground decision, from validation images."""
+        self.config.view_stats = []
+        for grids in zip(*(item.grids for item in scored)):
+            moments = RunningMoments()
+            for grid in grids:
+                moments.update(grid.numpy())
+            self.config.view_stats.append({"mean": moments.mean, "std": max(moments.std, 1e-12)})
+        self.config.foreground_stats = {}
+        if self.foreground_model:
+            stats = coverage_stats([item.foreground for item in scored])
+            active = self.config.foreground == "on" or looks_like_object(stats)
+            self.config.foreground_stats = {**stats, "active": active}
+
+    def _predict_one(self, scored: _Scored, decide: bool) -> Prediction:
+        scores = self.patch_scores(scored)
+        amap = anomaly_map(scores, scored.processed_shape, scored.image_shape, self.config.sigma)
+        pred = Prediction(source=scored.source, score=image_score(scores, self.config.top_percent), anomaly_map=amap)
+        if decide:
+            pred.is_anomalous = bool(pred.score > self.config.image_threshold)
+            pred.mask = amap > self.config.pixel_threshold
+        return pred
+
     def predict_iter(
         self, images: Sequence[ImageLike], progress: str | None = "predict", decide: bool = True
     ) -> Iterator[Prediction]:
         """Yield a `Prediction` per image, in order; unreadable images yield one with `error` set."""
-        for item in self.features(images, progress):
-            if isinstance(item, FailedImage):
-                yield Prediction(source=item.source, error=item.error)
-                continue
-            scores = self.patch_scores(item)
-            amap = anomaly_map(scores, item.processed_shape, item.image_shape, self.config.sigma)
-            pred = Prediction(source=item.source, score=image_score(scores, self.config.top_percent), anomaly_map=amap)
-            if decide:
-                pred.is_anomalous = bool(pred.score > self.config.image_threshold)
-                pred.mask = amap > self.config.pixel_threshold
-            yield pred
+        for items in self._view_features(images, progress):
+            if isinstance(items, FailedImage):
+                yield Prediction(source=items.source, error=items.error)
+            else:
+                yield self._predict_one(self._score_views(items), decide)
 
     def predict(self, images: Sequence[ImageLike], progress: bool = True) -> list[Prediction]:
         """Score all images; see `predict_iter` to stream results for large batches."""
         return list(self.predict_iter(images, "predict" if progress else None))
 
     # -- persistence ----------------------------------------------------------------------------
+    def _state(self) -> dict[str, torch.Tensor]:
+        """All fitted tensors, flat: view 0's scorer unprefixed (as in single-view models), then
+        `view<i>.<key>` for further views and `foreground.<key>` for the foreground model."""
+        parts = {f"view{i}" if i else "": scorer.state_dict() for i, scorer in enumerate(self.scorers)}
+        if self.foreground_model:
+            parts["foreground"] = self.foreground_model.state_dict()
+        return {f"{part}.{key}" if part else key: v.contiguous() for part, state in parts.items() for key, v in state.items()}
+
     def save(self, directory: str | Path) -> Path:
         """Write `config.json` and `scorer.safetensors` into `directory` (created if needed)."""
-        if self.scorer is None:
+        if not self.scorers:
             raise RuntimeError("nothing to save: detector is not fitted")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = asdict(self.config)
         config["layers"] = list(config["layers"]) if config["layers"] else None
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.scorer.state_dict().items()}, str(directory / SCORER_FILE))
+        save_file(self._state(), str(directory / SCORER_FILE))
         return directory
 
     @classmethod
@@ -206,11 +318,20 @@ class AnomalyDetector:
             known = {f.name for f in fields(DetectorConfig)}
             config = DetectorConfig(**{k: v for k, v in raw.items() if k in known})
             config.layers = tuple(config.layers) if config.layers else None
+            config.scales = tuple(config.scales)
             state = load_file(str(scorer_path))
         except (ValueError, TypeError, OSError) as exc:
             raise UserInputError(f"{directory}: unreadable model directory ({exc})") from None
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            part, _, name = key.rpartition(".")
+            parts.setdefault(part, {})[name] = value
         detector = cls(config, **overrides)
-        scorer = make_scorer(config.scorer, config.coreset_ratio, config.max_bank_candidates, config.seed)
-        scorer.load_state_dict(state)
-        detector.scorer = scorer
+        for i in range(len(config.views())):
+            scorer = make_scorer(config.scorer, config.coreset_ratio, config.max_bank_candidates, config.seed)
+            scorer.load_state_dict(parts[f"view{i}" if i else ""])
+            detector.scorers.append(scorer)
+        if "foreground" in parts:
+            detector.foreground_model = ForegroundModel()
+            detector.foreground_model.load_state_dict(parts["foreground"])
         return detector
