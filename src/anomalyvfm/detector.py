@@ -88,6 +88,18 @@ class DetectorConfig:
         if self.foreground not in FOREGROUND_MODES:
             raise UserInputError(f"unknown --foreground '{self.foreground}' (choose from {', '.join(FOREGROUND_MODES)})")
 
+    def summary(self) -> str:
+        """The settings that define what is computed, in one line (fit output, benchmark tables)."""
+        if self.tile_size:
+            view = f"tiles {self.tile_size}/{self.tile_overlap} px @ x{self.tile_scale:g}"
+        else:
+            view = "+".join(str(size) for size in sorted(self.scales or (self.image_size,))) + " px"
+        layers = ",".join(map(str, self.layers)) if self.layers else "default"
+        foreground = self.foreground
+        if self.foreground_stats:
+            foreground += f" ({'applied' if self.foreground_stats['active'] else 'not applied'})"
+        return f"{view}, layers {layers}, {self.scorer}, foreground {foreground}" + (", auto" if self.auto else "")
+
     def views(self) -> list[tuple[int, Tiling | None]]:
         """(image_size, tiling) of each view, coarsest first; the last one is the reference grid."""
         if self.tile_size:
@@ -199,7 +211,7 @@ class AnomalyDetector:
 
             self.config.auto_choice = choose_settings(self.config, images, list(validation_images), progress)
             for key, value in self.config.auto_choice["chosen"].items():
-                setattr(self.config, key, tuple(value) if key == "layers" else value)
+                setattr(self.config, key, tuple(value) if isinstance(value, list) else value)
             self._backbone = None  # reload with the chosen layers
         torch.manual_seed(self.config.seed)
         c = self.config
