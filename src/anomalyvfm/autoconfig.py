@@ -42,7 +42,7 @@ def candidate_views(image_size: int, short_side: float) -> list[dict]:
     return [
         {"image_size": image_size, "tile_size": 0},
         {"image_size": round(1.5 * image_size / 14) * 14, "tile_size": 0},
-        {"image_size": image_size, "tile_size": image_size, "tile_overlap": 56,
+        {"image_size": image_size, "tile_size": image_size, "tile_overlap": 14 * (image_size // 112),
          "tile_scale": round(2 * image_size / short_side, 3)},
     ]
 

@@ -212,6 +212,7 @@ class AnomalyDetector:
             self.config.auto_choice = choose_settings(self.config, images, list(validation_images), progress)
             for key, value in self.config.auto_choice["chosen"].items():
                 setattr(self.config, key, tuple(value) if isinstance(value, list) else value)
+            self.config.validate()
             self._backbone = None  # reload with the chosen layers
         torch.manual_seed(self.config.seed)
         c = self.config
