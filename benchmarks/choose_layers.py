@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from anomalyvfm import metrics as M
+from anomalyvfm.autoconfig import block_dims
 from anomalyvfm.backbone import load_backbone
 from anomalyvfm.data import load_dataset, load_mask, load_rgb
 from anomalyvfm.features import ImageFeatures, extract_features
@@ -27,10 +28,6 @@ from anomalyvfm.scoring import MahalanobisScorer
 from anomalyvfm.synthesis import synthetic_set
 
 COMBOS = [(4,), (6,), (8,), (9,), (10,), (12,), (4, 8), (5, 8), (6, 9), (7, 10), (8, 11), (9, 12), (6, 8, 10)]
-
-
-def block_dims(combo: tuple[int, ...], hidden: int) -> torch.Tensor:
-    return torch.cat([torch.arange((b - 1) * hidden, b * hidden) for b in combo])
 
 
 def score_split(backbone, scorers, images, masks, image_size: int) -> dict:
@@ -72,7 +69,7 @@ def main() -> None:
         full.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
     scorers = {}
     for combo in COMBOS:
-        dims = block_dims(combo, backbone.hidden_size)
+        dims = block_dims(combo, backbone.layers, backbone.hidden_size)
         scorer = full.subset(dims)
         scorer.finalize()
         scorers[combo] = (scorer, dims)
