@@ -12,6 +12,7 @@ from anomalyvfm.cli import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.demo import textured_image
 from anomalyvfm.foreground import suppress_background
+from anomalyvfm.fusion import fuse
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,8 +61,10 @@ def test_multiscale_standardises_views_before_averaging(backbone_dir, data_root)
     assert [size for size, _ in detector.config.views()] == [56, 84]  # finest last: the fused grid is its grid
     assert len(detector.config.view_stats) == 2
     assert abs(detector.config.validation_stats["pixel_score_mean"]) < 0.5  # z-scores, not raw distances
-    item = next(iter(detector._view_features(_split(data_root, "test_public")[:1], None)))
-    assert detector.patch_scores(detector._score_views(item)).shape == item[-1].features.shape[:2]
+    items = next(iter(detector._view_features(_split(data_root, "test_public")[:1], None)))
+    scored = detector._score_views(items)
+    fused = fuse(scored, detector.config.view_stats, suppress=False)
+    assert fused.shape == items[-1].features.shape[:2] and scored.grids[0].shape != fused.shape
 
 
 def test_suppression_caps_background_at_the_foreground_median():

@@ -7,7 +7,7 @@ copied into the model directory; `config.backbone` names the hub id or local dir
 An image is seen through one or more *views* (`DetectorConfig.views`): the whole image at a short side,
 several short sides (multi-scale), or overlapping tiles (high resolution). Each view has its own scorer;
 with several views the patch scores are standardised by their validation statistics and averaged on
-the finest view's grid, so one map and one image score come out whatever the views.
+the finest view's grid (`fusion.py`), so one map and one image score come out whatever the views.
 """
 from __future__ import annotations
 
@@ -19,15 +19,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anomalyvfm.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features import FailedImage, ImageFeatures, Tiling, extract_features
-from anomalyvfm.foreground import (FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, coverage_stats,
-                                   looks_like_object, suppress_background)
+from anomalyvfm.foreground import FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, coverage_stats, looks_like_object
+from anomalyvfm.fusion import Scored, fuse, view_statistics
 from anomalyvfm.maps import RunningMoments, anomaly_map, image_score, sigma_threshold
 from anomalyvfm.scoring import SCORERS, PatchScorer, make_scorer
 
@@ -119,17 +118,6 @@ class Prediction:
     error: str | None = None
 
 
-@dataclass
-class _Scored:
-    """One image's patch scores per view and foreground mask, before fusion; small enough to keep."""
-
-    source: str
-    grids: list[torch.Tensor]
-    foreground: torch.Tensor | None
-    processed_shape: tuple[int, int]
-    image_shape: tuple[int, int]
-
-
 class AnomalyDetector:
     """Fit on good images, then score new ones: `AnomalyDetector(backbone=DIR).fit(paths).predict(paths)`."""
 
@@ -168,25 +156,14 @@ class AnomalyDetector:
         for items in zip(*streams):
             yield items[0] if isinstance(items[0], FailedImage) else list(items)
 
-    def _score_views(self, items: list[ImageFeatures]) -> _Scored:
+    def _score_views(self, items: list[ImageFeatures]) -> Scored:
         if not self.scorers:
             raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
         grids = [scorer.score(item.features.reshape(-1, item.features.shape[-1])).reshape(item.features.shape[:2])
                  for scorer, item in zip(self.scorers, items)]
         ref = items[-1]
         mask = self.foreground_model.mask(ref.features) if self.foreground_model else None
-        return _Scored(ref.source, grids, mask, ref.processed_shape, ref.image_shape)
-
-    def patch_scores(self, scored: _Scored) -> torch.Tensor:
-        """`(h, w)` anomaly scores on the reference grid: views standardised and averaged, background capped."""
-        grid = scored.grids[-1]
-        if len(scored.grids) > 1:
-            standard = [(g - s["mean"]) / s["std"] for g, s in zip(scored.grids, self.config.view_stats)]
-            grid = torch.stack([F.interpolate(g[None, None], size=grid.shape, mode="bilinear", align_corners=False)[0, 0]
-                                for g in standard]).mean(0)
-        if self.config.foreground_stats.get("active") and scored.foreground is not None:
-            grid = suppress_background(grid, scored.foreground)
-        return grid
+        return Scored(ref.source, grids, mask, ref.processed_shape, ref.image_shape)
 
     # -- fit / predict --------------------------------------------------------------------------
     def fit(
@@ -261,22 +238,17 @@ class AnomalyDetector:
             "pixel_score_std": pixels.std,
         }
 
-    def _calibrate(self, scored: list[_Scored]) -> None:
+    def _calibrate(self, scored: list[Scored]) -> None:
         """Per-view score statistics (to fuse views) and the foreground decision, from validation images."""
-        self.config.view_stats = []
-        for grids in zip(*(item.grids for item in scored)):
-            moments = RunningMoments()
-            for grid in grids:
-                moments.update(grid.numpy())
-            self.config.view_stats.append({"mean": moments.mean, "std": max(moments.std, 1e-12)})
+        self.config.view_stats = view_statistics(scored)
         self.config.foreground_stats = {}
         if self.foreground_model:
             stats = coverage_stats([item.foreground for item in scored])
             active = self.config.foreground == "on" or looks_like_object(stats)
             self.config.foreground_stats = {**stats, "active": active}
 
-    def _predict_one(self, scored: _Scored, decide: bool) -> Prediction:
-        scores = self.patch_scores(scored)
+    def _predict_one(self, scored: Scored, decide: bool) -> Prediction:
+        scores = fuse(scored, self.config.view_stats, bool(self.config.foreground_stats.get("active")))
         amap = anomaly_map(scores, scored.processed_shape, scored.image_shape, self.config.sigma)
         pred = Prediction(source=scored.source, score=image_score(scores, self.config.top_percent), anomaly_map=amap)
         if decide:
