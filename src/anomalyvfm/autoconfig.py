@@ -6,7 +6,8 @@ anomalies made on them (`anomalyvfm.synthesis`): validation image AUROC (good vs
 AU-PRO(0.05) of the synthetic masks, the rule of `benchmarks/choose_layers.py`.
 
 The grid is small because CPUs are slow: three views (the base short side, 1.5x it, and tiles of the
-base size over the image upscaled to twice the base resolution) x two block pairs x two scorers. The
+base size, overlapping by an eighth, over the image resized to twice the base resolution) x two block
+pairs (the default and a shallower one) x two scorers. The
 backbone runs once per view on a subsample of the training images and on the validation set; every
 block pair and scorer of that view is fitted and scored from those same features.
 """
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anomalyvfm import metrics as M
-from anomalyvfm.backbone import Backbone, load_backbone
+from anomalyvfm.backbone import Backbone, default_layers, load_backbone
 from anomalyvfm.data import evenly_spaced, load_rgb
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.features import ImageFeatures, Tiling, extract_features
@@ -29,7 +30,7 @@ from anomalyvfm.synthesis import synthetic_set
 
 AUTO_TRAIN = 32  # training images fitted per candidate while choosing; the final fit uses all of them
 AUTO_VALIDATION = 24  # validation good images; as many synthetic anomalies are made on them
-LAYER_FRACTIONS = ((0.5, 0.75), (1 / 3, 0.5))  # default blocks, and a shallower pair for fine textures
+SHALLOW_FRACTIONS = (1 / 3, 0.5)  # besides the default blocks, a shallower pair: finer, less semantic features
 
 
 def block_dims(layers: Sequence[int], loaded: Sequence[int], hidden: int) -> torch.Tensor:
@@ -96,7 +97,7 @@ def choose_settings(config, train: Sequence[ImageLike], validation: Sequence[Ima
     masks = [None] * len(good) + [mask for _, mask, _ in synthetic]
     loaded = load_backbone(config.backbone, None, config.device, config.precision)  # default blocks: the deepest needed
     depth = loaded.model.config.num_hidden_layers
-    layer_sets = [tuple(sorted({max(1, round(depth * f)) for f in fractions})) for fractions in LAYER_FRACTIONS]
+    layer_sets = [default_layers(depth), tuple(sorted({max(1, round(depth * f)) for f in SHALLOW_FRACTIONS}))]
     backbone = Backbone(loaded.model, sorted({b for s in layer_sets for b in s}), config.precision)
     short_side = float(np.median([min(image.shape[:2]) for image in good]))
     rows = []
