@@ -138,3 +138,12 @@ def test_bad_view_options_give_one_line_and_exit_2(extra, fragment, data_root, b
     code = main([*extra, *where, "--data", str(data_root), "--backbone", str(backbone_dir), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_auto_tiles_only_where_they_add_native_detail():
+    from anomalyvfm.autoconfig import candidate_views
+
+    small = candidate_views(448, 272)  # magnetic_tile: 448 px already upscales; tiles would add no detail
+    large = candidate_views(448, 1056)  # MVTec AD 2 sheet metal
+    assert [v["tile_size"] for v in small] == [0, 0]
+    assert large[-1]["tile_size"] == 448 and large[-1]["tile_scale"] == round(896 / 1056, 3)

@@ -5,9 +5,9 @@ setting (MVTec AD 2 protocol). So candidates are compared on the validation good
 anomalies made on them (`anomalyvfm.synthesis`): validation image AUROC (good vs synthetic) plus
 AU-PRO(0.05) of the synthetic masks, the rule of `benchmarks/choose_layers.py`.
 
-The grid is small because CPUs are slow: three views (the base short side, 1.5x it, and tiles of the
-base size, overlapping by an eighth, over the image resized to twice the base resolution) x two block
-pairs (the default and a shallower one) x two scorers. The
+The grid is small because CPUs are slow: up to three views (the base short side, 1.5x it, and tiles of
+the base size, overlapping by an eighth, over the image at twice the base resolution but never above
+its native one) x two block pairs (the default and a shallower one) x two scorers. The
 backbone runs once per view on a subsample of the training images and on the validation set; every
 block pair and scorer of that view is fitted and scored from those same features.
 """
@@ -39,13 +39,18 @@ def block_dims(layers: Sequence[int], loaded: Sequence[int], hidden: int) -> tor
 
 
 def candidate_views(image_size: int, short_side: float) -> list[dict]:
-    """The view settings tried: base size, 1.5x base, and tiles at twice the base resolution."""
-    return [
-        {"image_size": image_size, "tile_size": 0},
-        {"image_size": round(1.5 * image_size / 14) * 14, "tile_size": 0},
-        {"image_size": image_size, "tile_size": image_size, "tile_overlap": 14 * (image_size // 112),
-         "tile_scale": round(2 * image_size / short_side, 3)},
-    ]
+    """The view settings tried: base size, 1.5x base, and tiles at twice the base resolution.
+
+    Tiles are for detail that the base size throws away, so they never upscale beyond the native
+    resolution; when that is no finer than the 1.5x view (small images), the tiled candidate is dropped.
+    """
+    larger = round(1.5 * image_size / 14) * 14
+    views = [{"image_size": image_size, "tile_size": 0}, {"image_size": larger, "tile_size": 0}]
+    scale = min(1.0, 2 * image_size / short_side)
+    if scale * short_side > larger:
+        views.append({"image_size": image_size, "tile_size": image_size, "tile_overlap": 14 * (image_size // 112),
+                      "tile_scale": round(scale, 3)})
+    return views
 
 
 def _score_view(backbone, view: dict, layer_sets, train, images, masks, config, progress: bool) -> list[dict]:
