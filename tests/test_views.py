@@ -80,7 +80,7 @@ def test_foreground_auto_on_objects_off_on_textures(backbone_dir, data_root):
     detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, foreground="auto")
     detector.fit(objects[:7], objects[7:9], progress=False)
     stats = detector.config.foreground_stats
-    assert stats["active"] and stats["centre"] > 0.9 and stats["border"] < 0.1
+    assert stats["active"] and stats["centre"] > 0.9 and stats["border"] < 0.1 and stats["separability"] > 0.75
     mask = detector.foreground_model.mask(next(detector.features(objects[9:])).features)
     assert mask[3:5, 4:6].all() and not mask[0].any() and not mask[:, 0].any()  # the part, not the background
     spot = objects[9].copy()

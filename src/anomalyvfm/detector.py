@@ -25,7 +25,7 @@ from anomalyvfm.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features import FailedImage, ImageFeatures, Tiling, extract_features
-from anomalyvfm.foreground import FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, coverage_stats, looks_like_object
+from anomalyvfm.foreground import FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, looks_like_object, mask_stats
 from anomalyvfm.fusion import Scored, fuse, view_statistics
 from anomalyvfm.maps import RunningMoments, anomaly_map, image_score, sigma_threshold
 from anomalyvfm.scoring import SCORERS, PatchScorer, make_scorer
@@ -243,7 +243,7 @@ class AnomalyDetector:
         self.config.view_stats = view_statistics(scored)
         self.config.foreground_stats = {}
         if self.foreground_model:
-            stats = coverage_stats([item.foreground for item in scored])
+            stats = mask_stats(self.foreground_model, [item.foreground for item in scored])
             active = self.config.foreground == "on" or looks_like_object(stats)
             self.config.foreground_stats = {**stats, "active": active}
 

@@ -10,9 +10,12 @@ DINOv2's first principal component of patch features separates object from backg
 * The mask is dilated by one patch so that defects on the object's outline (chips, breaks) survive.
 * Background patches are not zeroed (a hole in the map would itself look like a structure): their
   scores are capped at the median score of the image's foreground, i.e. "as normal as the object".
-* Textures have no background: the component then splits the texture arbitrarily, and centre and
-  border are covered alike. `auto` therefore applies the mask only when validation images show an
-  object-like mask: not covering nearly everything, and covering the centre clearly more than the border.
+* Textures have no background: the component then splits the texture arbitrarily (often by brightness,
+  so dark defects and the darker rim of a lit surface fall on the "background" side). `auto` therefore
+  applies the mask only when it looks like an object: on validation images it does not cover nearly
+  everything and covers the centre clearly more than the border, and the training projections are
+  really two classes — Otsu's separability (between-class / total variance) is 2/pi = 0.64 for one
+  Gaussian and approaches 1 for two well-separated modes.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ FOREGROUND_MODES = ("off", "on", "auto")
 SAMPLE_PATCHES = 20_000  # training patches kept for the PCA: ample for one direction, bounded memory
 AUTO_MAX_COVERAGE = 0.9  # a mask covering more than this of validation patches: texture, no background
 AUTO_MIN_CONTRAST = 0.3  # centre coverage must exceed border coverage by this for an object
+AUTO_MIN_SEPARABILITY = 0.75  # halfway between one mode (0.64) and a clean object/background split (~0.87)
 CENTRE, BORDER = 1, 2
 
 
@@ -35,8 +39,8 @@ def patch_regions(height: int, width: int) -> torch.Tensor:
     return torch.where(border, BORDER, torch.where(centre, CENTRE, 0))
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """The cut maximising between-class variance of `values` (Otsu 1979)."""
+def otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
+    """The cut maximising between-class variance of `values` (Otsu 1979), and that variance / total variance."""
     hist, edges = np.histogram(values, bins)
     centres = (edges[:-1] + edges[1:]) / 2
     below = np.cumsum(hist)
@@ -44,7 +48,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     sum_below = np.cumsum(hist * centres)
     mean_below = sum_below / np.maximum(below, 1)
     mean_above = (sum_below[-1] - sum_below) / np.maximum(above, 1)
-    return float(edges[1 + np.argmax(below * above * (mean_below - mean_above) ** 2)])
+    between = below * above * (mean_below - mean_above) ** 2 / below[-1] ** 2
+    best = int(np.argmax(between))
+    return float(edges[1 + best]), float(between[best] / max(float(np.var(values)), 1e-12))
 
 
 class ForegroundModel:
@@ -58,6 +64,7 @@ class ForegroundModel:
         self.mean: torch.Tensor | None = None
         self.component: torch.Tensor | None = None
         self.threshold: float | None = None
+        self.separability: float | None = None
 
     def partial_fit(self, grid: torch.Tensor) -> None:
         """Keep a random `per_image` patches of one training image's `(h, w, C)` grid, with their regions."""
@@ -76,7 +83,7 @@ class ForegroundModel:
         if len(centre) and len(border) and centre.mean() < border.mean():
             component, projection = -component, -projection
         self.mean, self.component = self.mean.float(), component.float()
-        self.threshold = otsu_threshold(projection.numpy())
+        self.threshold, self.separability = otsu(projection.numpy())
         self._sample, self._regions = [], []
 
     def mask(self, grid: torch.Tensor) -> torch.Tensor:
@@ -84,17 +91,18 @@ class ForegroundModel:
         return (grid.float() - self.mean) @ self.component > self.threshold
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "component": self.component, "threshold": torch.tensor([self.threshold])}
+        return {"mean": self.mean, "component": self.component,
+                "threshold": torch.tensor([self.threshold]), "separability": torch.tensor([self.separability])}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.mean, self.component = state["mean"].float(), state["component"].float()
-        self.threshold = float(state["threshold"][0])
+        self.threshold, self.separability = float(state["threshold"][0]), float(state["separability"][0])
 
 
-def coverage_stats(masks: list[torch.Tensor]) -> dict[str, float]:
-    """Fraction of patches in the mask overall, in the centre and on the border, over `masks`."""
+def mask_stats(model: ForegroundModel, masks: list[torch.Tensor]) -> dict[str, float]:
+    """Fraction of patches in `masks` overall, in the centre and on the border; the model's separability."""
     total = sum(m.numel() for m in masks)
-    sums = {"coverage": sum(float(m.sum()) for m in masks) / max(total, 1)}
+    sums = {"coverage": sum(float(m.sum()) for m in masks) / max(total, 1), "separability": model.separability}
     for name, label in (("centre", CENTRE), ("border", BORDER)):
         parts = [m[patch_regions(*m.shape) == label] for m in masks]
         n = sum(p.numel() for p in parts)
@@ -104,7 +112,8 @@ def coverage_stats(masks: list[torch.Tensor]) -> dict[str, float]:
 
 def looks_like_object(stats: dict[str, float]) -> bool:
     """The `auto` rule: apply the mask only for an object on a background (see the module docstring)."""
-    return stats["coverage"] <= AUTO_MAX_COVERAGE and stats["centre"] - stats["border"] >= AUTO_MIN_CONTRAST
+    return (stats["coverage"] <= AUTO_MAX_COVERAGE and stats["centre"] - stats["border"] >= AUTO_MIN_CONTRAST
+            and stats["separability"] >= AUTO_MIN_SEPARABILITY)
 
 
 def suppress_background(scores: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
