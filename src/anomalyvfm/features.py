@@ -83,7 +83,7 @@ class Tiling:
     """Score an image as overlapping `size`-px tiles of the image resized by `scale` (px are backbone px)."""
 
     size: int
-    overlap: int = 56
+    overlap: int
     scale: float = 1.0
 
     def starts(self, length: int) -> list[int]:
