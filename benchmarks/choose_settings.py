@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from anomalyvfm import metrics as M
+from anomalyvfm.autoconfig import block_dims
 from anomalyvfm.backbone import load_backbone
 from anomalyvfm.data import load_dataset, load_mask, load_rgb
 from anomalyvfm.features import extract_features
@@ -32,14 +33,10 @@ KNN_COMBOS = [(6, 9), (4, 8), (8,)]
 TOP_PERCENTS = (1.0, 5.0, 20.0)
 
 
-def block_dims(combo: tuple[int, ...], hidden: int) -> torch.Tensor:
-    return torch.cat([torch.arange((b - 1) * hidden, b * hidden) for b in combo])
-
-
 def fit_candidates(backbone, paths, image_size: int) -> dict:
     """{(scorer name, combo): (fitted scorer, feature dims)} from one pass over `paths`."""
     full = MahalanobisScorer()
-    dims = {c: block_dims(c, backbone.hidden_size) for c in set(MAHALANOBIS_COMBOS) | set(KNN_COMBOS)}
+    dims = {c: block_dims(c, backbone.layers, backbone.hidden_size) for c in set(MAHALANOBIS_COMBOS) | set(KNN_COMBOS)}
     knn = {c: KNNScorer(coreset_ratio=0.1, max_candidates=30_000) for c in KNN_COMBOS}
     for item in extract_features(backbone, paths, image_size, 1, "fit candidates"):
         flat = item.features.reshape(-1, item.features.shape[-1])

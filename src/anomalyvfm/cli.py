@@ -15,12 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from PIL import Image
 
-from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
+from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.foreground import FOREGROUND_MODES
 from anomalyvfm.losses import LOSSES
 from anomalyvfm.report import format_table
 from anomalyvfm.score_modes import SCORE_MODES
@@ -44,6 +44,7 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma", type=float, default=defaults.sigma, help="Gaussian smoothing of maps (px at backbone size)")
     parser.add_argument("--threshold-sigma", type=float, default=defaults.threshold_sigma,
                         help="thresholds = validation mean + N std (default 3)")
+    add_view_options(parser)
     add_runtime_options(parser)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     parser.add_argument("--max-train-images", type=int, help="use at most N evenly spaced training images (quick runs)")
@@ -80,6 +81,21 @@ def lora_settings(args: argparse.Namespace) -> dict | None:
     ))
 
 
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """High resolution, multi-scale, foreground guidance and automatic choice (README_tiling.md)."""
+    defaults = DetectorConfig()
+    parser.add_argument("--tile-size", type=int, default=defaults.tile_size,
+                        help="score overlapping tiles of this many px (multiple of 14; 0 = whole image, default)")
+    parser.add_argument("--tile-overlap", type=int, default=defaults.tile_overlap, help="tile overlap in px (multiple of 14)")
+    parser.add_argument("--tile-scale", type=float, default=defaults.tile_scale,
+                        help="resize the original image by this factor before tiling (default 1: native resolution)")
+    parser.add_argument("--scales", type=int, nargs="+", help="several short sides, one scorer each, fused into one map")
+    parser.add_argument("--foreground", choices=FOREGROUND_MODES, default=defaults.foreground,
+                        help="suppress background patch scores: off (default), on, auto (decided on validation)")
+    parser.add_argument("--auto", action="store_true",
+                        help="choose image size, tiling, layers and scorer on validation + synthetic anomalies")
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Options that change how, not what, a detector computes."""
     parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size, help="images per backbone batch")
@@ -103,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> DetectorConfig:
         scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
         threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
         precision=args.precision, score=args.score or "distance", lora=lora_settings(args),
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_scale=args.tile_scale,
+        scales=tuple(args.scales or ()), foreground=args.foreground, auto=args.auto,
     )
 
 
@@ -112,8 +130,8 @@ def fit_category(args: argparse.Namespace, category: str | None) -> tuple[Anomal
     start = time.perf_counter()
     detector = AnomalyDetector(config_from_args(args))
     train = [s.path for s in dataset.split("train")]
-    if args.max_train_images and args.max_train_images < len(train):
-        train = [train[i] for i in np.linspace(0, len(train) - 1, args.max_train_images).round().astype(int)]
+    if args.max_train_images:
+        train = evenly_spaced(train, args.max_train_images)
     detector.fit(train, [s.path for s in dataset.split("validation")])
     return detector, time.perf_counter() - start
 
@@ -122,7 +140,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector, seconds = fit_category(args, args.category)
     out = detector.save(args.out)
     c = detector.config
-    print(f"saved {out}  (fit {seconds:.1f}s, layers {list(c.layers)}, image threshold {c.image_threshold:.4g}, "
+    print(f"saved {out}  (fit {seconds:.1f}s, {c.summary()}, image threshold {c.image_threshold:.4g}, "
           f"pixel threshold {c.pixel_threshold:.4g})")
     if c.lora is not None:
         r = c.lora_record
@@ -240,7 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomalyvfm.benchmark import run_benchmark
 
-    rows = run_benchmark(args, fit_category)
+    rows = run_benchmark(args, fit_category, VariantParser)
     print((Path(args.out) / "results.md").read_text())
     return 0 if rows else 2
 
@@ -252,6 +270,17 @@ def cmd_export_submission(args: argparse.Namespace) -> int:
     written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
     print(", ".join(f"{split}: {n} images" for split, n in written.items()) + f" → {args.out}")
     return 0
+
+
+class VariantParser(argparse.ArgumentParser):
+    """The fit options of one benchmark variant; a mistake is a `UserInputError`, not an exit."""
+
+    def __init__(self) -> None:
+        super().__init__(prog="anomalyvfm benchmark --variant", add_help=False)
+        add_fit_options(self)
+
+    def error(self, message: str):
+        raise UserInputError(f"benchmark variant: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_options(bench)
     bench.add_argument("--categories", default="all", help="'all' or a comma-separated list")
     bench.add_argument("--split", default="test_public", help="labelled split to evaluate on")
+    bench.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                       help="a named variant: fit options over the command's own, e.g. 'tiled=--tile-size 448' (repeat)")
+    bench.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
+                       help="ablation axis, e.g. 'tile-size=0,448' (repeat: all combinations, per variant)")
     bench.add_argument("--out", required=True, help="folder for results.{json,csv,md} and per-category reports")
     bench.set_defaults(func=cmd_benchmark)
 

@@ -38,6 +38,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Restart the peak-memory count (Linux `clear_refs`), so that each benchmark variant reports its own
+    peak rather than the largest so far; elsewhere the count simply keeps running."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def _labelled(samples: list[Sample], split: str) -> list[Sample]:
     if not samples or any(s.label is None for s in samples):
         raise UserInputError(f"split '{split}' has no labels: evaluate needs a labelled split such as test_public")

@@ -1,9 +1,16 @@
 """Images → patch-feature grids, batched through the backbone with bounded memory.
 
-Images are decoded in a background thread while the backbone runs, grouped into batches of equal
-processed size (a category's images usually share one size; mixed folders fall back to smaller batches)
-and yielded one by one in input order, so callers never hold more than one batch of features. An
-image that cannot be read is yielded as a failure instead of stopping the run.
+Images are decoded in a background thread while the backbone runs, cut into crops (the whole image, or
+overlapping tiles), grouped into batches of equal-size crops and yielded one by one in input order, so
+callers never hold more than one batch of features. An image that cannot be read is yielded as a
+failure instead of stopping the run.
+
+Tiling (`Tiling`) serves high-resolution images: the image is resized by `scale` (sides rounded to
+patch multiples) and cut into `size`-px tiles at patch-aligned offsets, so every tile's patches fall
+exactly on the global patch grid. The per-tile grids are stitched into one global grid, features of
+patches seen by several tiles averaged. Features are averaged rather than per-tile scores because the
+scorer, the maps and the foreground mask then see one grid per image, exactly as without tiling, and
+training images (stitched the same way) give the scorer the same statistics it meets at test time.
 """
 from __future__ import annotations
 
@@ -14,11 +21,12 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from anomalyvfm.backbone import Backbone
 from anomalyvfm.data.images import ImageLike, load_rgb
-from anomalyvfm.data.transforms import processed_size, to_tensor
+from anomalyvfm.data.transforms import processed_size, scaled_size, to_tensor
 from anomalyvfm.errors import ImageReadError
 
 T = TypeVar("T")
@@ -70,35 +78,108 @@ def _load(indexed: tuple[int, ImageLike]) -> tuple[int, str, np.ndarray | str]:
         return index, describe(image, index), str(exc)
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """Score an image as overlapping `size`-px tiles of the image resized by `scale` (px are backbone px)."""
+
+    size: int
+    overlap: int
+    scale: float = 1.0
+
+    def starts(self, length: int) -> list[int]:
+        """Tile offsets along a side of `length` px: every `size - overlap` px, the last one flush with the end."""
+        if length <= self.size:
+            return [0]
+        return list(range(0, length - self.size, self.size - self.overlap)) + [length - self.size]
+
+
+class _Stitch:
+    """One image's crops in flight: their patch grids are summed into the image's global grid."""
+
+    def __init__(self, index: int, source: str, image_shape: tuple[int, int], tensor: torch.Tensor,
+                 crops: list[tuple[int, int, torch.Tensor]], patch_size: int, hidden_size: int) -> None:
+        self.index, self.source, self.image_shape = index, source, image_shape
+        self.processed_shape = tuple(tensor.shape[1:])
+        self.grid_shape = (self.processed_shape[0] // patch_size, self.processed_shape[1] // patch_size)
+        self.crops, self.patch_size, self.hidden_size = crops, patch_size, hidden_size
+        self.pending = len(crops)
+        self.total: torch.Tensor | None = None
+
+    def add(self, top: int, left: int, grid: torch.Tensor) -> None:
+        if self.total is None:
+            self.total = grid.new_zeros((*self.grid_shape, grid.shape[-1]))
+        top, left = top // self.patch_size, left // self.patch_size
+        self.total[top : top + grid.shape[0], left : left + grid.shape[1]] += grid
+        self.pending -= 1
+
+    def result(self) -> ImageFeatures:
+        """The stitched grid. The sum of unit vectors is renormalised per block, which is the normalised
+        average, so each block's part stays unit-norm as `Backbone.forward` promises; a single crop
+        already is, and is passed through untouched."""
+        grid = self.total
+        if len(self.crops) > 1:
+            grid = F.normalize(grid.unflatten(-1, (-1, self.hidden_size)), dim=-1).flatten(-2)
+        return ImageFeatures(self.index, self.source, grid, self.image_shape, self.processed_shape)
+
+
+def _crops(tensor: torch.Tensor, tiling: Tiling | None) -> list[tuple[int, int, torch.Tensor]]:
+    """(top, left, crop) of the whole image, or of each tile (views, not copies)."""
+    height, width = tensor.shape[1:]
+    if tiling is None:
+        return [(0, 0, tensor)]
+    th, tw = min(tiling.size, height), min(tiling.size, width)
+    return [(top, left, tensor[:, top : top + th, left : left + tw])
+            for top in tiling.starts(height) for left in tiling.starts(width)]
+
+
 def extract_features(
     backbone: Backbone,
     images: Sequence[ImageLike],
     image_size: int,
     batch_size: int = 8,
     progress: str | None = None,
+    tiling: Tiling | None = None,
 ) -> Iterator[ImageFeatures | FailedImage]:
-    """Yield, in input order, the patch features of each image (or a `FailedImage`)."""
-    device = backbone.device
-    batch: list[tuple[int, str, tuple[int, int], torch.Tensor]] = []
+    """Yield, in input order, the patch features of each image (or a `FailedImage`).
 
-    def flush() -> Iterator[ImageFeatures]:
+    Without `tiling` the image's short side goes to `image_size`; with it, `image_size` is unused and
+    `batch_size` counts tiles.
+    """
+    device, patch = backbone.device, backbone.patch_size
+    batch: list[tuple[_Stitch, int, int, torch.Tensor]] = []
+    in_flight: deque[_Stitch | FailedImage] = deque()
+
+    def finished() -> Iterator[ImageFeatures | FailedImage]:
+        while in_flight and (isinstance(in_flight[0], FailedImage) or in_flight[0].pending == 0):
+            item = in_flight.popleft()
+            yield item if isinstance(item, FailedImage) else item.result()
+
+    def flush() -> Iterator[ImageFeatures | FailedImage]:
         with torch.inference_mode():
-            grids = backbone(torch.stack([t for *_, t in batch]).to(device)).cpu()
-        for (index, source, shape, tensor), grid in zip(batch, grids):
-            yield ImageFeatures(index, source, grid, shape, tuple(tensor.shape[1:]))
+            grids = backbone(torch.stack([crop for *_, crop in batch]).to(device)).cpu()
+        for (stitch, top, left, _), grid in zip(batch, grids):
+            stitch.add(top, left, grid)
         batch.clear()
+        yield from finished()
 
     bar = tqdm(total=len(images), desc=progress, disable=progress is None, unit="img")
     for index, source, loaded in prefetch(_load, enumerate(images)):
         if isinstance(loaded, str):
-            yield from flush() if batch else ()
-            yield FailedImage(index, source, loaded)
+            in_flight.append(FailedImage(index, source, loaded))
         else:
-            size = processed_size(*loaded.shape[:2], image_size, backbone.patch_size)
-            if batch and (len(batch) >= batch_size or tuple(batch[0][3].shape[1:]) != size):
-                yield from flush()
-            batch.append((index, source, loaded.shape[:2], to_tensor(loaded, size)))
+            height, width = loaded.shape[:2]
+            size = (scaled_size(height, width, tiling.scale, patch) if tiling
+                    else processed_size(height, width, image_size, patch))
+            tensor = to_tensor(loaded, size)
+            stitch = _Stitch(index, source, (height, width), tensor, _crops(tensor, tiling), patch, backbone.hidden_size)
+            in_flight.append(stitch)
+            for top, left, crop in stitch.crops:
+                if batch and (len(batch) >= batch_size or batch[0][3].shape != crop.shape):
+                    yield from flush()
+                batch.append((stitch, top, left, crop))
+        yield from finished()
         bar.update(1)
     if batch:
         yield from flush()
+    yield from finished()
     bar.close()

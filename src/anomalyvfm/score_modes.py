@@ -20,7 +20,6 @@ import torch
 
 from anomalyvfm.heads import AnomalyHeads
 from anomalyvfm.maps import image_score
-from anomalyvfm.scoring import PatchScorer
 
 SCORE_MODES = ("distance", "head", "fusion")
 
@@ -35,10 +34,9 @@ class RawScores:
     head_image: float | None = None
 
 
-def raw_scores(scorer: PatchScorer, heads: AnomalyHeads | None, features: torch.Tensor, top_percent: float) -> RawScores:
-    """Distance scores and, when there are heads, head logits of one `(h, w, C)` feature grid."""
-    h, w, dim = features.shape
-    distance = scorer.score(features.reshape(h * w, dim)).reshape(h, w)
+def raw_scores(distance: torch.Tensor, heads: AnomalyHeads | None, features: torch.Tensor, top_percent: float) -> RawScores:
+    """Bundle an image's `(h, w)` distance scores with, when there are heads, the head logits of its
+    `(h, w, C)` feature grid (the reference view's)."""
     raw = RawScores(distance, image_score(distance, top_percent))
     if heads is not None:
         with torch.inference_mode():

@@ -147,6 +147,14 @@ def _load_folder(base: Path, seed: int) -> dict[str, list[Sample]]:
     return splits
 
 
+def evenly_spaced(items: list, count: int) -> list:
+    """At most `count` items spread over the whole list (not its head: folders are often sorted by time)."""
+    if len(items) <= count:
+        return list(items)
+    step = (len(items) - 1) / max(count - 1, 1)
+    return [items[round(i * step)] for i in range(count)]
+
+
 def load_dataset(root: str | Path, category: str | None = None, layout: str = "mvtec_ad2", seed: int = 0) -> Dataset:
     """Index a dataset on disk. Raises `UserInputError` naming the path for anything missing."""
     if layout not in LAYOUTS:

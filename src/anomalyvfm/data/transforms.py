@@ -16,13 +16,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def processed_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
-    """Size (H, W) the backbone sees: short side ≈ `image_size`, both sides multiples of `patch_size`."""
-    scale = image_size / min(height, width)
+def scaled_size(height: int, width: int, scale: float, patch_size: int) -> tuple[int, int]:
+    """Size (H, W) of an image resized by `scale`, each side rounded to a multiple of `patch_size`."""
     return (
         max(patch_size, round(height * scale / patch_size) * patch_size),
         max(patch_size, round(width * scale / patch_size) * patch_size),
     )
+
+
+def processed_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
+    """Size (H, W) the backbone sees: short side ≈ `image_size`, both sides multiples of `patch_size`."""
+    return scaled_size(height, width, image_size / min(height, width), patch_size)
 
 
 def to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""Several views of one image → one patch-score grid (multi-scale fusion, foreground suppression).
+
+Each view (a short side, or tiles) has its own scorer, and each scorer's distances have their own
+scale and spread, so raw scores cannot be averaged. Each view's scores are standardised by the mean
+and std of its patch scores on the validation (good) images, then averaged on the finest view's grid
+(where small defects are sharpest). The foreground mask, when applied, caps background scores last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from anomalyvfm.foreground import suppress_background
+from anomalyvfm.maps import RunningMoments
+
+
+@dataclass
+class Scored:
+    """One image's patch-score grid per view (finest last) and foreground mask; small enough to keep."""
+
+    source: str
+    grids: list[torch.Tensor]
+    foreground: torch.Tensor | None
+    processed_shape: tuple[int, int]
+    image_shape: tuple[int, int]
+    features: torch.Tensor  # the reference view's (h, w, C) features, for the LoRA heads
+
+
+def view_statistics(scored: list[Scored]) -> list[dict[str, float]]:
+    """Mean and std of each view's patch scores over `scored` (validation images)."""
+    stats = []
+    for grids in zip(*(item.grids for item in scored)):
+        moments = RunningMoments()
+        for grid in grids:
+            moments.update(grid.numpy())
+        stats.append({"mean": moments.mean, "std": max(moments.std, 1e-12)})
+    return stats
+
+
+def fuse(scored: Scored, view_stats: list[dict[str, float]], suppress: bool) -> torch.Tensor:
+    """`(h, w)` scores on the finest view's grid: standardised views averaged, background capped if `suppress`.
+
+    A single view keeps its scorer's own units, so single-view models behave as they always have.
+    """
+    grid = scored.grids[-1]
+    if len(scored.grids) > 1:
+        standard = [(g - s["mean"]) / s["std"] for g, s in zip(scored.grids, view_stats)]
+        grid = torch.stack([F.interpolate(g[None, None], size=grid.shape, mode="bilinear", align_corners=False)[0, 0]
+                            for g in standard]).mean(0)
+    if suppress and scored.foreground is not None:
+        grid = suppress_background(grid, scored.foreground)
+    return grid
