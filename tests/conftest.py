@@ -30,3 +30,12 @@ def fitted_model(tmp_path_factory, backbone_dir, data_root) -> Path:
                  "--image-size", "112", "--out", str(out)])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny backbone's many small calls run faster on one thread on a busy machine."""
+    from anomalyvfm.scoring import single_thread
+
+    with single_thread():
+        yield

@@ -11,13 +11,7 @@ from anomalyvfm.demo import textured_image
 from anomalyvfm.features import Tiling, extract_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny backbone's many small calls run faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("length, size, overlap", [(994, 448, 56), (4004, 448, 56), (448, 448, 56), (182, 224, 28), (700, 224, 0)])

@@ -15,13 +15,7 @@ from anomalyvfm.foreground import suppress_background
 from anomalyvfm.fusion import fuse
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny backbone's many small calls run faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split(data_root, name):
