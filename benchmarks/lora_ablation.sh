@@ -6,7 +6,8 @@
 #
 #   benchmarks/lora_ablation.sh [OUT]          env: DATA CATEGORY BACKBONE MAX_TRAIN LOCK EXTRA_FIT
 #
-# Writes OUT/<variant>/{model,fit.log,fit.err,eval_<mode>/metrics.json} and OUT/table.md.
+# Writes OUT/<variant>/{model,fit.log,fit.err,eval_<mode>/metrics.json} and OUT/table.md. Finished stages
+# are skipped, so an interrupted run can be restarted. Variants without a seed suffix use seed 0.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,6 +43,16 @@ for loss in confidence bce; do
   fit "lora_$loss" --lora --loss "$loss"
   for mode in distance head fusion; do evaluate "lora_$loss" "$mode"; done
 done
+# Crops of the full short side (448 px square) instead of 224 px: more context per step, ~4x the cost.
+fit lora_confidence_crop448 --lora --loss confidence --lora-image-size 0
+for mode in distance head fusion; do evaluate lora_confidence_crop448 "$mode"; done
+# Seed spread of the distance mode: one training run per seed is all that separates the two losses above.
+for seed in ${SEEDS:-1 2}; do
+  for loss in confidence bce; do
+    fit "lora_${loss}_seed$seed" --lora --loss "$loss" --seed "$seed"
+    evaluate "lora_${loss}_seed$seed" distance
+  done
+done
 
 python - "$OUT" > "$OUT/table.md" <<'EOF'
 import json, re, sys
@@ -50,7 +61,9 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| variant | score | image AUROC | AU-PRO(0.05) | SegF1 | fit s (wall, /usr/bin/time) | LoRA steps (best) |")
 print("|---|---|---|---|---|---|---|")
-for variant in ("frozen", "lora_confidence", "lora_bce"):
+variants = ["frozen", "lora_confidence", "lora_bce", "lora_confidence_crop448"]
+variants += sorted(p.name for p in out.glob("lora_*_seed*"))
+for variant in variants:
     err = (out / variant / "fit.err").read_text()
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", err).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))

@@ -49,7 +49,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def variants(args: argparse.Namespace, parser_class: Callable[[], argparse.ArgumentParser]) -> list[tuple[str, argparse.Namespace]]:
-    """(name, options) of every variant: `--variant`s (or the command itself) x all `--grid` combinations."""
+    """(name, parsed options) of every variant: `--variant`s (or the command itself) x all `--grid` combinations."""
     named = []
     for spec in args.variant or ["default="]:
         name, sep, options = spec.partition("=")

@@ -98,7 +98,8 @@ def add_view_options(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Options that change how, not what, a detector computes."""
-    parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size, help="images per backbone batch")
+    parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size,
+                        help="images (tiles, when tiling) per backbone batch")
     parser.add_argument("--device", default=DetectorConfig.device, help="cpu, cuda, cuda:1 …")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
     parser.add_argument("--score", choices=SCORE_MODES, help="distance (patch scorer), head or fusion (need --lora); "

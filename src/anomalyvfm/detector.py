@@ -275,6 +275,7 @@ class AnomalyDetector:
         self.use_score(self.config.score)
 
     def _mode_thresholds(self, outputs: list[tuple[RawScores, tuple, tuple]], mode: str) -> dict:
+        """Mean + `threshold_sigma` std of one mode's map pixels and image scores over the validation outputs."""
         pixels, scores = RunningMoments(), RunningMoments()
         for raw, processed_shape, image_shape in outputs:
             grid, score = combine(raw, mode, self.config.fusion_stats)
