@@ -4,7 +4,7 @@
 # Every choice (thresholds, early stopping, fusion statistics) comes from train/validation; test_public
 # is only reported. Each heavy command holds $LOCK so runs on a shared machine are serialised.
 #
-#   benchmarks/lora_ablation.sh [OUT]          env: DATA CATEGORY BACKBONE MAX_TRAIN LOCK EXTRA_FIT
+#   benchmarks/lora_ablation.sh [OUT]          env: DATA CATEGORY BACKBONE MAX_TRAIN LOCK EXTRA_FIT CROP448 SEEDS
 #
 # Writes OUT/<variant>/{model,fit.log,fit.err,eval_<mode>/metrics.json} and OUT/table.md. Finished stages
 # are skipped, so an interrupted run can be restarted. Variants without a seed suffix use seed 0.
@@ -43,11 +43,14 @@ for loss in confidence bce; do
   fit "lora_$loss" --lora --loss "$loss"
   for mode in distance head fusion; do evaluate "lora_$loss" "$mode"; done
 done
-# Crops of the full short side (448 px square) instead of 224 px: more context per step, ~4x the cost.
-fit lora_confidence_crop448 --lora --loss confidence --lora-image-size 0
-for mode in distance head fusion; do evaluate lora_confidence_crop448 "$mode"; done
+# Crops of the full short side (448 px square) instead of 224 px: more context per step, ~4x the cost
+# (CROP448=0 skips it).
+if [[ ${CROP448:-1} == 1 ]]; then
+  fit lora_confidence_crop448 --lora --loss confidence --lora-image-size 0
+  for mode in distance head fusion; do evaluate lora_confidence_crop448 "$mode"; done
+fi
 # Seed spread of the distance mode: one training run per seed is all that separates the two losses above.
-for seed in ${SEEDS:-1 2}; do
+for seed in ${SEEDS-1 2}; do  # SEEDS="" skips the spread
   for loss in confidence bce; do
     fit "lora_${loss}_seed$seed" --lora --loss "$loss" --seed "$seed"
     evaluate "lora_${loss}_seed$seed" distance
@@ -61,7 +64,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| variant | score | image AUROC | AU-PRO(0.05) | SegF1 | fit s (wall, /usr/bin/time) | LoRA steps (best) |")
 print("|---|---|---|---|---|---|---|")
-variants = ["frozen", "lora_confidence", "lora_bce", "lora_confidence_crop448"]
+variants = [v for v in ("frozen", "lora_confidence", "lora_bce", "lora_confidence_crop448") if (out / v / "model").is_dir()]
 variants += sorted(p.name for p in out.glob("lora_*_seed*"))
 for variant in variants:
     err = (out / variant / "fit.err").read_text()
