@@ -242,6 +242,16 @@ def test_cli_serve_user_mistakes_exit_2_with_one_line(extra, fragment, fitted_mo
     assert fragment in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_serve_port_in_use_exits_2_with_one_line_before_loading(fitted_model, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(fitted_model), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
 def test_concurrent_clients_get_their_own_results(url, detector, tmp_path):
     """200 requests from 8 threads over 50 distinct images: none fails, none gets another image's score."""
     rng = np.random.default_rng(7)

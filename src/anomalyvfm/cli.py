@@ -25,7 +25,7 @@ from anomalyvfm.losses import LOSSES
 from anomalyvfm.report import format_table
 from anomalyvfm.score_modes import SCORE_MODES
 from anomalyvfm.scoring import SCORERS
-from anomalyvfm.serve import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS, run_server
+from anomalyvfm.serve_limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
 from anomalyvfm.training import AdaptationConfig
 from anomalyvfm.visualize import display_range, mask_image, overlay
 
@@ -213,6 +213,8 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from anomalyvfm.serve import run_server  # FastAPI/uvicorn only for this command
+
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)

@@ -21,6 +21,7 @@ import base64
 import hmac
 import io
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -44,14 +45,10 @@ from anomalyvfm import __version__
 from anomalyvfm.data.images import load_rgb
 from anomalyvfm.detector import AnomalyDetector, Prediction
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
+from anomalyvfm.serve_limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
+                                     DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS)
 from anomalyvfm.visualize import display_range, heatmap, mask_image
 
-API_KEY_ENV = "ANOMALYVFM_API_KEY"
-API_KEY_HEADER = "X-API-Key"
-DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above common line cameras, below PIL's 89 MP bomb warning
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
-DEFAULT_MAX_FILES = 32
-DEFAULT_MAX_CONNECTIONS = 64  # beyond this uvicorn answers 503 instead of queueing decoded images in memory
 PART_OVERHEAD = 16 * 1024  # multipart headers and boundaries allowed per file on top of its bytes
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
@@ -384,6 +381,27 @@ def run_server(
     max_files: int = DEFAULT_MAX_FILES,
     **overrides: Any,
 ) -> None:
-    """Load the model, then serve until interrupted (Ctrl-C or SIGTERM shut down gracefully)."""
+    """Take the port, load the model, then serve until interrupted (Ctrl-C or SIGTERM shut down gracefully).
+
+    The port is bound before the model loads, so a port already in use is reported at once, in one line.
+    """
+    sock = listening_socket(host, port)
     app = create_app(model_dir, api_key, max_pixels, max_bytes, max_files, **overrides)
-    uvicorn.run(app, host=host, port=port, limit_concurrency=DEFAULT_MAX_CONNECTIONS)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, limit_concurrency=DEFAULT_MAX_CONNECTIONS))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a success
+        pass
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); a `UserInputError` naming the address when that fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
