@@ -11,12 +11,12 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${1:-/work/runs/lora/ablation}
-DATA=${DATA:-/work/shared/data}
+OUT=${1:-lora_ablation}
+DATA=${DATA:-$REPO/../shared/data}  # defaults relative to the checkout, not one machine
 CATEGORY=${CATEGORY:-magnetic_tile}
-BACKBONE=${BACKBONE:-/work/models/dinov2-vits14}
+BACKBONE=${BACKBONE:-$REPO/../models/dinov2-vits14}  # get_dinov2_small.sh DIR
 MAX_TRAIN=${MAX_TRAIN:-140}
-LOCK=${LOCK:-/work/cpu.lock}
+LOCK=${LOCK:-${TMPDIR:-/tmp}/anomalyvfm-cpu.lock}
 export PYTHONPATH="$REPO/src"  # this checkout, not whatever anomalyvfm is installed
 CLI=(python -m anomalyvfm.cli)
 
