@@ -3,7 +3,7 @@
 One pass over a subset of training images fits every candidate at once: a Mahalanobis scorer per block
 combination (all blocks' streamed sums are shared, each combination takes its sub-block) and a kNN bank
 for a few combinations. A second pass scores the validation good images plus synthetic anomalies made on
-them (`anomalyvfm.synthesis`). The choice is the candidate with the best validation image AUROC +
+them (`anomalyvfm.data.synthesis`). The choice is the candidate with the best validation image AUROC +
 AU-PRO(0.05). `--report-split test_public` also prints every candidate's test figures — information only,
 never used to choose.
 
@@ -19,14 +19,15 @@ import time
 import numpy as np
 import torch
 
-from anomalyvfm import metrics as M
-from anomalyvfm.autoconfig import block_dims
-from anomalyvfm.backbone import load_backbone
+from anomalyvfm.evaluation import metrics as M
+from anomalyvfm.detector.auto import block_dims
+from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.data import load_dataset, load_mask, load_rgb
-from anomalyvfm.features import extract_features
-from anomalyvfm.maps import anomaly_map, image_score
-from anomalyvfm.scoring import KNNScorer, MahalanobisScorer
-from anomalyvfm.synthesis import synthetic_set
+from anomalyvfm.features.extraction import extract_features
+from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.scoring.pooling import image_score
+from anomalyvfm.scoring.scorers import KNNScorer, MahalanobisScorer
+from anomalyvfm.data.synthesis import synthetic_set
 
 MAHALANOBIS_COMBOS = [(4,), (6,), (8,), (9,), (10,), (12,), (4, 8), (5, 8), (6, 9), (7, 10), (8, 11), (9, 12), (4, 6, 8)]
 KNN_COMBOS = [(6, 9), (4, 8), (8,)]

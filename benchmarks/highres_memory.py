@@ -18,7 +18,7 @@ from PIL import Image
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.demo import textured_image
-from anomalyvfm.evaluation import peak_rss_mb
+from anomalyvfm.evaluation.evaluate import peak_rss_mb
 
 HEIGHT, WIDTH = 1056, 4224
 

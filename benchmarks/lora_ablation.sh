@@ -18,7 +18,7 @@ BACKBONE=${BACKBONE:-$REPO/../models/dinov2-vits14}  # get_dinov2_small.sh DIR
 MAX_TRAIN=${MAX_TRAIN:-140}
 LOCK=${LOCK:-${TMPDIR:-/tmp}/anomalyvfm-cpu.lock}
 export PYTHONPATH="$REPO/src"  # this checkout, not whatever anomalyvfm is installed
-CLI=(python -m anomalyvfm.cli)
+CLI=(python -m anomalyvfm.cli.main)
 
 locked() { flock "$LOCK" /usr/bin/time -v "$@"; }
 

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, log: IO[bytes]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "anomalyvfm.cli", "serve", "--model", args.model, "--port", str(port),
+    command = [sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", args.model, "--port", str(port),
                "--device", args.device, "--batch-size", str(args.batch_size)]
     return subprocess.Popen(command, stdout=log, stderr=log), f"http://127.0.0.1:{port}"
 

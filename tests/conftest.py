@@ -23,7 +23,7 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fitted_model(tmp_path_factory, backbone_dir, data_root) -> Path:
     """A saved model (default settings) fitted through the CLI, reused by read-only tests."""
-    from anomalyvfm.cli import main
+    from anomalyvfm.cli.main import main
 
     out = tmp_path_factory.mktemp("model") / "model"
     code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
@@ -35,7 +35,7 @@ def fitted_model(tmp_path_factory, backbone_dir, data_root) -> Path:
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny backbone's many small calls run faster on one thread on a busy machine."""
-    from anomalyvfm.scoring import single_thread
+    from anomalyvfm.scoring.coreset import single_thread
 
     with single_thread():
         yield

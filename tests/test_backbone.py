@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from anomalyvfm.backbone import load_backbone
+from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.errors import UserInputError
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalyvfm.cli import main, output_names
+from anomalyvfm.cli.main import main, output_names
 
 
 def _run(capsys, argv):

@@ -6,8 +6,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from anomalyvfm.cli import main
-from anomalyvfm.evaluation import METRIC_KEYS
+from anomalyvfm.cli.main import main
+from anomalyvfm.evaluation.evaluate import METRIC_KEYS
 
 REPORT_FILES = ("metrics.json", "anomaly_scores.png", "roc_curves.png", "sample_detections.png",
                 "feature_analysis.png", "performance_summary.txt")

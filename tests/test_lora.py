@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalyvfm import AnomalyDetector
-from anomalyvfm.adaptation import find_lora_targets, lora_parameters
-from anomalyvfm.backbone import load_backbone
-from anomalyvfm.cli import main
+from anomalyvfm.adaptation.lora import find_lora_targets, lora_parameters
+from anomalyvfm.features.backbone import load_backbone
+from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.losses import confidence_weights, patch_loss, patch_targets
-from anomalyvfm.training import AdaptationConfig, make_batch, train_adapter
+from anomalyvfm.adaptation.losses import confidence_weights, patch_loss, patch_targets
+from anomalyvfm.adaptation.training import AdaptationConfig, make_batch, train_adapter
 
 TINY = AdaptationConfig(steps=4, batch_size=4, image_size=56, eval_every=2, val_images=2)
 

@@ -2,8 +2,10 @@ import numpy as np
 import torch
 from sklearn.covariance import OAS
 
-from anomalyvfm.maps import anomaly_map, image_score
-from anomalyvfm.scoring import KNNScorer, MahalanobisScorer, greedy_coreset, oas_shrinkage
+from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.scoring.coreset import greedy_coreset
+from anomalyvfm.scoring.pooling import image_score
+from anomalyvfm.scoring.scorers import KNNScorer, MahalanobisScorer, oas_shrinkage
 
 
 def test_oas_matches_scikit_learn():

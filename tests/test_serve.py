@@ -25,10 +25,10 @@ import uvicorn
 from PIL import Image
 
 from anomalyvfm import AnomalyDetector, __version__
-from anomalyvfm.cli import main
+from anomalyvfm.cli.main import main
 from anomalyvfm.demo import paste_defect, textured_image
-from anomalyvfm.serve import create_app
-from anomalyvfm.visualize import display_range, heatmap, mask_image
+from anomalyvfm.service.app import create_app
+from anomalyvfm.maps.render import display_range, heatmap, mask_image
 
 MAX_PIXELS, MAX_BYTES, MAX_FILES = 100_000, 200_000, 4
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -213,7 +213,7 @@ def test_api_key_guards_everything_but_health(fitted_model, bad_image):
 def test_cli_serve_runs_a_server_with_the_key_from_the_environment(fitted_model, bad_image):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": SRC, "ANOMALYVFM_API_KEY": "from-env"}
-    process = subprocess.Popen([sys.executable, "-m", "anomalyvfm.cli", "serve", "--model", str(fitted_model),
+    process = subprocess.Popen([sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", str(fitted_model),
                                 "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation, center_of_mass, gaussian_filter
 
-from anomalyvfm.synthesis import STAGES, SynthesisConfig, preview_grid, synthesize, synthetic_set
+from anomalyvfm.data.synthesis import STAGES, SynthesisConfig, preview_grid, synthesize, synthetic_set
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:

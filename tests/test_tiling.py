@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from anomalyvfm import AnomalyDetector
-from anomalyvfm.backbone import load_backbone
+from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.data.transforms import to_tensor
 from anomalyvfm.demo import textured_image
-from anomalyvfm.features import Tiling, extract_features
+from anomalyvfm.features.extraction import Tiling, extract_features
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from anomalyvfm import AnomalyDetector
-from anomalyvfm.cli import main
+from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.demo import textured_image
-from anomalyvfm.foreground import suppress_background
-from anomalyvfm.fusion import fuse
+from anomalyvfm.features.foreground import suppress_background
+from anomalyvfm.scoring.views import fuse
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,7 +135,7 @@ def test_bad_view_options_give_one_line_and_exit_2(extra, fragment, data_root, b
 
 
 def test_auto_tiles_only_where_they_add_native_detail():
-    from anomalyvfm.autoconfig import candidate_views
+    from anomalyvfm.detector.auto import candidate_views
 
     small = candidate_views(448, 272)  # magnetic_tile: 448 px already upscales; tiles would add no detail
     large = candidate_views(448, 1056)  # MVTec AD 2 sheet metal

@@ -9,6 +9,6 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+local"
 
-from anomalyvfm.detector import AnomalyDetector, DetectorConfig, Prediction  # noqa: E402
+from anomalyvfm.detector.detector import AnomalyDetector, DetectorConfig, Prediction  # noqa: E402
 
 __all__ = ["AnomalyDetector", "DetectorConfig", "Prediction", "__version__"]

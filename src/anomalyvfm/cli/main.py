@@ -18,16 +18,16 @@ from typing import Sequence
 from PIL import Image
 
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
-from anomalyvfm.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
+from anomalyvfm.detector.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.foreground import FOREGROUND_MODES
-from anomalyvfm.losses import LOSSES
-from anomalyvfm.report import format_table
-from anomalyvfm.score_modes import SCORE_MODES
-from anomalyvfm.scoring import SCORERS
-from anomalyvfm.serve_limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
-from anomalyvfm.training import AdaptationConfig
-from anomalyvfm.visualize import display_range, mask_image, overlay
+from anomalyvfm.features.foreground import FOREGROUND_MODES
+from anomalyvfm.adaptation.losses import LOSSES
+from anomalyvfm.evaluation.report import format_table
+from anomalyvfm.scoring.score_modes import SCORE_MODES
+from anomalyvfm.scoring.scorers import SCORERS
+from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
+from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.maps.render import display_range, mask_image, overlay
 
 
 def add_fit_options(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_preview(args: argparse.Namespace) -> int:
-    from anomalyvfm.synthesis import preview_grid, synthetic_set
+    from anomalyvfm.data.synthesis import preview_grid, synthetic_set
 
     dataset = load_dataset(args.data, args.category, args.layout)
     samples = dataset.split(args.split)[: max(2, args.count)]
@@ -213,7 +213,7 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from anomalyvfm.serve import run_server  # FastAPI/uvicorn only for this command
+    from anomalyvfm.service.app import run_server  # FastAPI/uvicorn only for this command
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -248,7 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from anomalyvfm.evaluation import evaluate
+    from anomalyvfm.evaluation.evaluate import evaluate
 
     detector = load_model(args)
     dataset = load_dataset(args.data, args.category, args.layout)
@@ -259,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from anomalyvfm.benchmark import run_benchmark
+    from anomalyvfm.evaluation.benchmark import run_benchmark
 
     rows = run_benchmark(args, fit_category, VariantParser)
     print((Path(args.out) / "results.md").read_text())
@@ -267,7 +267,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_export_submission(args: argparse.Namespace) -> int:
-    from anomalyvfm.evaluation import export_submission
+    from anomalyvfm.evaluation.evaluate import export_submission
 
     detector = load_model(args)
     written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)

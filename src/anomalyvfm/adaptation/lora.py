@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
-from anomalyvfm.backbone import Backbone
+from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.errors import UserInputError
 
 # Projection kind → leaf module names it has had across transformers versions.

@@ -22,7 +22,7 @@ import numpy as np
 
 from anomalyvfm.data import load_dataset
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.evaluation import evaluate, reset_peak_rss
+from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
            "f1_max_oracle", "fit_seconds", "images_per_second", "peak_rss_mb", "settings")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from anomalyvfm.foreground import suppress_background
-from anomalyvfm.maps import RunningMoments
+from anomalyvfm.features.foreground import suppress_background
+from anomalyvfm.scoring.moments import RunningMoments
 
 
 @dataclass

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from anomalyvfm.adaptation import PROJECTION_NAMES, add_lora, lora_parameters
-from anomalyvfm.backbone import Backbone
+from anomalyvfm.adaptation.lora import PROJECTION_NAMES, add_lora, lora_parameters
+from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import processed_size, to_tensor
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features import prefetch
-from anomalyvfm.heads import AnomalyHeads
-from anomalyvfm.losses import LOSSES, patch_loss, patch_targets
-from anomalyvfm.synthesis import synthesize
+from anomalyvfm.features.extraction import prefetch
+from anomalyvfm.adaptation.heads import AnomalyHeads
+from anomalyvfm.adaptation.losses import LOSSES, patch_loss, patch_targets
+from anomalyvfm.data.synthesis import synthesize
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images (B,3,S,S), masks (B,S,S), labels (B,)
 

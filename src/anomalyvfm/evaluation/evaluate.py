@@ -2,7 +2,7 @@
 metrics, write `metrics.json` and the report pictures; export maps in the benchmark server's layout.
 
 Memory policy: maps are kept as float16 (2 bytes a pixel) and masks as bool, so one MVTec AD 2
-category (~750 M pixels) needs about 2.3 GB for the arrays; `anomalyvfm.metrics` works on them
+category (~750 M pixels) needs about 2.3 GB for the arrays; `anomalyvfm.evaluation.metrics` works on them
 without full-size float64 copies.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomalyvfm import metrics as M
-from anomalyvfm import report
+from anomalyvfm.evaluation import metrics as M
+from anomalyvfm.evaluation import report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
-from anomalyvfm.detector import AnomalyDetector
+from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features import ImageFeatures
-from anomalyvfm.visualize import display_range
+from anomalyvfm.features.extraction import ImageFeatures
+from anomalyvfm.maps.render import display_range
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
                "num_images", "num_anomalous", "seconds", "peak_rss_mb")

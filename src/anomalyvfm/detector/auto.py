@@ -2,7 +2,7 @@
 
 Real defects of a category are not available before deployment, and test labels must never steer a
 setting (MVTec AD 2 protocol). So candidates are compared on the validation good images plus synthetic
-anomalies made on them (`anomalyvfm.synthesis`): validation image AUROC (good vs synthetic) plus
+anomalies made on them (`anomalyvfm.data.synthesis`): validation image AUROC (good vs synthetic) plus
 AU-PRO(0.05) of the synthetic masks, the rule of `benchmarks/choose_layers.py`.
 
 The grid is small because CPUs are slow: up to three views (the base short side, 1.5x it, and tiles of
@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomalyvfm import metrics as M
-from anomalyvfm.backbone import Backbone, default_layers, load_backbone
+from anomalyvfm.evaluation import metrics as M
+from anomalyvfm.features.backbone import Backbone, default_layers, load_backbone
 from anomalyvfm.data import evenly_spaced, load_rgb
 from anomalyvfm.data.images import ImageLike
-from anomalyvfm.features import ImageFeatures, Tiling, extract_features
-from anomalyvfm.maps import anomaly_map, image_score
-from anomalyvfm.scoring import SCORERS, make_scorer
-from anomalyvfm.synthesis import synthetic_set
+from anomalyvfm.features.extraction import ImageFeatures, Tiling, extract_features
+from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.scoring.pooling import image_score
+from anomalyvfm.scoring.scorers import SCORERS, make_scorer
+from anomalyvfm.data.synthesis import synthetic_set
 
 AUTO_TRAIN = 32  # training images fitted per candidate while choosing; the final fit uses all of them
 AUTO_VALIDATION = 24  # validation good images; as many synthetic anomalies are made on them

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from anomalyvfm.backbone import Backbone
+from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import processed_size, scaled_size, to_tensor
 from anomalyvfm.errors import ImageReadError

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from anomalyvfm.visualize import heatmap  # noqa: E402
+from anomalyvfm.maps.render import heatmap  # noqa: E402
 
 METRIC_LABELS = {
     "image_auroc": "Image AUROC",

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from anomalyvfm.heads import AnomalyHeads
-from anomalyvfm.maps import image_score
+from anomalyvfm.adaptation.heads import AnomalyHeads
+from anomalyvfm.scoring.pooling import image_score
 
 SCORE_MODES = ("distance", "head", "fusion")
 

@@ -43,11 +43,11 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from anomalyvfm import __version__
 from anomalyvfm.data.images import load_rgb
-from anomalyvfm.detector import AnomalyDetector, Prediction
+from anomalyvfm.detector.detector import AnomalyDetector, Prediction
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
-from anomalyvfm.serve_limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
+from anomalyvfm.service.limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
                                      DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS)
-from anomalyvfm.visualize import display_range, heatmap, mask_image
+from anomalyvfm.maps.render import display_range, heatmap, mask_image
 
 PART_OVERHEAD = 16 * 1024  # multipart headers and boundaries allowed per file on top of its bytes
 IMAGE_TYPES = ("image/", "application/octet-stream")

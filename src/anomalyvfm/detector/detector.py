@@ -22,19 +22,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from anomalyvfm.adaptation import load_lora
-from anomalyvfm.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from anomalyvfm.adaptation.lora import load_lora
+from anomalyvfm.features.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from anomalyvfm.data.datasets import hold_out
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features import FailedImage, ImageFeatures, Tiling, extract_features
-from anomalyvfm.foreground import FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, looks_like_object, mask_stats
-from anomalyvfm.fusion import Scored, fuse, view_statistics
-from anomalyvfm.heads import AnomalyHeads
-from anomalyvfm.maps import RunningMoments, anomaly_map, sigma_threshold
-from anomalyvfm.score_modes import SCORE_MODES, RawScores, combine, fusion_stats, raw_scores
-from anomalyvfm.scoring import SCORERS, PatchScorer, make_scorer
-from anomalyvfm.training import AdaptationConfig, train_adapter
+from anomalyvfm.features.extraction import FailedImage, ImageFeatures, Tiling, extract_features
+from anomalyvfm.features.foreground import FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, looks_like_object, mask_stats
+from anomalyvfm.scoring.views import Scored, fuse, view_statistics
+from anomalyvfm.adaptation.heads import AnomalyHeads
+from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.maps.thresholds import sigma_threshold
+from anomalyvfm.scoring.moments import RunningMoments
+from anomalyvfm.scoring.score_modes import SCORE_MODES, RawScores, combine, fusion_stats, raw_scores
+from anomalyvfm.scoring.scorers import SCORERS, PatchScorer, make_scorer
+from anomalyvfm.adaptation.training import AdaptationConfig, train_adapter
 
 CONFIG_FILE = "config.json"
 SCORER_FILE = "scorer.safetensors"
@@ -219,7 +221,7 @@ class AnomalyDetector:
         if not images:
             raise UserInputError("no training images given")
         if self.config.auto:
-            from anomalyvfm.autoconfig import choose_settings
+            from anomalyvfm.detector.auto import choose_settings
 
             self.config.auto_choice = choose_settings(self.config, images, list(validation_images), progress)
             for key, value in self.config.auto_choice["chosen"].items():
