@@ -90,7 +90,7 @@ def test_max_train_images_limits_fit(backbone_dir, data_root, tmp_path, capsys):
     code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
                  "--image-size", "56", "--max-train-images", "3", "--out", str(tmp_path / "m")])
     assert code == 0 and "(fit" in capsys.readouterr().out
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["train_images"] == 3
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["record"]["train_images"] == 3
 
 
 def test_relative_backbone_path_is_stored_absolute(backbone_dir, data_root, tmp_path, monkeypatch, capsys):
@@ -98,5 +98,5 @@ def test_relative_backbone_path_is_stored_absolute(backbone_dir, data_root, tmp_
     code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", backbone_dir.name,
                  "--image-size", "56", "--max-train-images", "3", "--out", str(tmp_path / "m")])
     assert code == 0
-    stored = json.loads((tmp_path / "m" / "config.json").read_text())["backbone"]
+    stored = json.loads((tmp_path / "m" / "config.json").read_text())["settings"]["backbone"]
     assert stored == str(backbone_dir.resolve())

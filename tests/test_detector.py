@@ -29,8 +29,9 @@ def test_thresholds_come_from_validation(backbone_dir, data_root):
     val = [s.path for s in ds.split("validation")]
     detector.fit([s.path for s in ds.split("train")], val, progress=False)
     scores = [p.score for p in detector.predict_iter(val, progress=None, decide=False)]
-    assert detector.config.image_threshold == pytest.approx(np.mean(scores) + 3 * np.std(scores), rel=1e-6)
-    assert detector.config.validation_stats["images"] == len(val)
+    thresholds = detector.thresholds()
+    assert thresholds.image_threshold == pytest.approx(np.mean(scores) + 3 * np.std(scores), rel=1e-6)
+    assert thresholds.validation_stats["images"] == len(val)
 
 
 def test_save_load_gives_identical_scores(fitted_model, data_root):
@@ -51,7 +52,7 @@ def test_round_trip_in_memory_vs_loaded(tmp_path, backbone_dir, data_root):
     before = detector.predict(paths, progress=False)
     after = AnomalyDetector.load(detector.save(tmp_path / "m")).predict(paths, progress=False)
     assert [p.score for p in before] == [p.score for p in after]
-    assert AnomalyDetector.load(tmp_path / "m").config.scorer == "knn"
+    assert AnomalyDetector.load(tmp_path / "m").settings.scorer == "knn"
 
 
 def test_in_memory_arrays_and_bad_items(fitted_model, tmp_path):
@@ -69,4 +70,4 @@ def test_fit_without_validation_holds_out_a_tenth(backbone_dir, data_root):
     ds = load_dataset(data_root, "demo")
     paths = [s.path for s in ds.split("train")] + [s.path for s in ds.split("validation")]
     detector = AnomalyDetector(backbone=str(backbone_dir), image_size=56).fit(paths, progress=False)
-    assert detector.config.train_images == 15 and detector.config.validation_stats["images"] == 2
+    assert detector.record.train_images == 15 and detector.thresholds().validation_stats["images"] == 2

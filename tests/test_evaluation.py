@@ -6,6 +6,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
 from anomalyvfm.evaluation.evaluate import METRIC_KEYS
 
@@ -61,6 +62,6 @@ def test_export_submission_layout(fitted_model, data_root, tmp_path, capsys):
         size = Image.open(src).size
         assert amap.suffix == ".tiff" and array.dtype == np.float16 and array.shape == (size[1], size[0])
         assert binary.shape == array.shape and set(np.unique(binary)) <= {0, 255}
-        threshold = json.loads((fitted_model / "config.json").read_text())["pixel_threshold"]
+        threshold = AnomalyDetector.load(fitted_model).thresholds().pixel_threshold
         # the mask is cut from the float32 map; float16 rounding may flip pixels right at the threshold
         assert np.mean((binary == 255) != (array.astype(np.float32) > threshold)) < 0.01

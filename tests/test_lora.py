@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.adaptation.losses import confidence_weights, patch_loss, patch_targets
 from anomalyvfm.adaptation.training import AdaptationConfig, make_batch, train_adapter
 
-TINY = AdaptationConfig(steps=4, batch_size=4, image_size=56, eval_every=2, val_images=2)
+TINY = AdaptationConfig(steps=4, batch_size=4, crop_size=56, eval_every=2, val_images=2)
 
 
 def _attention_tree(names: dict[str, str]) -> nn.Module:
@@ -132,14 +131,15 @@ def test_cli_fit_lora_saves_adapter_heads_and_every_mode(lora_model):
     assert "adapter + heads" in printed and "bytes" in printed
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "heads.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["score"] == "fusion" and set(config["mode_thresholds"]) == {"distance", "head", "fusion"}
-    assert config["lora"]["rank"] == 16 and config["lora"]["alpha"] == 32 and config["lora"]["steps"] == 4
+    calibration, lora = config["calibration"], config["settings"]["lora"]
+    assert calibration["mode"] == "fusion" and set(calibration["modes"]) == {"distance", "head", "fusion"}
+    assert lora["rank"] == 16 and lora["alpha"] == 32 and lora["steps"] == 4 and lora["crop_size"] == 56
 
 
 def test_saved_lora_model_scores_like_the_fitted_one(lora_model, tmp_path, backbone_dir, data_root):
     ds = load_dataset(data_root, "demo")
     paths = [s.path for s in ds.split("test_public")][::3]
-    detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, score="fusion", lora=asdict(TINY))
+    detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, score="fusion", lora=TINY)
     detector.fit([s.path for s in ds.split("train")], [s.path for s in ds.split("validation")], progress=False)
     before = detector.predict(paths, progress=False)
     loaded = AnomalyDetector.load(detector.save(tmp_path / "m"))
@@ -153,9 +153,9 @@ def test_score_mode_override_switches_thresholds(lora_model, data_root, tmp_path
     out, _ = lora_model
     head = AnomalyDetector.load(out, score="head")
     fusion = AnomalyDetector.load(out)
-    assert fusion.config.score == "fusion" and head.config.score == "head"
-    assert head.config.image_threshold == head.config.mode_thresholds["head"]["image_threshold"]
-    assert head.config.image_threshold != fusion.config.image_threshold
+    assert fusion.score_mode == "fusion" and head.score_mode == "head"
+    assert head.thresholds() == head.calibration.modes["head"] and fusion.thresholds() == fusion.calibration.modes["fusion"]
+    assert head.thresholds().image_threshold != fusion.thresholds().image_threshold
     path = [s.path for s in load_dataset(data_root, "demo").split("test_public")][:1]
     assert head.predict(path, progress=False)[0].score != fusion.predict(path, progress=False)[0].score
     assert main(["evaluate", "--model", str(out), "--data", str(data_root), "--category", "demo", "--score", "distance",

@@ -25,6 +25,7 @@ import uvicorn
 from PIL import Image
 
 from anomalyvfm import AnomalyDetector, __version__
+from anomalyvfm.declare import to_dict
 from anomalyvfm.cli.main import main
 from anomalyvfm.demo import paste_defect, textured_image
 from anomalyvfm.service.app import create_app
@@ -104,7 +105,7 @@ def test_prediction_equals_detector_and_cli_predict(url, detector, fitted_model,
     body = post(url, files={"file": (bad_image.name, bad_image.read_bytes(), "image/png")}).json()
     assert set(body) == {"score", "is_anomalous", "threshold", "model", "elapsed_ms"}
     assert close(body["score"], expected.score) and body["is_anomalous"] is expected.is_anomalous is True
-    assert body["threshold"] == detector.config.image_threshold and body["model"] == fitted_model.name
+    assert body["threshold"] == detector.thresholds().image_threshold and body["model"] == fitted_model.name
     assert body["elapsed_ms"] > 0
 
     assert main(["predict", "--model", str(fitted_model), str(bad_image), "--out", str(tmp_path), "--no-images"]) == 0
@@ -114,9 +115,9 @@ def test_prediction_equals_detector_and_cli_predict(url, detector, fitted_model,
     body = post(url, params={"maps": "true"}, files={"file": bad_image.read_bytes()}).json()
     heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["anomaly_map_png"]))))
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
-    c = detector.config
-    np.testing.assert_array_equal(heat, heatmap(expected.anomaly_map, *display_range(c.validation_stats["pixel_score_mean"],
-                                                                                     c.pixel_threshold)))
+    t = detector.thresholds()
+    np.testing.assert_array_equal(heat, heatmap(expected.anomaly_map, *display_range(t.validation_stats["pixel_score_mean"],
+                                                                                     t.pixel_threshold)))
     np.testing.assert_array_equal(mask, mask_image(expected.mask))
     assert mask.shape == (112, 154) and set(np.unique(mask)) == {0, 255}
 
@@ -185,10 +186,12 @@ def test_bad_input_gets_a_one_line_json_error_and_serving_goes_on(url, name, pat
 def test_health_model_info_and_openapi(url, detector, fitted_model):
     assert requests.get(url + "/health", timeout=10).json() == {"status": "ok"}
     info = requests.get(url + "/model", timeout=10).json()
-    c = detector.config
-    assert info["model"] == fitted_model.name and info["backbone"] == c.backbone and info["layers"] == list(c.layers)
-    assert info["image_size"] == 112 and info["scorer"] == c.scorer and info["package_version"] == __version__
-    assert info["image_threshold"] == c.image_threshold and info["pixel_threshold"] == c.pixel_threshold
+    s, t = detector.settings, detector.thresholds()
+    assert info["model"] == fitted_model.name and info["backbone"] == s.backbone and info["layers"] == list(s.layers)
+    assert info["image_size"] == 112 and info["scorer"] == s.scorer and info["package_version"] == __version__
+    assert info["image_threshold"] == t.image_threshold and info["pixel_threshold"] == t.pixel_threshold
+    assert info["train_images"] == detector.record.train_images > 0 and info["fitted_at"].startswith("20")
+    assert info["score"] == "distance" and info["lora"] is None and set(to_dict(s)) <= set(info)
     assert info["limits"] == {"max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "max_files": MAX_FILES}
     spec = requests.get(url + "/openapi.json", timeout=10).json()
     assert {"/predict", "/predict/batch", "/health", "/model"} <= set(spec["paths"])

@@ -45,19 +45,20 @@ def test_new_settings_survive_save_and_load(settings, backbone_dir, data_root, t
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(before, after))
     assert all(p.anomaly_map.shape == (112, 154) for p in after)
     for key, value in settings.items():
-        assert getattr(loaded.config, key) == value
-    assert len(loaded.scorers) == len(loaded.config.views()) and (loaded.foreground_model is not None) == ("foreground" in settings)
+        assert getattr(loaded.settings, key) == value
+    parts = loaded.pipeline
+    assert len(parts.scorers) == len(loaded.settings.views()) and (parts.foreground_model is not None) == ("foreground" in settings)
 
 
 def test_multiscale_standardises_views_before_averaging(backbone_dir, data_root):
     detector = AnomalyDetector(backbone=str(backbone_dir), scales=(84, 56))
     detector.fit(_split(data_root, "train"), _split(data_root, "validation"), progress=False)
-    assert [size for size, _ in detector.config.views()] == [56, 84]  # finest last: the fused grid is its grid
-    assert len(detector.config.view_stats) == 2
-    assert abs(detector.config.validation_stats["pixel_score_mean"]) < 0.5  # z-scores, not raw distances
-    items = next(iter(detector._view_features(_split(data_root, "test_public")[:1], None)))
-    scored = detector._score_views(items)
-    fused = fuse(scored, detector.config.view_stats, suppress=False)
+    assert [size for size, _ in detector.settings.views()] == [56, 84]  # finest last: the fused grid is its grid
+    assert len(detector.calibration.view_stats) == 2
+    assert abs(detector.thresholds().validation_stats["pixel_score_mean"]) < 0.5  # z-scores, not raw distances
+    items = next(iter(detector.pipeline.view_features(_split(data_root, "test_public")[:1], None)))
+    scored = detector.pipeline.score_views(items)
+    fused = fuse(scored, detector.calibration.view_stats, suppress=False)
     assert fused.shape == items[-1].features.shape[:2] and scored.grids[0].shape != fused.shape
 
 
@@ -73,19 +74,19 @@ def test_foreground_auto_on_objects_off_on_textures(backbone_dir, data_root):
     objects = [_object(rng) for _ in range(10)]
     detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, foreground="auto")
     detector.fit(objects[:7], objects[7:9], progress=False)
-    stats = detector.config.foreground_stats
+    stats = detector.calibration.foreground
     assert stats["active"] and stats["centre"] > 0.9 and stats["border"] < 0.1 and stats["separability"] > 0.75
-    mask = detector.foreground_model.mask(next(detector.features(objects[9:])).features)
+    mask = detector.pipeline.foreground_model.mask(next(detector.features(objects[9:])).features)
     assert mask[3:5, 4:6].all() and not mask[0].any() and not mask[:, 0].any()  # the part, not the background
     spot = objects[9].copy()
     spot[5:20, 5:20] = 150  # smooth clutter on the background, not a defect of the part
     on = detector.predict([spot], progress=False)[0]
-    detector.config.foreground_stats["active"] = False
+    detector.calibration.foreground["active"] = False
     off = detector.predict([spot], progress=False)[0]
     assert on.anomaly_map[5:20, 5:20].max() < 0.75 * off.anomaly_map[5:20, 5:20].max()
     texture = AnomalyDetector(backbone=str(backbone_dir), image_size=112, foreground="auto")
     texture.fit(_split(data_root, "train"), _split(data_root, "validation"), progress=False)
-    assert texture.config.foreground_stats["active"] is False
+    assert texture.calibration.foreground["active"] is False
 
 
 def test_auto_records_its_choice_and_never_reads_test_splits(backbone_dir, data_root, tmp_path, capsys):
@@ -98,13 +99,13 @@ def test_auto_records_its_choice_and_never_reads_test_splits(backbone_dir, data_
                  "--auto", "--out", str(tmp_path / "m")])
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    choice = config["auto_choice"]
+    choice = config["record"]["auto_choice"]
     assert len(choice["candidates"]) == 12 and choice["validation_images"] == 5 and choice["synthetic_images"] == 3
     assert all(0 <= c["val_image_auroc"] <= 1 and 0 <= c["val_aupro_0.05"] <= 1 for c in choice["candidates"])
     best = max(choice["candidates"], key=lambda c: c["val_image_auroc"] + c["val_aupro_0.05"])
     assert choice["chosen"] == best["settings"]
     for key, value in choice["chosen"].items():
-        assert config[key] == value
+        assert config["settings"][key] == value
     assert AnomalyDetector.load(tmp_path / "m").predict(_split(data_root, "validation")[:1], progress=False)[0].error is None
 
 
@@ -115,7 +116,7 @@ def test_benchmark_grid_writes_one_row_per_variant(backbone_dir, data_root, tmp_
     rows = [r for r in csv.DictReader(open(tmp_path / "results.csv")) if r["category"] != "mean"]
     assert [r["variant"] for r in rows] == ["foreground=off", "foreground=on"]
     assert "foreground off" in rows[0]["settings"] and "foreground on (applied)" in rows[1]["settings"]
-    assert json.loads((tmp_path / "foreground=on" / "demo" / "model" / "config.json").read_text())["foreground"] == "on"
+    assert json.loads((tmp_path / "foreground=on" / "demo" / "model" / "config.json").read_text())["settings"]["foreground"] == "on"
     assert "| foreground=on | demo |" in (tmp_path / "results.md").read_text()
 
 

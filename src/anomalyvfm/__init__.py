@@ -9,6 +9,8 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+local"
 
-from anomalyvfm.detector.detector import AnomalyDetector, DetectorConfig, Prediction  # noqa: E402
+from anomalyvfm.detector.detector import AnomalyDetector  # noqa: E402
+from anomalyvfm.detector.settings import Runtime, Settings  # noqa: E402
+from anomalyvfm.prediction import Prediction  # noqa: E402
 
-__all__ = ["AnomalyDetector", "DetectorConfig", "Prediction", "__version__"]
+__all__ = ["AnomalyDetector", "Settings", "Runtime", "Prediction", "__version__"]

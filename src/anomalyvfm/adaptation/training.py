@@ -3,7 +3,7 @@
 Each batch is half normal crops, half crops with a three-stage synthetic anomaly (`synthesis`), made
 on the fly from the training images, so the model never sees the same defect twice. Crops are taken at
 the detector's scale (short side = `image_size`, the same resize as at inference) so a patch covers
-the same surface area in training as in scoring; `AdaptationConfig.image_size` only sets the crop side,
+the same surface area in training as in scoring; `AdaptationConfig.crop_size` only sets the crop side,
 which bounds the CPU cost of a step. Synthetic crops always contain part of their defect.
 
 Model selection uses validation/good images only: every `eval_every` steps, the heads are scored on a
@@ -27,6 +27,7 @@ from anomalyvfm.adaptation.lora import PROJECTION_NAMES, add_lora, lora_paramete
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import processed_size, to_tensor
+from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.extraction import prefetch
 from anomalyvfm.adaptation.heads import AnomalyHeads
@@ -36,37 +37,34 @@ from anomalyvfm.data.synthesis import synthesize
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images (B,3,S,S), masks (B,S,S), labels (B,)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdaptationConfig:
     """LoRA structure and training settings; defaults fit ViT-S/14 at 448 px in the 20 min CPU budget."""
 
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("query", "value")
-    steps: int = 120
-    batch_size: int = 8
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    loss: str = "confidence"
-    temperature: float = 0.5
-    image_size: int | None = 224  # side of the square training crops (at the detector's scale); None: full short side
-    eval_every: int = 20
-    patience: int = 3
-    val_images: int = 16
+    rank: int = setting(16, "LoRA rank", flag="--lora-rank", low=1)
+    alpha: float = setting(32.0, "LoRA alpha", flag="--lora-alpha", low=0, low_open=True)
+    dropout: float = setting(0.0, "LoRA dropout", flag="--lora-dropout", low=0)
+    targets: tuple[str, ...] = setting(("query", "value"), "attention projections adapted", flag=None,
+                                       choices=tuple(PROJECTION_NAMES))
+    steps: int = setting(120, "training steps", flag="--lora-steps", low=1)
+    batch_size: int = setting(8, "crops per step, half synthetic", flag="--lora-batch-size", low=2)
+    lr: float = setting(5e-4, "AdamW learning rate", flag="--lora-lr", low=0, low_open=True)
+    weight_decay: float = setting(0.01, "AdamW weight decay", flag=None, low=0)
+    loss: str = setting("confidence", "patch loss", flag="--loss", choices=LOSSES)
+    temperature: float = setting(0.5, "confidence-weighting temperature; large = plain BCE", flag="--temperature",
+                                 low=0, low_open=True)
+    crop_size: int = setting(224, "side of the square training crops, cut at the detector's scale; 0: the full "
+                                  "short side", flag="--lora-image-size", low=0)
+    eval_every: int = setting(20, "steps between validation scores", flag=None, low=1)
+    patience: int = setting(3, "validation scores without improvement before stopping", flag=None, low=1)
+    val_images: int = setting(16, "validation images scored for model selection", flag=None, low=1)
 
-    def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise UserInputError(f"unknown loss '{self.loss}' (choose from {', '.join(LOSSES)})")
-        if not self.temperature > 0:
-            raise UserInputError(f"--temperature must be > 0, got {self.temperature}")
-        if self.steps < 1 or self.batch_size < 2 or not self.lr > 0:
-            raise UserInputError(f"need --lora-steps >= 1, --lora-batch-size >= 2 (half normal, half synthetic) "
-                                 f"and --lora-lr > 0; got {self.steps}, {self.batch_size}, {self.lr}")
-        if self.image_size is not None and self.image_size < 14:
-            raise UserInputError(f"--lora-image-size must be at least 14, got {self.image_size}")
-        if not set(self.targets) <= set(PROJECTION_NAMES):
-            raise UserInputError(f"LoRA targets must be among {', '.join(PROJECTION_NAMES)}, got {list(self.targets)}")
+    def __post_init__(self) -> None:
+        normalise(self)
+        if not self.dropout < 1:
+            raise SettingError(f"{{dropout}} must be below 1, got {self.dropout}")
+        if 0 < self.crop_size < 14:
+            raise SettingError(f"{{crop_size}} must be 0 (full short side) or at least 14, got {self.crop_size}")
 
 
 def _crop_origin(rng: np.random.Generator, length: int, side: int, must_hold: int | None) -> int:
@@ -152,7 +150,6 @@ def train_adapter(
     """
     if not train_images or not val_images:
         raise UserInputError("LoRA training needs training and validation (good) images")
-    config.validate()
     torch.manual_seed(seed)
     start = time.perf_counter()
     peft_model = add_lora(backbone, config.rank, config.alpha, config.dropout, config.targets)
@@ -163,12 +160,12 @@ def train_adapter(
 
     val_picks = np.linspace(0, len(val_images) - 1, min(config.val_images, len(val_images))).round().astype(int)
     val_rng = np.random.default_rng([seed, 1])
-    val_batch = make_batch(val_images, np.concatenate([val_picks, val_picks]), val_rng, image_size, config.image_size, patch)
+    val_batch = make_batch(val_images, np.concatenate([val_picks, val_picks]), val_rng, image_size, config.crop_size or None, patch)
 
     def batch_for(step: int) -> Batch:
         rng = np.random.default_rng([seed, 2, step])  # per step: the same batches whatever the thread timing
         return make_batch(train_images, rng.integers(len(train_images), size=config.batch_size), rng, image_size,
-                          config.image_size, patch)
+                          config.crop_size or None, patch)
 
     best: tuple[float, int, tuple] = (-np.inf, 0, ())
     stale = 0

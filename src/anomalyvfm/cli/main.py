@@ -8,146 +8,50 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
+import shlex
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 
-from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
-from anomalyvfm.detector.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
+from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
+from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
+from anomalyvfm.declare import SettingError
+from anomalyvfm.detector.detector import AnomalyDetector
+from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
+from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features.foreground import FOREGROUND_MODES
-from anomalyvfm.adaptation.losses import LOSSES
+from anomalyvfm.evaluation.benchmark import Variant, fit_category
 from anomalyvfm.evaluation.report import format_table
-from anomalyvfm.scoring.score_modes import SCORE_MODES
-from anomalyvfm.scoring.scorers import SCORERS
-from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
-from anomalyvfm.adaptation.training import AdaptationConfig
 from anomalyvfm.maps.render import display_range, mask_image, overlay
-
-
-def add_fit_options(parser: argparse.ArgumentParser) -> None:
-    """Options that define a detector; shared by every command that fits one."""
-    defaults = DetectorConfig()
-    parser.add_argument("--data", required=True, help="dataset root folder")
-    parser.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout (default: mvtec_ad2)")
-    parser.add_argument("--backbone", default=defaults.backbone, help="DINOv2 hub id or local model directory")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="short side fed to the backbone (px)")
-    parser.add_argument("--layers", type=int, nargs="+", help="1-based backbone blocks to take patch features from")
-    parser.add_argument("--scorer", choices=SCORERS, default=defaults.scorer, help="patch scorer")
-    parser.add_argument("--coreset-ratio", type=float, default=defaults.coreset_ratio, help="kNN memory-bank fraction kept")
-    parser.add_argument("--top-percent", type=float, default=defaults.top_percent, help="image score = mean of top %% patches")
-    parser.add_argument("--sigma", type=float, default=defaults.sigma, help="Gaussian smoothing of maps (px at backbone size)")
-    parser.add_argument("--threshold-sigma", type=float, default=defaults.threshold_sigma,
-                        help="thresholds = validation mean + N std (default 3)")
-    add_view_options(parser)
-    add_runtime_options(parser)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
-    parser.add_argument("--max-train-images", type=int, help="use at most N evenly spaced training images (quick runs)")
-    add_lora_options(parser)
-
-
-def add_lora_options(parser: argparse.ArgumentParser) -> None:
-    """LoRA adaptation on synthetic anomalies (README_lora.md); off unless --lora is given."""
-    d = AdaptationConfig()
-    lora = parser.add_argument_group("LoRA adaptation")
-    lora.add_argument("--lora", action="store_true", help="adapt the backbone with LoRA and train anomaly heads")
-    lora.add_argument("--lora-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
-    lora.add_argument("--lora-alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
-    lora.add_argument("--lora-dropout", type=float, default=d.dropout, help=f"LoRA dropout (default {d.dropout:g})")
-    lora.add_argument("--lora-steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-    lora.add_argument("--lora-lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    lora.add_argument("--lora-batch-size", type=int, default=d.batch_size, help=f"crops per step, half synthetic "
-                      f"(default {d.batch_size})")
-    lora.add_argument("--lora-image-size", type=int, default=d.image_size, help="side of the square training crops, "
-                      f"cut at the detector's scale; 0: the full short side (default {d.image_size})")
-    lora.add_argument("--loss", choices=LOSSES, default=d.loss, help=f"patch loss (default {d.loss})")
-    lora.add_argument("--temperature", type=float, default=d.temperature,
-                      help=f"confidence-weighting temperature; large = plain BCE (default {d.temperature:g})")
-
-
-def lora_settings(args: argparse.Namespace) -> dict | None:
-    """The `DetectorConfig.lora` dict from the LoRA options; None without --lora."""
-    if not args.lora:
-        return None
-    return asdict(AdaptationConfig(
-        rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, steps=args.lora_steps, lr=args.lora_lr,
-        batch_size=args.lora_batch_size, image_size=args.lora_image_size or None, loss=args.loss,
-        temperature=args.temperature,
-    ))
-
-
-def add_view_options(parser: argparse.ArgumentParser) -> None:
-    """High resolution, multi-scale, foreground guidance and automatic choice (README_tiling.md)."""
-    defaults = DetectorConfig()
-    parser.add_argument("--tile-size", type=int, default=defaults.tile_size,
-                        help="score overlapping tiles of this many px (multiple of 14; 0 = whole image, default)")
-    parser.add_argument("--tile-overlap", type=int, default=defaults.tile_overlap, help="tile overlap in px (multiple of 14)")
-    parser.add_argument("--tile-scale", type=float, default=defaults.tile_scale,
-                        help="resize the original image by this factor before tiling (default 1: native resolution)")
-    parser.add_argument("--scales", type=int, nargs="+", help="several short sides, one scorer each, fused into one map")
-    parser.add_argument("--foreground", choices=FOREGROUND_MODES, default=defaults.foreground,
-                        help="suppress background patch scores: off (default), on, auto (decided on validation)")
-    parser.add_argument("--auto", action="store_true",
-                        help="choose image size, tiling, layers and scorer on validation + synthetic anomalies")
-
-
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """Options that change how, not what, a detector computes."""
-    parser.add_argument("--batch-size", type=int, default=DetectorConfig.batch_size,
-                        help="images (tiles, when tiling) per backbone batch")
-    parser.add_argument("--device", default=DetectorConfig.device, help="cpu, cuda, cuda:1 …")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
-    parser.add_argument("--score", choices=SCORE_MODES, help="distance (patch scorer), head or fusion (need --lora); "
-                        "fit: default distance; saved models: default the fitted one (thresholds of all modes are saved)")
+from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
 
 
 def load_model(args: argparse.Namespace) -> AnomalyDetector:
     """A saved model with the runtime options applied."""
-    return AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
-                                score=args.score)
+    return AnomalyDetector.load(args.model, **runtime_from_args(args))
 
 
-def config_from_args(args: argparse.Namespace) -> DetectorConfig:
-    # A local backbone directory is stored absolute so the model loads from any working directory.
-    backbone = str(Path(args.backbone).resolve()) if Path(args.backbone).is_dir() else args.backbone
-    return DetectorConfig(
-        backbone=backbone, layers=tuple(args.layers) if args.layers else None, image_size=args.image_size,
-        scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
-        threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        precision=args.precision, score=args.score or "distance", lora=lora_settings(args),
-        tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_scale=args.tile_scale,
-        scales=tuple(args.scales or ()), foreground=args.foreground, auto=args.auto,
-    )
-
-
-def fit_category(args: argparse.Namespace, category: str | None) -> tuple[AnomalyDetector, float]:
-    """Fit a detector on a category's train split, thresholds on its validation split; return it and seconds."""
-    dataset = load_dataset(args.data, category, args.layout, args.seed)
-    start = time.perf_counter()
-    detector = AnomalyDetector(config_from_args(args))
-    train = [s.path for s in dataset.split("train")]
-    if args.max_train_images:
-        train = evenly_spaced(train, args.max_train_images)
-    detector.fit(train, [s.path for s in dataset.split("validation")])
-    return detector, time.perf_counter() - start
+def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
+    """The fit options of a command (or of one benchmark variant) as a `Variant`, validated."""
+    return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    detector, seconds = fit_category(args, args.category)
-    out = detector.save(args.out)
-    c = detector.config
-    print(f"saved {out}  (fit {seconds:.1f}s, {c.summary()}, image threshold {c.image_threshold:.4g}, "
-          f"pixel threshold {c.pixel_threshold:.4g})")
-    if c.lora is not None:
-        r = c.lora_record
+    check_writable(args.out)
+    detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
+    out = detector.save(args.out, store_backbone=not args.reference_backbone)
+    thresholds = detector.thresholds()
+    print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
+          f"pixel threshold {thresholds.pixel_threshold:.4g})")
+    if detector.settings.lora is not None:
+        r = detector.record.lora
         size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size
         print(f"LoRA: {r['steps_run']} steps in {r['seconds']:.1f}s, best step {r['best_step']} (validation score "
-              f"{r['best_validation_score']:.3f}), score mode {c.score}, adapter + heads {size} bytes")
+              f"{r['best_validation_score']:.3f}), score mode {detector.score_mode}, adapter + heads {size} bytes")
     return 0
 
 
@@ -177,8 +81,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = expand_inputs(args.paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    c = detector.config
-    vmin, vmax = display_range(c.validation_stats["pixel_score_mean"], c.pixel_threshold)
+    thresholds = detector.thresholds()
+    vmin, vmax = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
     failures = 0
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -219,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)
     run_server(args.model, args.host, args.port, api_key, args.max_pixels, args.max_bytes, args.max_files,
-               device=args.device, batch_size=args.batch_size, precision=args.precision)
+               **runtime_from_args(args))
     return 0
 
 
@@ -259,11 +163,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from anomalyvfm.evaluation.benchmark import run_benchmark
+    from anomalyvfm.evaluation.benchmark import find_categories, run_benchmark
 
-    rows = run_benchmark(args, fit_category, VariantParser)
+    categories = find_categories(Path(args.data), args.categories)
+    variants = benchmark_variants(args)
+    rows = run_benchmark(Path(args.data), args.layout, categories, variants, args.split, Path(args.out),
+                         nested=len(variants) > 1 or bool(args.variant))
     print((Path(args.out) / "results.md").read_text())
     return 0 if rows else 2
+
+
+def benchmark_variants(args: argparse.Namespace) -> list[Variant]:
+    """Every variant of a benchmark: `--variant`s (or the command itself) x all `--grid` combinations.
+
+    A variant's options are parsed over a copy of the command's own, so they override only what they name.
+    """
+    named = []
+    for spec in args.variant or ["default="]:
+        name, sep, options = spec.partition("=")
+        if not sep or not name.strip():
+            raise UserInputError(f"--variant needs NAME=OPTIONS, got '{spec}'")
+        named.append((name.strip(), options))
+    axes = []
+    for spec in args.grid:
+        option, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise UserInputError(f"--grid needs OPTION=V1,V2, got '{spec}'")
+        axes.append([(f"{option}={value}", f"--{option} {value}") for value in values.split(",")])
+    result = []
+    for (name, options), combo in itertools.product(named, itertools.product(*axes)):
+        argv = shlex.split(" ".join([options, *(o for _, o in combo)]))
+        parsed = VariantParser().parse_args(["--data", args.data, *argv], namespace=argparse.Namespace(**vars(args)))
+        labels = [label for label, _ in combo]
+        if name != "default" or not labels:  # a grid alone is named by its values only
+            labels.insert(0, name)
+        result.append(variant_of(parsed, "+".join(labels)))
+    return result
 
 
 def cmd_export_submission(args: argparse.Namespace) -> int:
@@ -294,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_options(fit)
     fit.add_argument("--category", help="category folder under --data (required for MVTec layouts)")
     fit.add_argument("--out", required=True, help="model directory to write")
+    fit.add_argument("--reference-backbone", action="store_true",
+                     help="store only the backbone's hub id or path, not its weights (smaller; not portable)")
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images with a saved model")
@@ -367,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except SettingError as exc:
+        print(f"anomalyvfm: error: {exc.render(flag_name)}", file=sys.stderr)
+        return 2
     except UserInputError as exc:
         print(f"anomalyvfm: error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Real defects of a category are not available before deployment, and test labels must never steer a
 setting (MVTec AD 2 protocol). So candidates are compared on the validation good images plus synthetic
 anomalies made on them (`anomalyvfm.data.synthesis`): validation image AUROC (good vs synthetic) plus
-AU-PRO(0.05) of the synthetic masks, the rule of `benchmarks/choose_layers.py`.
+AU-PRO(0.05) of the synthetic masks (`detector.candidates`), the rule of `benchmarks/choose_settings.py`.
 
 The grid is small because CPUs are slow: up to three views (the base short side, 1.5x it, and tiles of
 the base size, overlapping by an eighth, over the image at twice the base resolution but never above
@@ -16,27 +16,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from anomalyvfm.evaluation import metrics as M
-from anomalyvfm.features.backbone import Backbone, default_layers, load_backbone
 from anomalyvfm.data import evenly_spaced, load_rgb
 from anomalyvfm.data.images import ImageLike
-from anomalyvfm.features.extraction import ImageFeatures, Tiling, extract_features
-from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.scoring.pooling import image_score
+from anomalyvfm.detector.candidates import block_dims, fit_candidates, score_candidates, with_synthetic_anomalies
+from anomalyvfm.detector.settings import Runtime, Settings
+from anomalyvfm.features.backbone import Backbone, default_layers, load_backbone
+from anomalyvfm.features.extraction import Tiling
 from anomalyvfm.scoring.scorers import SCORERS, make_scorer
-from anomalyvfm.data.synthesis import synthetic_set
 
 AUTO_TRAIN = 32  # training images fitted per candidate while choosing; the final fit uses all of them
 AUTO_VALIDATION = 24  # validation good images; as many synthetic anomalies are made on them
 SHALLOW_FRACTIONS = (1 / 3, 0.5)  # besides the default blocks, a shallower pair: finer, less semantic features
-
-
-def block_dims(layers: Sequence[int], loaded: Sequence[int], hidden: int) -> torch.Tensor:
-    """Feature columns of blocks `layers` in the features of a backbone that returns blocks `loaded`."""
-    return torch.cat([torch.arange(loaded.index(b) * hidden, (loaded.index(b) + 1) * hidden) for b in layers])
 
 
 def candidate_views(image_size: int, short_side: float) -> list[dict]:
@@ -54,62 +46,45 @@ def candidate_views(image_size: int, short_side: float) -> list[dict]:
     return views
 
 
-def _score_view(backbone, view: dict, layer_sets, train, images, masks, config, progress: bool) -> list[dict]:
+def _score_view(backbone: Backbone, view: dict, layer_sets, train, images, masks, settings: Settings,
+                runtime: Runtime, progress: bool) -> list[dict]:
     """Fit every (block pair, scorer) of one view on `train`; validation figures of each."""
     tiling = Tiling(view["tile_size"], view["tile_overlap"], view["tile_scale"]) if view["tile_size"] else None
     name = f"tiles {view['tile_size']} @ x{view['tile_scale']}" if tiling else f"{view['image_size']} px"
-    dims = {layers: block_dims(layers, backbone.layers, backbone.hidden_size) for layers in layer_sets}
-    keys = [(layers, scorer) for layers in layer_sets for scorer in SCORERS]
-    scorers = {k: make_scorer(k[1], config.coreset_ratio, config.max_bank_candidates, config.seed) for k in keys}
-
-    def bar(what: str) -> str | None:
-        return f"auto: {what}, {name}" if progress else None
-
-    for item in extract_features(backbone, train, view["image_size"], config.batch_size, bar("train"), tiling):
-        flat = item.features.reshape(-1, item.features.shape[-1])
-        for (layers, _), scorer in scorers.items():
-            scorer.partial_fit(flat[:, dims[layers]])
-    for scorer in scorers.values():
+    s = settings
+    candidates = {(layers, scorer): (make_scorer(scorer, s.coreset_ratio, s.max_bank_candidates, s.seed),
+                                     block_dims(layers, backbone.layers, backbone.hidden_size))
+                  for layers in layer_sets for scorer in SCORERS}
+    fit_candidates(backbone, candidates, train, view["image_size"], tiling, runtime.batch_size,
+                   f"auto: train, {name}" if progress else None)
+    for scorer, _ in candidates.values():
         scorer.finalize()
-    grids: dict = {k: [] for k in keys}
-    shapes = []
-    for item in extract_features(backbone, images, view["image_size"], config.batch_size, bar("validation"), tiling):
-        assert isinstance(item, ImageFeatures)  # validation images were decoded already
-        h, w, dim = item.features.shape
-        for (layers, scorer_name), scorer in scorers.items():
-            grids[layers, scorer_name].append(scorer.score(item.features.reshape(h * w, dim)[:, dims[layers]]).reshape(h, w))
-        shapes.append((item.processed_shape, item.image_shape))
-    labels = np.array([m is not None for m in masks], int)
-    truth = [m if m is not None else np.zeros(shape, bool) for m, (_, shape) in zip(masks, shapes)]
-    rows = []
-    for (layers, scorer_name), patch_grids in grids.items():
-        maps = [anomaly_map(g, p, s, config.sigma).astype(np.float16) for g, (p, s) in zip(patch_grids, shapes)]
-        scores = np.array([image_score(g, config.top_percent) for g in patch_grids])
-        figures = {"val_image_auroc": M.image_auroc(labels, scores), "val_aupro_0.05": M.aupro(truth, maps, 0.05)}
-        rows.append({"settings": {**view, "layers": list(layers), "scorer": scorer_name, "scales": []}, **figures})
-    return rows
+    figures = score_candidates(backbone, candidates, images, masks, view["image_size"], tiling, runtime.batch_size,
+                               s.sigma, (s.top_percent,), f"auto: validation, {name}" if progress else None)
+    return [{"settings": {**view, "layers": list(layers), "scorer": scorer, "scales": []},
+             "val_image_auroc": f["image_auroc"], "val_aupro_0.05": f["aupro_0.05"]}
+            for ((layers, scorer), _), f in figures.items()]
 
 
-def choose_settings(config, train: Sequence[ImageLike], validation: Sequence[ImageLike], progress: bool = True) -> dict:
+def choose_settings(settings: Settings, runtime: Runtime, train: Sequence[ImageLike], validation: Sequence[ImageLike],
+                    progress: bool = True) -> dict:
     """Compare the candidates on validation + synthetic anomalies; return the choice and every figure.
 
-    `config` is the `DetectorConfig` being fitted: backbone, base image size and scorer parameters
-    come from it. Only `train` and `validation` are read.
+    Backbone, base image size and scorer parameters come from `settings`. Only `train` and `validation`
+    are read.
     """
     train = evenly_spaced(list(train), AUTO_TRAIN)
     good = [load_rgb(image) for image in evenly_spaced(list(validation), AUTO_VALIDATION)]
-    synthetic = synthetic_set(good, per_stage=max(1, len(good) // 3), seed=config.seed)
-    images = good + [image for image, _, _ in synthetic]
-    masks = [None] * len(good) + [mask for _, mask, _ in synthetic]
-    loaded = load_backbone(config.backbone, None, config.device, config.precision)  # default blocks: the deepest needed
+    images, masks = with_synthetic_anomalies(good, settings.seed)
+    loaded = load_backbone(settings.backbone, None, runtime.device, runtime.precision)  # default blocks: the deepest
     depth = loaded.model.config.num_hidden_layers
     layer_sets = [default_layers(depth), tuple(sorted({max(1, round(depth * f)) for f in SHALLOW_FRACTIONS}))]
-    backbone = Backbone(loaded.model, sorted({b for s in layer_sets for b in s}), config.precision)
+    backbone = Backbone(loaded.model, sorted({b for s in layer_sets for b in s}), runtime.precision)
     short_side = float(np.median([min(image.shape[:2]) for image in good]))
     rows = []
-    for view in tqdm(candidate_views(config.image_size, short_side), desc="auto: candidates", disable=not progress):
-        rows += _score_view(backbone, view, layer_sets, train, images, masks, config, progress)
+    for view in tqdm(candidate_views(settings.image_size, short_side), desc="auto: candidates", disable=not progress):
+        rows += _score_view(backbone, view, layer_sets, train, images, masks, settings, runtime, progress)
     best = max(rows, key=lambda r: r["val_image_auroc"] + r["val_aupro_0.05"])
     return {"chosen": best["settings"], "rule": "max validation image AUROC + AU-PRO(0.05), synthetic anomalies",
-            "train_images": len(train), "validation_images": len(good), "synthetic_images": len(synthetic),
+            "train_images": len(train), "validation_images": len(good), "synthetic_images": len(images) - len(good),
             "candidates": rows}

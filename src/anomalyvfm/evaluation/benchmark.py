@@ -10,23 +10,46 @@ each fit, so it is the variant's own, not the largest so far.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import itertools
 import json
-import shlex
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from anomalyvfm.data import load_dataset
+from anomalyvfm.data import evenly_spaced, load_dataset
+from anomalyvfm.declare import to_dict
+from anomalyvfm.detector.detector import AnomalyDetector
+from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
            "f1_max_oracle", "fit_seconds", "images_per_second", "peak_rss_mb", "settings")
 METRICS = COLUMNS[2:9]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named way to fit: the settings, how to run them, and how many training images to use."""
+
+    name: str
+    settings: Settings
+    runtime: Runtime
+    max_train_images: int | None = None
+
+
+def fit_category(data: str | Path, category: str | None, layout: str, variant: Variant) -> tuple[AnomalyDetector, float]:
+    """Fit a detector on a category's train split, thresholds on its validation split; return it and seconds."""
+    dataset = load_dataset(data, category, layout, variant.settings.seed)
+    start = time.perf_counter()
+    detector = AnomalyDetector(variant.settings, variant.runtime)
+    train = [s.path for s in dataset.split("train")]
+    if variant.max_train_images:
+        train = evenly_spaced(train, variant.max_train_images)
+    detector.fit(train, [s.path for s in dataset.split("validation")])
+    return detector, time.perf_counter() - start
 
 
 def find_categories(root: Path, spec: str) -> list[str]:
@@ -48,59 +71,35 @@ def markdown_table(rows: list[dict]) -> str:
     return head + "".join("| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |\n" for r in rows)
 
 
-def variants(args: argparse.Namespace, parser_class: Callable[[], argparse.ArgumentParser]) -> list[tuple[str, argparse.Namespace]]:
-    """(name, parsed options) of every variant: `--variant`s (or the command itself) x all `--grid` combinations."""
-    named = []
-    for spec in args.variant or ["default="]:
-        name, sep, options = spec.partition("=")
-        if not sep or not name.strip():
-            raise UserInputError(f"--variant needs NAME=OPTIONS, got '{spec}'")
-        named.append((name.strip(), options))
-    axes = []
-    for spec in args.grid:
-        option, sep, values = spec.partition("=")
-        if not sep or not values:
-            raise UserInputError(f"--grid needs OPTION=V1,V2, got '{spec}'")
-        axes.append([(f"{option}={value}", f"--{option} {value}") for value in values.split(",")])
-    result = []
-    for (name, options), combo in itertools.product(named, itertools.product(*axes)):
-        argv = shlex.split(" ".join([options, *(o for _, o in combo)]))
-        # --data is required by the fit options; it is the command's own, the rest overrides a copy of args
-        parsed = parser_class().parse_args(["--data", args.data, *argv], namespace=argparse.Namespace(**vars(args)))
-        labels = [label for label, _ in combo]
-        if name != "default" or not labels:  # a grid alone is named by its values only
-            labels.insert(0, name)
-        result.append(("+".join(labels), parsed))
-    return result
+def run_benchmark(data: Path, layout: str, categories: list[str], variants: list[Variant], split: str,
+                  out: Path, nested: bool) -> list[dict]:
+    """Fit + evaluate each variant on each category; write results.json, results.csv and results.md.
 
-
-def run_benchmark(args: argparse.Namespace, fit_category: Callable, parser_class: Callable) -> list[dict]:
-    """Fit + evaluate each variant and category of `args.data`; write results.json, results.csv and results.md."""
-    out = Path(args.out)
-    runs = variants(args, parser_class)
-    nested = len(runs) > 1 or bool(args.variant)  # a plain run keeps the flat <out>/<category> layout
+    Results go to `out/<variant>/<category>` when `nested`, else (a plain run) to `out/<category>`.
+    """
     table, rows = [], []
-    for name, variant_args in runs:
+    for variant in variants:
         variant_rows = []
-        for category in find_categories(Path(args.data), args.categories):
-            folder = out / name / category if nested else out / category
+        for category in categories:
+            folder = out / variant.name / category if nested else out / category
             reset_peak_rss()
-            detector, fit_seconds = fit_category(variant_args, category)
+            detector, fit_seconds = fit_category(data, category, layout, variant)
             detector.save(folder / "model")
-            dataset = load_dataset(args.data, category, args.layout, args.seed)
-            result = evaluate(detector, dataset, args.split, folder / "report")
-            variant_rows.append({"variant": name, "category": category, **{k: result[k] for k in METRICS},
+            dataset = load_dataset(data, category, layout, variant.settings.seed)
+            result = evaluate(detector, dataset, split, folder / "report")
+            variant_rows.append({"variant": variant.name, "category": category, **{k: result[k] for k in METRICS},
                                  "fit_seconds": round(fit_seconds, 1),
                                  "images_per_second": round(result["num_images"] / max(result["seconds"], 1e-9), 2),
-                                 "peak_rss_mb": result["peak_rss_mb"], "settings": detector.config.summary()})
-        mean = {"variant": name, "category": "mean", "settings": ""}
+                                 "peak_rss_mb": result["peak_rss_mb"], "settings": detector.summary()})
+        mean = {"variant": variant.name, "category": "mean", "settings": ""}
         for key in COLUMNS[2:-1]:
             mean[key] = float(np.nanmean([r[key] for r in variant_rows]))
         rows += variant_rows
         table += variant_rows + [mean]
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    settings["variants"] = {name: {k: v for k, v in vars(a).items() if k != "func"} for name, a in runs}
+    settings = {"data": str(data), "layout": layout, "categories": categories, "split": split,
+                "variants": {v.name: {"settings": to_dict(v.settings), "runtime": to_dict(v.runtime),
+                                      "max_train_images": v.max_train_images} for v in variants}}
     (out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=2, default=str) + "\n")
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

@@ -71,8 +71,8 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, split: str, out: str |
         maps.append(pred.anomaly_map.astype(np.float16))
         masks.append(load_mask(sample.mask_path, shape) if sample.label and sample.mask_path else np.zeros(shape, bool))
     labels = np.array([s.label for s in kept])
-    c = detector.config
-    result = M.evaluate_arrays(labels, np.array(scores), masks, maps, c.image_threshold, c.pixel_threshold)
+    t = detector.thresholds()
+    result = M.evaluate_arrays(labels, np.array(scores), masks, maps, t.image_threshold, t.pixel_threshold)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result = {key: result[key] for key in METRIC_KEYS}
@@ -83,8 +83,8 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, split: str, out: str |
 
 
 def _write_pictures(detector, samples, labels, scores, maps, masks, result, dataset: Dataset, out: Path) -> None:
-    c = detector.config
-    report.plot_score_histograms(labels, scores, c.image_threshold, out / "anomaly_scores.png")
+    t = detector.thresholds()
+    report.plot_score_histograms(labels, scores, t.image_threshold, out / "anomaly_scores.png")
     fpr, pro = M.pro_curve(masks, maps, fpr_limit=0.3) if labels.any() else (np.zeros(1), np.zeros(1))
     report.plot_roc_pro(labels, scores, fpr, pro, result, out / "roc_curves.png")
     rows = []
@@ -94,8 +94,8 @@ def _write_pictures(detector, samples, labels, scores, maps, masks, result, data
             continue
         for pick, which in ((idx[np.argmax(scores[idx])], "highest"), (idx[np.argmin(scores[idx])], "lowest")):
             rows.append({"title": f"{which} {name}: {scores[pick]:.3g}", "image": load_rgb(samples[pick].path),
-                         "gt": masks[pick], "map": maps[pick].astype(np.float32), "mask": maps[pick] > c.pixel_threshold})
-    vmin, vmax = display_range(c.validation_stats["pixel_score_mean"], c.pixel_threshold)
+                         "gt": masks[pick], "map": maps[pick].astype(np.float32), "mask": maps[pick] > t.pixel_threshold})
+    vmin, vmax = display_range(t.validation_stats["pixel_score_mean"], t.pixel_threshold)
     report.plot_sample_detections(rows, vmin, vmax, out / "sample_detections.png")
     # the defective images with the largest defects: small ones hold too few patches to show a cloud
     bad = sorted(((s, m) for s, m in zip(samples, masks) if m.any()), key=lambda sm: -int(sm[1].sum()))[:PCA_IMAGES]
@@ -117,7 +117,7 @@ def _patch_sample(detector: AnomalyDetector, paths: list, masks: list | None, se
             features = features[cover >= 0.5]
         picked.append(features.numpy())
     if not picked:
-        return np.zeros((0, detector.backbone.feature_dim), np.float32)
+        return np.zeros((0, detector.pipeline.backbone.feature_dim), np.float32)
     allf = np.concatenate(picked)
     rng = np.random.default_rng(seed)
     return allf[rng.choice(len(allf), size=min(PCA_PATCHES, len(allf)), replace=False)]

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalyvfm.declare import SettingError
 from anomalyvfm.errors import UserInputError
 
 DEFAULT_BACKBONE = "facebook/dinov2-base"
-HUB_BACKBONES = tuple(
-    f"facebook/dinov2{suffix}-{size}" for suffix in ("", "-with-registers") for size in ("small", "base", "large", "giant")
-)
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = tuple(_DTYPES)
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -50,9 +49,9 @@ class Backbone(nn.Module):
         layers = default_layers(depth) if layers is None else layers
         bad = [layer for layer in layers if not 1 <= layer <= depth]
         if not layers or bad:
-            raise UserInputError(f"--layers must be block indices in 1..{depth}, got {list(layers)}")
+            raise SettingError(f"{{layers}} must be block indices in 1..{depth}, got {list(layers)}")
         if precision not in _DTYPES:
-            raise UserInputError(f"unknown precision '{precision}' (choose from {', '.join(_DTYPES)})")
+            raise SettingError(f"unknown {{precision}} '{precision}' (choose from {', '.join(_DTYPES)})")
         self.layers = tuple(sorted(set(int(layer) for layer in layers)))
         model.encoder.layer = model.encoder.layer[: max(self.layers)]
         self.model = model

@@ -34,19 +34,24 @@ class RawScores:
     head_image: float | None = None
 
 
-def raw_scores(distance: torch.Tensor, heads: AnomalyHeads | None, features: torch.Tensor, top_percent: float) -> RawScores:
-    """Bundle an image's `(h, w)` distance scores with, when there are heads, the head logits of its
-    `(h, w, C)` feature grid (the reference view's)."""
+def head_scores(heads: AnomalyHeads, features: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`(h, w)` patch logits and the image logit of one image's `(h, w, C)` features (the reference view's)."""
+    with torch.inference_mode():
+        logits, image_logit = heads(features[None].float())
+    return logits[0], float(image_logit[0])
+
+
+def raw_scores(distance: torch.Tensor, head: tuple[torch.Tensor, float] | None, top_percent: float) -> RawScores:
+    """Bundle an image's `(h, w)` distance scores with its head scores (`head_scores`, None without heads)."""
     raw = RawScores(distance, image_score(distance, top_percent))
-    if heads is not None:
-        with torch.inference_mode():
-            logits, image_logit = heads(features[None].float())
-        raw.head, raw.head_image = logits[0], float(image_logit[0])
+    if head is not None:
+        raw.head, raw.head_image = head
     return raw
 
 
-def fusion_stats(raws: list[RawScores]) -> dict[str, list[float]]:
-    """[mean, std] of each score source over validation/good images (patches pooled over all images)."""
+def standardisation_stats(raws: list[RawScores]) -> dict[str, list[float]]:
+    """[mean, std] of each score source over validation/good images (patches pooled over all images);
+    score mode `fusion` puts distances and head logits on one scale with them."""
     values = {
         "distance_patch": torch.cat([r.distance.reshape(-1) for r in raws]),
         "distance_image": torch.tensor([r.distance_image for r in raws]),

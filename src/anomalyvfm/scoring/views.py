@@ -17,18 +17,21 @@ from anomalyvfm.scoring.moments import RunningMoments
 
 
 @dataclass
-class Scored:
-    """One image's patch-score grid per view (finest last) and foreground mask; small enough to keep."""
+class ViewScores:
+    """One image's patch-score grid per view (finest last), foreground mask and head scores.
+
+    Small: grids of patch scores, not features, so every validation image's can be kept while calibrating.
+    """
 
     source: str
     grids: list[torch.Tensor]
     foreground: torch.Tensor | None
     processed_shape: tuple[int, int]
     image_shape: tuple[int, int]
-    features: torch.Tensor  # the reference view's (h, w, C) features, for the LoRA heads
+    head: tuple[torch.Tensor, float] | None = None  # patch logits and image logit of the reference view
 
 
-def view_statistics(scored: list[Scored]) -> list[dict[str, float]]:
+def view_statistics(scored: list[ViewScores]) -> list[dict[str, float]]:
     """Mean and std of each view's patch scores over `scored` (validation images)."""
     stats = []
     for grids in zip(*(item.grids for item in scored)):
@@ -39,7 +42,7 @@ def view_statistics(scored: list[Scored]) -> list[dict[str, float]]:
     return stats
 
 
-def fuse(scored: Scored, view_stats: list[dict[str, float]], suppress: bool) -> torch.Tensor:
+def fuse(scored: ViewScores, view_stats: list[dict[str, float]], suppress: bool) -> torch.Tensor:
     """`(h, w)` scores on the finest view's grid: standardised views averaged, background capped if `suppress`.
 
     A single view keeps its scorer's own units, so single-view models behave as they always have.

@@ -24,6 +24,7 @@ import queue
 import socket
 import threading
 import time
+import typing
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,14 +37,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from anomalyvfm import __version__
 from anomalyvfm.data.images import load_rgb
+from anomalyvfm.declare import declared, to_dict
 from anomalyvfm.detector.detector import AnomalyDetector, Prediction
+from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 from anomalyvfm.service.limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
                                      DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS)
@@ -91,24 +94,27 @@ class Limits(BaseModel):
     max_files: int
 
 
-class ModelInfo(BaseModel):
-    model: str
-    backbone: str
-    layers: list[int]
-    image_size: int
-    scorer: str
-    top_percent: float
-    sigma: float
-    threshold_sigma: float
-    image_threshold: float
-    pixel_threshold: float
-    validation_stats: dict[str, int | float]
-    device: str
-    precision: str
-    batch_size: int
-    fitted_with_version: str = Field(description="anomalyvfm version that fitted the model")
-    package_version: str = Field(description="anomalyvfm version serving it")
-    limits: Limits
+def declared_fields(cls: type) -> dict[str, Any]:
+    """Pydantic field definitions of a settings dataclass, described by its declarations' help texts."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], Field(description=spec.help.replace("%%", "%"))) for f, spec in declared(cls)}
+
+
+ModelInfo = create_model(
+    "ModelInfo",
+    __doc__="The model card: every setting and runtime option (as declared), its thresholds and provenance.",
+    model=(str, Field(description="model directory name")),
+    **declared_fields(Settings),
+    **declared_fields(Runtime),
+    image_threshold=(float, ...),
+    pixel_threshold=(float, ...),
+    validation_stats=(dict[str, int | float], ...),
+    train_images=(int, Field(description="training images the model was fitted on")),
+    fitted_at=(str, Field(description="when the model was fitted (ISO 8601, UTC; empty for older models)")),
+    fitted_with_version=(str, Field(description="anomalyvfm version that fitted the model")),
+    package_version=(str, Field(description="anomalyvfm version serving it")),
+    limits=(Limits, ...),
+)
 
 
 class Health(BaseModel):
@@ -146,7 +152,7 @@ class InferenceWorker:
         if job is None:
             return None
         batch = [job]
-        while len(batch) < self.detector.config.batch_size:
+        while len(batch) < self.detector.runtime.batch_size:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
@@ -189,13 +195,12 @@ class Service:
                                  f"{Image.MAX_IMAGE_PIXELS}, got {max_pixels}")
         if max_bytes < 1 or max_files < 1:
             raise UserInputError(f"--max-bytes and --max-files must be at least 1, got {max_bytes} and {max_files}")
-        self.detector = AnomalyDetector.load(model_dir, **overrides)
-        self.detector.backbone  # load the weights now: the first request should not pay for it
+        self.detector = AnomalyDetector.load(model_dir, **overrides)  # weights load now, not at the first request
         self.name = Path(model_dir).resolve().name
         self.limits = Limits(max_pixels=max_pixels, max_bytes=max_bytes, max_files=max_files)
-        config = self.detector.config
-        self.threshold = float(config.image_threshold)
-        self.display = display_range(config.validation_stats["pixel_score_mean"], config.pixel_threshold)
+        thresholds = self.detector.thresholds()
+        self.threshold = float(thresholds.image_threshold)
+        self.display = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
         self.worker = InferenceWorker(self.detector)
 
     async def read_uploads(self, request: Request, field: str, max_files: int) -> list[UploadFile]:
@@ -261,13 +266,12 @@ class Service:
         return result
 
     def info(self) -> ModelInfo:
-        c = self.detector.config
+        d, t = self.detector, self.detector.thresholds()
         return ModelInfo(
-            model=self.name, backbone=c.backbone, layers=list(c.layers), image_size=c.image_size, scorer=c.scorer,
-            top_percent=c.top_percent, sigma=c.sigma, threshold_sigma=c.threshold_sigma,
-            image_threshold=c.image_threshold, pixel_threshold=c.pixel_threshold, validation_stats=c.validation_stats,
-            device=c.device, precision=c.precision, batch_size=c.batch_size, fitted_with_version=c.version,
-            package_version=__version__, limits=self.limits,
+            model=self.name, **to_dict(d.settings), **{**to_dict(d.runtime), "score": d.score_mode},
+            image_threshold=t.image_threshold, pixel_threshold=t.pixel_threshold, validation_stats=t.validation_stats,
+            train_images=d.record.train_images, fitted_at=d.record.fitted_at,
+            fitted_with_version=d.record.package_version, package_version=__version__, limits=self.limits,
         )
 
 

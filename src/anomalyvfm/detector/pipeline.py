@@ -1,0 +1,125 @@
+"""The path an image takes through a detector: views → patch features → patch scores → fused grid → map.
+
+An image is seen through one or more *views* (`Settings.views`): the whole image at a short side,
+several short sides (multi-scale), or overlapping tiles (high resolution). Each view has its own scorer;
+with several views the patch scores are standardised by their validation statistics and averaged on the
+finest view's grid (`scoring.views`), so one map and one image score come out whatever the views.
+
+`Pipeline` owns the settings and the fitted parts (backbone, scorers, foreground model, heads); the
+thresholds it is judged against live in `calibration.Calibration`.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from anomalyvfm.adaptation.heads import AnomalyHeads
+from anomalyvfm.adaptation.lora import load_lora
+from anomalyvfm.data.images import ImageLike
+from anomalyvfm.detector.settings import Runtime, Settings
+from anomalyvfm.errors import UserInputError
+from anomalyvfm.features.backbone import Backbone, load_backbone
+from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
+from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
+from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.prediction import Prediction
+from anomalyvfm.scoring.score_modes import RawScores, combine, head_scores, raw_scores
+from anomalyvfm.scoring.scorers import PatchScorer, make_scorer
+from anomalyvfm.scoring.views import ViewScores, fuse
+
+
+class Pipeline:
+    """Settings, runtime options and the fitted parts; every method runs one stage for a stream of images."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings, self.runtime = settings, runtime
+        self.backbone: Backbone | None = None
+        self.backbone_source: str | None = None  # hub id or directory the backbone was loaded from
+        self.adapter = None  # peft model wrapping `backbone.model` when adapted
+        self.scorers: list[PatchScorer] = []  # one per view
+        self.foreground_model: ForegroundModel | None = None
+        self.heads: AnomalyHeads | None = None
+
+    def load_backbone(self, source: str | Path | None = None, adapter_dir: Path | None = None) -> Backbone:
+        """Load the backbone (from `source`, default the settings' reference) and, if given, its LoRA adapter.
+
+        Unset `layers` become the backbone's defaults here, so the settings always say which blocks were used.
+        """
+        s, r = self.settings, self.runtime
+        self.backbone_source = str(source or s.backbone)
+        self.backbone = load_backbone(self.backbone_source, s.layers, r.device, r.precision)
+        self.settings = replace(s, layers=self.backbone.layers)
+        self.adapter = load_lora(self.backbone, adapter_dir) if adapter_dir is not None else None
+        return self.backbone
+
+    def features(self, images: Sequence[ImageLike], progress: str | None = None,
+                 view: int = -1) -> Iterator[ImageFeatures | FailedImage]:
+        """Patch features of each image at one view (default: the reference view), in order."""
+        if self.backbone is None:
+            raise RuntimeError("no backbone loaded: call load_backbone() first")
+        image_size, tiling = self.settings.views()[view]
+        return extract_features(self.backbone, images, image_size, self.runtime.batch_size, progress, tiling)
+
+    def view_features(self, images: Sequence[ImageLike],
+                      progress: str | None) -> Iterator[list[ImageFeatures] | FailedImage]:
+        """Every view's features of each image, in lockstep: one batch per view in memory at a time."""
+        last = len(self.settings.views()) - 1
+        streams = [self.features(images, progress if i == last else None, i) for i in range(last + 1)]
+        for items in zip(*streams):
+            yield items[0] if isinstance(items[0], FailedImage) else list(items)
+
+    def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
+        """Fit every view's scorer (and the foreground model) on `images`; return how many were used."""
+        s = self.settings
+        torch.manual_seed(s.seed)
+        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, s.seed) for _ in s.views()]
+        self.foreground_model = None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // len(images), s.seed)
+        fitted = 0
+        for items in self.view_features(images, "features (train)" if progress else None):
+            if isinstance(items, FailedImage):
+                raise UserInputError(f"training image unreadable: {items.error}")
+            for scorer, item in zip(self.scorers, items):
+                scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
+            if self.foreground_model:
+                self.foreground_model.partial_fit(items[-1].features)
+            fitted += 1
+        for part in [*self.scorers, self.foreground_model]:
+            if part:
+                part.finalize()
+        return fitted
+
+    def score_views(self, items: list[ImageFeatures]) -> ViewScores:
+        """Patch scores of every view, the foreground mask and the head scores of one image's features."""
+        if not self.scorers:
+            raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
+        grids = [scorer.score(item.features.reshape(-1, item.features.shape[-1])).reshape(item.features.shape[:2])
+                 for scorer, item in zip(self.scorers, items)]
+        ref = items[-1]
+        mask = self.foreground_model.mask(ref.features) if self.foreground_model else None
+        head = head_scores(self.heads, ref.features) if self.heads is not None else None
+        return ViewScores(ref.source, grids, mask, ref.processed_shape, ref.image_shape, head)
+
+    def raw(self, scored: ViewScores, calibration) -> RawScores:
+        """Views fused into one distance grid (with `calibration`'s view statistics), plus the head scores."""
+        grid = fuse(scored, calibration.view_stats, calibration.suppress_background)
+        return raw_scores(grid, scored.head, self.settings.top_percent)
+
+    def predict(self, images: Sequence[ImageLike], calibration, mode: str, decide: bool,
+                progress: str | None) -> Iterator[Prediction]:
+        """A `Prediction` per image, in order, in score `mode`; unreadable images yield one with `error` set."""
+        thresholds = calibration.thresholds(mode)
+        for items in self.view_features(images, progress):
+            if isinstance(items, FailedImage):
+                yield Prediction(source=items.source, error=items.error)
+                continue
+            scored = self.score_views(items)
+            grid, score = combine(self.raw(scored, calibration), mode, calibration.head_stats)
+            amap = anomaly_map(grid, scored.processed_shape, scored.image_shape, self.settings.sigma)
+            pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
+            if decide:
+                pred.is_anomalous = bool(pred.score > thresholds.image_threshold)
+                pred.mask = amap > thresholds.pixel_threshold
+            yield pred

@@ -1,0 +1,83 @@
+"""What a detector computes (`Settings`) and how this process runs it (`Runtime`), each declared once.
+
+`Settings` are fixed at fit time and saved with the model: changing one changes the scores. `Runtime`
+options (device, batch size, precision, score mode) change only how fast or where the same model runs
+(the score mode picks among thresholds fitted for every mode), so they are given again at each load and
+never read from the model directory. Both are validated when built (`anomalyvfm.declare`): an invalid
+value fails before any image is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.declare import SettingError, normalise, setting
+from anomalyvfm.features.backbone import DEFAULT_BACKBONE, PRECISIONS
+from anomalyvfm.features.extraction import Tiling
+from anomalyvfm.features.foreground import FOREGROUND_MODES
+from anomalyvfm.scoring.score_modes import SCORE_MODES
+from anomalyvfm.scoring.scorers import SCORERS
+
+PATCH = 14  # every DINOv2 has 14-px patches; tile sizes are checked against it before loading the model
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting that defines what a detector computes."""
+
+    backbone: str = setting(DEFAULT_BACKBONE, "DINOv2 hub id or local model directory")
+    layers: tuple[int, ...] | None = setting(None, "1-based backbone blocks to take patch features from "
+                                                   "(default: one and two thirds of the depth)", low=1)
+    image_size: int = setting(448, "short side fed to the backbone (px)", low=PATCH)
+    scorer: str = setting("knn", "patch scorer", choices=SCORERS)
+    coreset_ratio: float = setting(0.1, "kNN memory-bank fraction kept", low=0, low_open=True, high=1)
+    max_bank_candidates: int = setting(100_000, "kNN patches sampled before the coreset", flag=None, low=1)
+    top_percent: float = setting(1.0, "image score = mean of top %% patches", low=0, low_open=True, high=100)
+    sigma: float = setting(4.0, "Gaussian smoothing of maps (px at backbone size)", low=0)
+    threshold_sigma: float = setting(3.0, "thresholds = validation mean + N std")
+    tile_size: int = setting(0, "score overlapping tiles of this many px (multiple of 14; 0 = whole image)",
+                             low=0)
+    tile_overlap: int = setting(56, "tile overlap in px (multiple of 14)", low=0)
+    tile_scale: float = setting(1.0, "resize the original image by this factor before tiling "
+                                     "(1: native resolution)", low=0, low_open=True)
+    scales: tuple[int, ...] = setting((), "several short sides, one scorer each, fused into one map", low=PATCH)
+    foreground: str = setting("off", "suppress background patch scores: off, on, auto (decided on validation)", choices=FOREGROUND_MODES)
+    auto: bool = setting(False, "choose image size, tiling, layers and scorer on validation + synthetic anomalies")
+    seed: int = setting(0, "random seed")
+    lora: AdaptationConfig | None = setting(None, "LoRA adaptation on synthetic anomalies (None: frozen backbone)",
+                                            flag="--lora")
+
+    def __post_init__(self) -> None:
+        normalise(self)
+        if self.tile_size and (self.tile_size % PATCH or self.tile_overlap % PATCH
+                               or not self.tile_overlap < self.tile_size):
+            raise SettingError(f"{{tile_size}} and {{tile_overlap}} must be multiples of {PATCH} with overlap < "
+                               f"size, got {self.tile_size} and {self.tile_overlap}")
+        if self.scales and self.tile_size:
+            raise SettingError(f"{{scales}} needs no {{tile_size}}, got {list(self.scales)} and {self.tile_size}")
+
+    def views(self) -> list[tuple[int, Tiling | None]]:
+        """(image_size, tiling) of each view, coarsest first; the last one is the reference grid."""
+        if self.tile_size:
+            return [(self.image_size, Tiling(self.tile_size, self.tile_overlap, self.tile_scale))]
+        return [(size, None) for size in sorted(self.scales or (self.image_size,))]
+
+    def view_summary(self) -> str:
+        if self.tile_size:
+            return f"tiles {self.tile_size}/{self.tile_overlap} px @ x{self.tile_scale:g}"
+        return "+".join(str(size) for size in sorted(self.scales or (self.image_size,))) + " px"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this process runs a model; never part of what the model computes."""
+
+    batch_size: int = setting(8, "images (tiles, when tiling) per backbone batch", low=1)
+    device: str = setting("cpu", "cpu, cuda, cuda:1 …")
+    precision: str = setting("fp32", "autocast dtype on GPU", choices=PRECISIONS)
+    score: str | None = setting(None, "distance (patch scorer), head or fusion (need --lora); fit: default distance; "
+                                      "saved models: default the fitted one (thresholds of all modes are saved)",
+                                choices=SCORE_MODES)
+
+    def __post_init__(self) -> None:
+        normalise(self)

@@ -1,0 +1,21 @@
+"""`Prediction`: what every predictor (the torch detector, an exported bundle) returns for one image.
+
+Kept free of torch so that a runtime without torch can produce and consume it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    """Result for one image. On a read failure `error` is set and the other fields are empty."""
+
+    source: str
+    score: float = float("nan")
+    is_anomalous: bool = False
+    anomaly_map: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    error: str | None = None
