@@ -22,6 +22,7 @@ import numpy as np
 
 from anomalyvfm.data import load_dataset
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.evaluation import html_report
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
@@ -79,7 +80,7 @@ def run_benchmark(args: argparse.Namespace, fit_category: Callable, parser_class
     out = Path(args.out)
     runs = variants(args, parser_class)
     nested = len(runs) > 1 or bool(args.variant)  # a plain run keeps the flat <out>/<category> layout
-    table, rows = [], []
+    table, rows, reports = [], [], {}
     for name, variant_args in runs:
         variant_rows = []
         for category in find_categories(Path(args.data), args.categories):
@@ -89,6 +90,7 @@ def run_benchmark(args: argparse.Namespace, fit_category: Callable, parser_class
             detector.save(folder / "model")
             dataset = load_dataset(args.data, category, args.layout, args.seed)
             result = evaluate(detector, dataset, args.split, folder / "report")
+            reports[name, category] = folder / "report" / html_report.REPORT_NAME
             variant_rows.append({"variant": name, "category": category, **{k: result[k] for k in METRICS},
                                  "fit_seconds": round(fit_seconds, 1),
                                  "images_per_second": round(result["num_images"] / max(result["seconds"], 1e-9), 2),
@@ -107,4 +109,5 @@ def run_benchmark(args: argparse.Namespace, fit_category: Callable, parser_class
         writer.writeheader()
         writer.writerows(table)
     (out / "results.md").write_text(markdown_table(table))
+    html_report.write_index(out, table, reports, COLUMNS)
     return rows
