@@ -141,17 +141,19 @@ def _worst_cases(detector: Any, dataset: Dataset, samples: Sequence[Sample], lab
     threshold = calib["image_threshold"]
     span = display_range(calib["validation_stats"].get("pixel_score_mean", 0.0), calib["pixel_threshold"])
     parts = []
-    for label, kind, order, wrong in ((0, "False positives: good images rejected", -1, "above"),
-                                      (1, "False negatives: defective images passed", 1, "at or below")):
+    for label, kind, order, side, who in ((0, "False positives: good images rejected", -1, "above", "highest"),
+                                          (1, "False negatives: defective images passed", 1, "at or below", "lowest")):
         idx = np.flatnonzero(labels == label)
         idx = idx[np.argsort(order * scores[idx], kind="stable")][:WORST_CASES]
         errors = int(((scores[labels == label] > threshold) != bool(label)).sum())
-        note = (f"{errors} image(s) scored {wrong} the threshold {threshold:.4g}; the {len(idx)} worst-scoring are "
-                f"shown{', even though none is a mistake' if errors == 0 else ''}.")
+        name = "defective" if label else "good"
+        note = (f"{errors} {name} image(s) scored {side} the image threshold {threshold:.4g}. "
+                f"The {len(idx)} {who}-scoring {name} images are shown"
+                + (", the closest to being mistaken." if errors == 0 else "."))
         rows = [_case_row(dataset, samples[i], scores[i], threshold, maps[i], masks[i], calib["pixel_threshold"], span)
                 for i in idx]
         header = "<tr><th>image</th><th>heat map and predicted outline</th><th>ground truth</th><th>file and score</th></tr>"
-        parts.append(f'<h3>{kind}</h3><p class="muted">{note}</p>'
+        parts.append(f'<h3>{kind}</h3><p class="muted">{html.escape(note)}</p>'
                      f'<table class="cases">{header}{"".join(rows)}</table>')
     return _section("Worst mistakes", "".join(parts))
 
@@ -201,7 +203,7 @@ def _data_table(dataset: Dataset, split: str, samples: Sequence[Sample], labels:
 def _table(rows: Iterable[tuple[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f'<td class="n">{_number(value)}</td>'
+            return f"<td>{_number(value)}</td>"
         if isinstance(value, (dict, list, tuple)):
             return f"<td><code>{html.escape(json.dumps(value, default=str))}</code></td>"
         return f"<td>{html.escape(str(value))}</td>"
@@ -210,9 +212,11 @@ def _table(rows: Iterable[tuple[str, Any]]) -> str:
 
 def _number(value: int | float) -> str:
     """Scores and rates in [0, 1] to four places; seconds, megabytes and counts as they read best."""
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) <= 1 else f"{value:,.1f}"
-    return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if abs(value) > 1:
+        return f"{value:,.1f}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.4g}"
 
 
 def _section(title: str, body: str) -> str:

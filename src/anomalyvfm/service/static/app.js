@@ -9,6 +9,7 @@ const THUMB_W = 128, THUMB_H = 96;
 const $ = (id) => document.getElementById(id);
 const state = {
   apiKey: null,      // asked once, when the server first answers 401; kept in memory only
+  keyPrompt: null,   // the open key dialog's promise, if any
   model: null,       // GET /model
   results: [],       // newest last: {id, name, score, isAnomalous, threshold, elapsedMs, roundTripMs, error, ...}
   selected: null,
@@ -38,8 +39,14 @@ class ApiError extends Error {
   constructor(status, detail) { super(detail); this.status = status; }
 }
 
-// The key dialog resolves with the key typed, or null when the user cancels.
+// The key typed, or null when the user cancels. Requests that meet a 401 while the dialog is open
+// wait for the same answer instead of opening a second dialog.
 function askKey(reason) {
+  if (!state.keyPrompt) state.keyPrompt = promptKey(reason).finally(() => { state.keyPrompt = null; });
+  return state.keyPrompt;
+}
+
+function promptKey(reason) {
   const dialog = $("key-dialog");
   $("key-reason").textContent = reason;
   $("key-input").value = "";
@@ -380,6 +387,8 @@ function tag(verdict) {
 
 function renderHistory() {
   const body = $("history").tBodies[0];
+  // Rows are rebuilt; a keyboard user's focus on a row's button must survive that.
+  const focused = body.contains(document.activeElement) ? document.activeElement.closest("tr").dataset.id : null;
   body.replaceChildren();
   const t = threshold();
   for (const entry of sortedResults()) {
@@ -416,6 +425,7 @@ function renderHistory() {
     const time = row.insertCell();
     time.className = "num";
     time.textContent = entry.elapsedMs === null ? "" : `${entry.elapsedMs.toFixed(0)} ms`;
+    if (focused === row.dataset.id) pick.focus();
   }
   const scored = state.results.filter((r) => !r.error).length;
   $("history-count").textContent = `(${scored} scored, ${state.results.length - scored} refused)`;
