@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import binary_dilation
 
 from anomalyvfm import __version__
 from anomalyvfm.data import Dataset, Sample, load_rgb
@@ -49,7 +50,8 @@ h1{font-size:1.5rem;margin:.2rem 0}h2{font-size:1.2rem;margin:1.6rem 0 .5rem;bor
 table{border-collapse:collapse;font-size:.92rem}td,th{border-bottom:1px solid #e0e3e7;padding:.2rem .7rem;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#5f6368}figure{margin:.5rem 0}
 figure img{max-width:100%;border:1px solid #e0e3e7}figcaption{color:#5f6368;font-size:.9rem}
-.cases td img{display:block;max-width:360px}.fail{color:#b3261e;font-weight:700}.pass{color:#137333;font-weight:700}
+.cases{width:100%;table-layout:fixed}.cases td img{display:block;width:100%;height:auto}
+.cases code{overflow-wrap:anywhere}.fail{color:#b3261e;font-weight:700}.pass{color:#137333;font-weight:700}
 code{font-size:.88rem}.top{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1.3fr);gap:2rem}
 """
 
@@ -164,8 +166,10 @@ def _case_row(dataset: Dataset, sample: Sample, score: float, threshold: float, 
     amap = amap.astype(np.float32)
     heat = overlay(image, amap, *span, mask=amap > pixel_threshold)
     truth = image.copy()
-    if gt.any():
+    if gt.any():  # tinted, and ringed thickly enough to survive the shrink to CASE_SIDE: defects can be tiny
         truth[gt] = (0.5 * truth[gt] + 0.5 * np.array([0, 200, 0])).astype(np.uint8)
+        ring = max(1, round(1.5 * max(gt.shape) / CASE_SIDE))
+        truth[binary_dilation(gt, iterations=2 * ring) & ~binary_dilation(gt, iterations=ring)] = (0, 230, 0)
     verdict = '<span class="fail">FAIL</span>' if score > threshold else '<span class="pass">PASS</span>'
     pictures = "".join(f'<td><img src="{_data_url(_png(p))}" alt="{alt} of {html.escape(sample.path.name)}"></td>'
                        for p, alt in ((image, "image"), (heat, "heat map"), (truth, "ground truth")))
@@ -220,7 +224,8 @@ def _number(value: int | float) -> str:
 
 
 def _section(title: str, body: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+    anchor = "-".join("".join(ch if ch.isalnum() else " " for ch in title.lower()).split())
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
 def _page(title: str, body: str) -> str:
