@@ -65,7 +65,8 @@ function promptKey(reason) {
 async function api(path, options = {}) {
   for (;;) {
     const headers = new Headers(options.headers || {});
-    if (state.apiKey) headers.set("X-API-Key", state.apiKey);
+    const sentKey = state.apiKey;
+    if (sentKey) headers.set("X-API-Key", sentKey);
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), REQUEST_TIMEOUT_MS);
     let response;
@@ -81,6 +82,7 @@ async function api(path, options = {}) {
     let body = null;
     try { body = await response.json(); } catch (err) { body = null; }
     if (response.status === 401) {
+      if (state.apiKey !== sentKey) continue;  // a key was given while this request was under way: use it
       const key = await askKey(state.apiKey ? "The server refused this key. Enter the right one."
                                             : "This server needs an API key (ask whoever runs it).");
       if (key === null) throw new ApiError(401, "no API key given: the server refuses requests without one");
