@@ -3,7 +3,9 @@
 "use strict";
 
 const REQUEST_TIMEOUT_MS = 120000;  // a CPU server scoring a large image can take tens of seconds
-const FULL_RESULTS_KEPT = 100;      // older history rows keep their thumbnail and score, not their full-size maps
+// Full-size maps kept for the newest results up to this many base64 characters (~150 MB of PNG); older rows
+// keep their thumbnail and score, so a long shift at the line does not exhaust the browser's memory.
+const MAPS_BUDGET_CHARS = 200e6;
 const THUMB_W = 128, THUMB_H = 96;
 
 const $ = (id) => document.getElementById(id);
@@ -190,8 +192,13 @@ function enqueue(files) {
 async function work() {
   state.working = true;
   while (state.queue.length) {
-    $("busy").textContent = `checking ${state.queue[0].name}… (${state.queue.length} waiting)`;
-    await check(state.queue.shift());
+    const file = state.queue.shift();
+    $("busy").textContent = `checking ${file.name}…` + (state.queue.length ? ` (${state.queue.length} more waiting)` : "");
+    try {
+      await check(file);
+    } catch (err) {  // a bug on this page must not stop the queue: say so and go on with the next file
+      showMessage(`The page failed on ${file.name}: ${err}`);
+    }
   }
   $("busy").textContent = "";
   state.working = false;
@@ -263,8 +270,11 @@ async function makeThumbnail(entry) {
 }
 
 function forgetOldMaps() {
-  const full = state.results.filter((r) => r.heat !== null);
-  for (const r of full.slice(0, Math.max(0, full.length - FULL_RESULTS_KEPT))) {
+  let kept = 0;
+  for (const r of [...state.results].reverse()) {  // newest first; the newest always keeps its maps
+    if (r.heat === null) continue;
+    kept += r.heat.length + r.mask.length;
+    if (kept <= MAPS_BUDGET_CHARS || r === state.results[state.results.length - 1]) continue;
     r.heat = r.mask = null;
     if (r.imageUrl) URL.revokeObjectURL(r.imageUrl);
     r.imageUrl = null;
@@ -311,7 +321,7 @@ function showMaps(entry) {
   viewer.hidden = false;
   if (!entry.heat) {
     viewer.hidden = true;
-    $("view-note").textContent = `Maps of older results are not kept (only the last ${FULL_RESULTS_KEPT}).`;
+    $("view-note").textContent = "The maps of this older result were let go to save memory; check the image again to see them.";
     return;
   }
   const ratio = entry.width && entry.height ? entry.width / entry.height : 4 / 3;
