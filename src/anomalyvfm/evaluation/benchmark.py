@@ -23,6 +23,7 @@ from anomalyvfm.declare import to_dict
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.evaluation import html_report
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
@@ -77,7 +78,7 @@ def run_benchmark(data: Path, layout: str, categories: list[str], variants: list
 
     Results go to `out/<variant>/<category>` when `nested`, else (a plain run) to `out/<category>`.
     """
-    table, rows = [], []
+    table, rows, reports = [], [], {}
     for variant in variants:
         variant_rows = []
         for category in categories:
@@ -87,6 +88,7 @@ def run_benchmark(data: Path, layout: str, categories: list[str], variants: list
             detector.save(folder / "model")
             dataset = load_dataset(data, category, layout, variant.settings.seed)
             result = evaluate(detector, dataset, split, folder / "report")
+            reports[variant.name, category] = folder / "report" / html_report.REPORT_NAME
             variant_rows.append({"variant": variant.name, "category": category, **{k: result[k] for k in METRICS},
                                  "fit_seconds": round(fit_seconds, 1),
                                  "images_per_second": round(result["num_images"] / max(result["seconds"], 1e-9), 2),
@@ -106,4 +108,5 @@ def run_benchmark(data: Path, layout: str, categories: list[str], variants: list
         writer.writeheader()
         writer.writerows(table)
     (out / "results.md").write_text(markdown_table(table))
+    html_report.write_index(out, table, reports, COLUMNS)
     return rows

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from anomalyvfm.evaluation import metrics as M
-from anomalyvfm.evaluation import report
+from anomalyvfm.evaluation import html_report, report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.errors import UserInputError
@@ -79,6 +79,7 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, split: str, out: str |
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "performance_summary.txt").write_text(report.format_table(result))
     _write_pictures(detector, kept, labels, np.array(scores), maps, masks, result, dataset, out)
+    html_report.write_report(out, detector, dataset, split, kept, labels, np.array(scores), maps, masks, result)
     return result
 
 

@@ -51,6 +51,7 @@ from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 from anomalyvfm.service.limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
                                      DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS)
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
+from anomalyvfm.service.web import mount_web
 
 PART_OVERHEAD = 16 * 1024  # multipart headers and boundaries allowed per file on top of its bytes
 IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -362,6 +363,7 @@ def create_app(
         return {"status": "ok"}
 
     app.include_router(router)
+    mount_web(app)
 
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
