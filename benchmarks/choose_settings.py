@@ -16,65 +16,36 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
-from anomalyvfm.evaluation import metrics as M
-from anomalyvfm.detector.auto import block_dims
-from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.data import load_dataset, load_mask, load_rgb
-from anomalyvfm.features.extraction import extract_features
-from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.scoring.pooling import image_score
+from anomalyvfm.detector.candidates import block_dims, fit_candidates, score_candidates, with_synthetic_anomalies
+from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.scoring.scorers import KNNScorer, MahalanobisScorer
-from anomalyvfm.data.synthesis import synthetic_set
 
 MAHALANOBIS_COMBOS = [(4,), (6,), (8,), (9,), (10,), (12,), (4, 8), (5, 8), (6, 9), (7, 10), (8, 11), (9, 12), (4, 6, 8)]
 KNN_COMBOS = [(6, 9), (4, 8), (8,)]
 TOP_PERCENTS = (1.0, 5.0, 20.0)
 
 
-def fit_candidates(backbone, paths, image_size: int) -> dict:
-    """{(scorer name, combo): (fitted scorer, feature dims)} from one pass over `paths`."""
-    full = MahalanobisScorer()
+def fit_all(backbone, paths, image_size: int) -> dict:
+    """{(scorer name, combo): (fitted scorer, feature dims)} from one pass over `paths`.
+
+    Every Mahalanobis combination is a sub-block of one scorer's streamed sums over all blocks.
+    """
     dims = {c: block_dims(c, backbone.layers, backbone.hidden_size) for c in set(MAHALANOBIS_COMBOS) | set(KNN_COMBOS)}
-    knn = {c: KNNScorer(coreset_ratio=0.1, max_candidates=30_000) for c in KNN_COMBOS}
-    for item in extract_features(backbone, paths, image_size, 1, "fit candidates"):
-        flat = item.features.reshape(-1, item.features.shape[-1])
-        full.partial_fit(flat)
-        for combo, scorer in knn.items():
-            scorer.partial_fit(flat[:, dims[combo]])
+    full = MahalanobisScorer()
+    streamed = {("mahalanobis", "all"): (full, torch.arange(backbone.feature_dim))}
+    streamed |= {("knn", c): (KNNScorer(coreset_ratio=0.1, max_candidates=30_000), dims[c]) for c in KNN_COMBOS}
+    fit_candidates(backbone, streamed, paths, image_size, None, 1, "fit candidates")
     fitted = {}
     for combo in MAHALANOBIS_COMBOS:
-        scorer = full.subset(dims[combo])
+        fitted[("mahalanobis", combo)] = (full.subset(dims[combo]), dims[combo])
+    for combo in KNN_COMBOS:
+        fitted[("knn", combo)] = streamed[("knn", combo)]
+    for scorer, _ in fitted.values():
         scorer.finalize()
-        fitted[("mahalanobis", combo)] = (scorer, dims[combo])
-    for combo, scorer in knn.items():
-        scorer.finalize()
-        fitted[("knn", combo)] = (scorer, dims[combo])
     return fitted
-
-
-def score_split(backbone, candidates: dict, images, masks, image_size: int) -> dict:
-    """Metrics of every (candidate, top %) on `images`; `masks[i]` is None for good images."""
-    labels = np.array([m is not None for m in masks], int)
-    patch_maps = {key: ([], []) for key in candidates}  # per candidate: patch-score grids, float16 maps
-    gt = []
-    for item, mask in zip(extract_features(backbone, images, image_size, 1, "score candidates"), masks):
-        h, w, dim = item.features.shape
-        flat = item.features.reshape(h * w, dim)
-        gt.append(mask if mask is not None else np.zeros(item.image_shape, bool))
-        for key, (scorer, dims) in candidates.items():
-            patch = scorer.score(flat[:, dims]).reshape(h, w)
-            patch_maps[key][0].append(patch)
-            patch_maps[key][1].append(anomaly_map(patch, item.processed_shape, item.image_shape).astype(np.float16))
-    out = {}
-    for key, (patches, maps) in patch_maps.items():
-        aupro = M.aupro(gt, maps, 0.05)
-        for top in TOP_PERCENTS:
-            scores = np.array([image_score(p, top) for p in patches])
-            out[key + (top,)] = {"image_auroc": M.image_auroc(labels, scores), "aupro_0.05": aupro}
-    return out
 
 
 def main() -> None:
@@ -92,19 +63,22 @@ def main() -> None:
     backbone = load_backbone(args.backbone, list(range(1, depth + 1)))
     start = time.perf_counter()
     train = [s.path for s in dataset.split("train")][:: args.train_stride]
-    candidates = fit_candidates(backbone, train, args.image_size)
+    candidates = fit_all(backbone, train, args.image_size)
     val = [load_rgb(s.path) for s in dataset.split("validation")]
-    synthetic = synthetic_set(val, per_stage=max(1, len(val) // 3), seed=0)
-    results = {"validation": score_split(backbone, candidates, val + [img for img, _, _ in synthetic],
-                                         [None] * len(val) + [m for _, m, _ in synthetic], args.image_size)}
+    images, masks = with_synthetic_anomalies(val, seed=0)
+
+    def score(images, masks) -> dict:
+        figures = score_candidates(backbone, candidates, images, masks, args.image_size, None, 1, 4.0, TOP_PERCENTS,
+                                   "score candidates")
+        return {key + (top,): f for (key, top), f in figures.items()}
+
+    results = {"validation": score(images, masks)}
     if args.report_split:
         test = dataset.split(args.report_split)
-        results[args.report_split] = score_split(backbone, candidates, [s.path for s in test],
-                                                 [load_mask(s.mask_path) if s.label else None for s in test],
-                                                 args.image_size)
+        results[args.report_split] = score([s.path for s in test], [load_mask(s.mask_path) if s.label else None for s in test])
     rank = {k: r["aupro_0.05"] + r["image_auroc"] for k, r in results["validation"].items()}
     best = max(rank, key=rank.get)
-    print(f"\nimage size {args.image_size}; {len(train)} train images, {len(val)} validation + {len(synthetic)} "
+    print(f"\nimage size {args.image_size}; {len(train)} train images, {len(val)} validation + {len(images) - len(val)} "
           f"synthetic; {time.perf_counter() - start:.0f}s")
     header = "| scorer | blocks | top % | val image AUROC | val AU-PRO(0.05) |"
     if args.report_split:

@@ -17,13 +17,17 @@ def test_patch_features_shape_norm_and_truncation(backbone_dir):
 
 
 def test_prefix_tokens_are_not_patch_features(backbone_dir):
-    """Changing only the CLS token's input must not change patch features' count or layout."""
+    """Patch features are the normalised patch tokens in row-major order; the CLS token is not among them."""
     backbone = load_backbone(str(backbone_dir), [2])
-    tokens = backbone.block_tokens(torch.randn(1, 3, 42, 42))[0]
-    assert tokens.shape[1] == 1 + 9  # CLS + 3x3 patches
+    x = torch.randn(1, 3, 42, 42)
     with torch.no_grad():
-        features = backbone(torch.randn(1, 3, 42, 42))
-    assert features.shape[1:3] == (3, 3)
+        tokens = backbone.block_tokens(x)[0]
+        features = backbone(x)
+    assert tokens.shape[1] == 1 + 9  # CLS + 3x3 patches
+    expected = torch.nn.functional.normalize(tokens[0, 1:], dim=-1).reshape(3, 3, -1)
+    assert torch.allclose(features[0], expected, atol=1e-6)
+    cls = torch.nn.functional.normalize(tokens[0, :1], dim=-1)
+    assert not any(torch.allclose(cls[0], f, atol=1e-3) for f in features[0].reshape(9, -1))
 
 
 def test_register_tokens_are_skipped(tmp_path):

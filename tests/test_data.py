@@ -5,6 +5,7 @@ from PIL import Image
 from anomalyvfm.data import load_dataset, load_rgb
 from anomalyvfm.data.transforms import processed_size, to_tensor
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
+from helpers import bomb_png
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16", "RGB"])
@@ -51,7 +52,6 @@ def test_bytes_decode_like_files_and_respect_the_pixel_limit(tmp_path):
 
 
 def test_decompression_bomb_is_an_image_read_error(tmp_path):
-    from test_serve import bomb_png
 
     (tmp_path / "bomb.png").write_bytes(bomb_png())
     with pytest.raises(ImageTooLargeError, match="bomb.png: .*decompression bomb"):

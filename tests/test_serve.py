@@ -7,12 +7,10 @@ import io
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,7 @@ from PIL import Image
 
 from anomalyvfm import AnomalyDetector, __version__
 from anomalyvfm.declare import to_dict
+from helpers import bomb_png
 from anomalyvfm.cli.main import main
 from anomalyvfm.demo import paste_defect, textured_image
 from anomalyvfm.service.app import create_app
@@ -43,15 +42,6 @@ def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def bomb_png(side: int = 30_000) -> bytes:
-    """A 100-byte PNG whose header claims side x side pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.optional import require
 
 # Projection kind → leaf module names it has had across transformers versions.
 PROJECTION_NAMES = {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj")}
@@ -59,25 +60,24 @@ def add_lora(backbone: Backbone, rank: int = 16, alpha: float = 32.0, dropout: f
     Only the adapter weights are trainable afterwards; peft initialises B to zero, so the adapted
     backbone starts out computing exactly the frozen features.
     """
-    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers
+    peft = require("peft", "lora", "LoRA adaptation")  # imported here: optional, and it pulls in transformers
 
     if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
         raise UserInputError(f"need --lora-rank >= 1, --lora-alpha > 0, 0 <= --lora-dropout < 1; "
                              f"got {rank}, {alpha}, {dropout}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=find_lora_targets(backbone.model, kinds))
     with _quiet_peft():
-        return get_peft_model(backbone.model, config)
+        return peft.get_peft_model(backbone.model, config)
 
 
 def load_lora(backbone: Backbone, directory: str | Path):
     """Inject a saved adapter (written by `PeftModel.save_pretrained`) into `backbone.model`, frozen."""
-    from peft import PeftModel
-
+    peft = require("peft", "lora", "A LoRA-adapted model")
     if not (Path(directory) / "adapter_config.json").is_file():
         raise UserInputError(f"{directory}: no LoRA adapter (adapter_config.json missing)")
     with _quiet_peft():
-        return PeftModel.from_pretrained(backbone.model, str(directory), is_trainable=False)
+        return peft.PeftModel.from_pretrained(backbone.model, str(directory), is_trainable=False)
 
 
 def lora_parameters(backbone: Backbone) -> dict[str, nn.Parameter]:

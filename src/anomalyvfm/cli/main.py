@@ -27,6 +27,7 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation.benchmark import Variant, fit_category
 from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, mask_image, overlay
+from anomalyvfm.optional import require
 from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
 
 
@@ -117,7 +118,7 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from anomalyvfm.service.app import run_server  # FastAPI/uvicorn only for this command
+    run_server = require("anomalyvfm.service.app", "serve", "anomalyvfm serve").run_server  # FastAPI only here
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):

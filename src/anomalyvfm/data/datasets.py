@@ -22,7 +22,6 @@ from anomalyvfm.data.images import IMAGE_SUFFIXES, list_images
 from anomalyvfm.errors import UserInputError
 
 LAYOUTS = ("mvtec_ad2", "mvtec_ad", "folder")
-MVTEC_AD2_CATEGORIES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
 VALIDATION_FRACTION = 0.1
 
 

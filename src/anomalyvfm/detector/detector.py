@@ -26,6 +26,7 @@ from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
 from anomalyvfm.prediction import Prediction
+from anomalyvfm.version import __version__
 
 __all__ = ["AnomalyDetector", "Prediction"]
 
@@ -84,8 +85,6 @@ class AnomalyDetector:
                 backbone, images, validation_images, s.lora, s.image_size, s.seed, progress)
         self.record.train_images = self.pipeline.fit_scorers(images, progress)
         self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
-        from anomalyvfm import __version__
-
         self.record.package_version = __version__
         self.record.fitted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return self

@@ -90,6 +90,9 @@ def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, r
     directory = check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model should be as readable as any new folder
     try:
         save_file(_scorer_state(pipeline), str(tmp / SCORER_FILE))
         if store_backbone:

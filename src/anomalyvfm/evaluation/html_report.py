@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from anomalyvfm import __version__
+from anomalyvfm.version import __version__
 from anomalyvfm.data import Dataset, Sample, load_rgb
 from anomalyvfm.declare import to_dict
 from anomalyvfm.evaluation.report import METRIC_LABELS

@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from anomalyvfm import __version__
+from anomalyvfm.version import __version__
 from anomalyvfm.data.images import load_rgb
 from anomalyvfm.declare import declared, to_dict
 from anomalyvfm.detector.detector import AnomalyDetector, Prediction

@@ -1,0 +1,178 @@
+"""Model directories: format-1 compatibility, portability, atomic writes, and one-line errors for damage."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from anomalyvfm import AnomalyDetector
+from anomalyvfm.cli.main import main
+from anomalyvfm.data import load_dataset
+from anomalyvfm.demo import make_random_backbone
+from anomalyvfm.detector import model_dir
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _test_paths(data_root: Path) -> list[Path]:
+    return [s.path for s in load_dataset(data_root, "demo").split("test_public")]
+
+
+@pytest.mark.parametrize("name, modes", [("knn_v1", ["distance"]), ("lora_v1", ["fusion", "head", "distance"])])
+def test_format_1_directories_load_and_score_as_version_0_1_did(name, modes, backbone_dir, data_root, one_thread):
+    expected = json.loads((FIXTURES / "expected.json").read_text())
+    paths = _test_paths(data_root)
+    for mode in modes:
+        detector = AnomalyDetector.load(FIXTURES / name, backbone=backbone_dir, score=mode)
+        for path, pred in zip(paths, detector.predict(paths, progress=False)):
+            score, map_sum, mask_pixels, anomalous = expected[f"{name}/{mode}"][f"{path.parent.name}/{path.name}"]
+            assert pred.score == pytest.approx(score, rel=1e-6, abs=1e-7)
+            assert float(pred.anomaly_map.sum()) == pytest.approx(map_sum, rel=1e-5)
+            assert int(pred.mask.sum()) == mask_pixels and pred.is_anomalous == anomalous
+    assert AnomalyDetector.load(FIXTURES / name, backbone=backbone_dir).score_mode == modes[0]
+
+
+def test_format_1_is_written_back_as_format_2(backbone_dir, data_root, tmp_path, one_thread):
+    old = AnomalyDetector.load(FIXTURES / "lora_v1", backbone=backbone_dir)
+    config = json.loads(old.save(tmp_path / "m").joinpath("config.json").read_text())
+    assert config["format_version"] == model_dir.FORMAT_VERSION and config["settings"]["lora"]["crop_size"] == 56
+    paths = _test_paths(data_root)[::4]
+    again = AnomalyDetector.load(tmp_path / "m")
+    assert [p.score for p in again.predict(paths, progress=False)] == [p.score for p in old.predict(paths, progress=False)]
+
+
+def test_fitted_and_loaded_models_are_the_same_model(fitted_model, backbone_dir, data_root, tmp_path, one_thread):
+    """Settings, calibration, record and every output of a fitted detector survive save + load."""
+    detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, foreground="on", coreset_ratio=0.3)
+    detector.fit([s.path for s in load_dataset(data_root, "demo").split("train")],
+                 [s.path for s in load_dataset(data_root, "demo").split("validation")], progress=False)
+    loaded = AnomalyDetector.load(detector.save(tmp_path / "m"))
+    assert loaded.settings == detector.settings and loaded.calibration == detector.calibration
+    assert loaded.record == detector.record and loaded.summary() == detector.summary()
+    paths = _test_paths(data_root)
+    for a, b in zip(detector.predict(paths, progress=False), loaded.predict(paths, progress=False)):
+        assert a.score == b.score and a.is_anomalous == b.is_anomalous
+        assert np.array_equal(a.anomaly_map, b.anomaly_map) and np.array_equal(a.mask, b.mask)
+
+
+def test_a_copied_directory_runs_without_the_original_backbone(data_root, tmp_path, one_thread):
+    backbone = make_random_backbone(tmp_path / "backbone-that-goes-away", seed=3)
+    detector = AnomalyDetector(backbone=str(backbone), image_size=56)
+    detector.fit([s.path for s in load_dataset(data_root, "demo").split("train")][:6], progress=False)
+    saved = detector.save(tmp_path / "here" / "model")
+    assert (saved / model_dir.BACKBONE_DIR / "model.safetensors").is_file()
+    copy = shutil.copytree(saved, tmp_path / "line-pc" / "model")
+    shutil.rmtree(backbone)
+    paths = _test_paths(data_root)[:3]
+    assert [p.score for p in AnomalyDetector.load(copy).predict(paths, progress=False)] == \
+        [p.score for p in detector.predict(paths, progress=False)]
+
+
+def test_reference_only_directories_need_their_backbone(fitted_model, backbone_dir, data_root, tmp_path, capsys):
+    code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir), "--image-size",
+                 "56", "--max-train-images", "4", "--reference-backbone", "--out", str(tmp_path / "ref")])
+    assert code == 0 and not (tmp_path / "ref" / model_dir.BACKBONE_DIR).exists()
+    stored = AnomalyDetector.load(fitted_model)
+    size = sum(p.stat().st_size for p in (tmp_path / "ref").rglob("*") if p.is_file())
+    assert size < sum(p.stat().st_size for p in fitted_model.rglob("*") if p.is_file())
+    assert AnomalyDetector.load(tmp_path / "ref").settings.backbone == str(backbone_dir.resolve())
+    assert stored.pipeline.backbone_source == str(fitted_model / model_dir.BACKBONE_DIR)
+
+
+@pytest.mark.parametrize("step", ["save_file", "_save_backbone", "_checksums", "_sync", "_swap_into_place"])
+def test_a_failure_at_any_step_leaves_the_old_model_intact(step, fitted_model, data_root, tmp_path, monkeypatch):
+    target = shutil.copytree(fitted_model, tmp_path / "model")
+    paths = _test_paths(data_root)[:2]
+    before = [p.score for p in AnomalyDetector.load(target).predict(paths, progress=False)]
+    detector = AnomalyDetector.load(target)
+
+    def fail(*args, **kwargs):
+        raise OSError(f"disk full during {step}")
+
+    monkeypatch.setattr(model_dir, step, fail)
+    with pytest.raises(OSError, match="disk full"):
+        detector.save(target)
+    assert [p.score for p in AnomalyDetector.load(target).predict(paths, progress=False)] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+
+
+def test_a_kill_between_steps_never_leaves_a_mix(fitted_model, tmp_path):
+    """A process killed (os._exit, no cleanup) right before the swap leaves the old directory untouched."""
+    target = shutil.copytree(fitted_model, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    script = textwrap.dedent(f"""
+        import os
+        from anomalyvfm import AnomalyDetector
+        from anomalyvfm.detector import model_dir
+        model_dir._swap_into_place = lambda new, target: os._exit(9)
+        AnomalyDetector.load({str(target)!r}).save({str(target)!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    model_dir.read(target)  # still a valid, verified model
+
+
+def _damage(model: Path, case: str) -> None:
+    config = json.loads((model / "config.json").read_text())
+    scorer = model / "scorer.safetensors"
+    if case == "truncated scorer":
+        scorer.write_bytes(scorer.read_bytes()[: scorer.stat().st_size // 2])
+    elif case == "empty scorer":
+        scorer.write_bytes(b"")
+    elif case == "random scorer":
+        scorer.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "config is a list":
+        (model / "config.json").write_text("[1, 2]")
+    elif case == "image_size is text":
+        config["settings"]["image_size"] = "112"
+    elif case == "negative sigma":
+        config["settings"]["sigma"] = -4
+    elif case == "missing threshold":
+        del config["calibration"]["modes"]["distance"]["image_threshold"]
+    elif case == "unknown key":
+        config["settings"]["sigmaa"] = 4.0
+    elif case == "newer format":
+        config["format_version"] = 99
+    elif case == "swapped scorer (checksum)":
+        save_file({"mean": load_file(scorer)["bank"][0].contiguous(), "whitener": load_file(scorer)["bank"]}, str(scorer))
+    elif case == "swapped scorer (no manifest)":
+        save_file({"mean": load_file(scorer)["bank"][0].contiguous()}, str(scorer))
+        del config["files"]
+    elif case == "missing backbone weights":
+        (model / "backbone" / "model.safetensors").unlink()
+    if case not in ("config is a list",):
+        (model / "config.json").write_text(json.dumps(config))
+
+
+CASES = ["truncated scorer", "empty scorer", "random scorer", "config is a list", "image_size is text",
+         "negative sigma", "missing threshold", "unknown key", "newer format", "swapped scorer (checksum)",
+         "swapped scorer (no manifest)", "missing backbone weights"]
+FRAGMENTS = {"newer format": "upgrade", "unknown key": "sigmaa", "negative sigma": "sigma must be at least 0",
+             "image_size is text": "image_size must be int", "missing backbone weights": "missing"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_damaged_directories_give_one_line_and_exit_2(case, fitted_model, data_root, tmp_path, capsys):
+    model = shutil.copytree(fitted_model, tmp_path / "model")
+    _damage(model, case)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    commands = [["predict", "--model", str(model), str(data_root), "--out", str(tmp_path / "p")],
+                ["evaluate", "--model", str(model), "--data", str(data_root), "--category", "demo", "--out", str(tmp_path / "e")],
+                ["export-submission", "--model", str(model), "--data", str(data_root), "--category", "demo",
+                 "--out", str(tmp_path / "s")],
+                ["serve", "--model", str(model), "--port", port]]
+    for argv in commands:
+        assert main(argv) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert str(model) in err and FRAGMENTS.get(case, "") in err, err
