@@ -176,3 +176,19 @@ def test_damaged_directories_give_one_line_and_exit_2(case, fitted_model, data_r
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert str(model) in err and FRAGMENTS.get(case, "") in err, err
+
+
+@pytest.mark.parametrize("kind, fragment", [("file", "exists and is not a folder"), ("folder", "not a model directory")])
+def test_an_unusable_out_fails_before_the_fit(kind, fragment, data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("my notes")
+    else:
+        out.mkdir()
+        (out / "holiday.jpg").write_bytes(b"not to be deleted")
+    # the backbone does not exist: had the fit started, the error would name it instead
+    code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(tmp_path / "none"),
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+    assert out.is_file() or (out / "holiday.jpg").read_bytes() == b"not to be deleted"
