@@ -18,14 +18,15 @@ from typing import Sequence
 from PIL import Image
 
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
-from anomalyvfm.detector.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig
+from anomalyvfm.detector.detector import ADAPTER_DIR, HEADS_FILE, AnomalyDetector, DetectorConfig, Prediction
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.features.extraction import failure
 from anomalyvfm.features.foreground import FOREGROUND_MODES
 from anomalyvfm.adaptation.losses import LOSSES
 from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.scoring.score_modes import SCORE_MODES
 from anomalyvfm.scoring.scorers import SCORERS
-from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
+from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
 from anomalyvfm.adaptation.training import AdaptationConfig
 from anomalyvfm.maps.render import display_range, mask_image, overlay
 
@@ -102,6 +103,9 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="images (tiles, when tiling) per backbone batch")
     parser.add_argument("--device", default=DetectorConfig.device, help="cpu, cuda, cuda:1 …")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="autocast dtype on GPU")
+    parser.add_argument("--max-aspect-ratio", type=float, default=DetectorConfig.max_aspect_ratio,
+                        help="refuse images whose long side is over N times the short one, unless tiling "
+                             f"(their backbone input would be N times as long; default {DetectorConfig.max_aspect_ratio:g})")
     parser.add_argument("--score", choices=SCORE_MODES, help="distance (patch scorer), head or fusion (need --lora); "
                         "fit: default distance; saved models: default the fitted one (thresholds of all modes are saved)")
 
@@ -109,7 +113,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> AnomalyDetector:
     """A saved model with the runtime options applied."""
     return AnomalyDetector.load(args.model, device=args.device, batch_size=args.batch_size, precision=args.precision,
-                                score=args.score)
+                                score=args.score, max_aspect_ratio=args.max_aspect_ratio)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectorConfig:
@@ -120,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> DetectorConfig:
         scorer=args.scorer, coreset_ratio=args.coreset_ratio, top_percent=args.top_percent, sigma=args.sigma,
         threshold_sigma=args.threshold_sigma, seed=args.seed, batch_size=args.batch_size, device=args.device,
         precision=args.precision, score=args.score or "distance", lora=lora_settings(args),
+        max_aspect_ratio=args.max_aspect_ratio,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, tile_scale=args.tile_scale,
         scales=tuple(args.scales or ()), foreground=args.foreground, auto=args.auto,
     )
@@ -137,7 +142,16 @@ def fit_category(args: argparse.Namespace, category: str | None) -> tuple[Anomal
     return detector, time.perf_counter() - start
 
 
+def output_folder(path: str) -> Path:
+    """`path` as a folder to write into; checked before any work, so a mistake costs no fit or scoring."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out}: --out exists and is not a folder")
+    return out
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    output_folder(args.out)
     detector, seconds = fit_category(args, args.category)
     out = detector.save(args.out)
     c = detector.config
@@ -173,9 +187,9 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    out = output_folder(args.out)
     detector = load_model(args)
     files = expand_inputs(args.paths)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     c = detector.config
     vmin, vmax = display_range(c.validation_stats["pixel_score_mean"], c.pixel_threshold)
@@ -188,15 +202,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"anomalyvfm: skipped {pred.error}", file=sys.stderr)
                 writer.writerow([pred.source, "", "", pred.error])
+                handle.flush()
                 continue
             writer.writerow([pred.source, f"{pred.score:.6g}", int(pred.is_anomalous), ""])
+            handle.flush()  # each row reaches the file as it is scored: a crash later loses nothing before it
             if not args.no_images:
-                image = load_rgb(pred.source)
-                Image.fromarray(overlay(image, pred.anomaly_map, vmin, vmax, pred.mask)).save(out / f"{name}_overlay.png")
-                Image.fromarray(mask_image(pred.mask)).save(out / f"{name}_mask.png")
+                try:
+                    write_pictures(out, name, pred, vmin, vmax)
+                except Exception as exc:  # e.g. out of memory for one huge picture: the scores still stand
+                    failures += 1
+                    print(f"anomalyvfm: no pictures for {failure(pred.source, exc)}", file=sys.stderr)
     print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
-          + (f"; {failures} unreadable (see stderr)" if failures else ""))
+          + (f"; {failures} failed (see stderr)" if failures else ""))
     return 1 if failures else 0
+
+
+def write_pictures(out: Path, name: str, pred: Prediction, vmin: float, vmax: float) -> None:
+    """Overlay and mask PNGs of one scored image (each written to a temporary name, then renamed)."""
+    image = load_rgb(pred.source)
+    pictures = {f"{name}_overlay.png": overlay(image, pred.anomaly_map, vmin, vmax, pred.mask),
+                f"{name}_mask.png": mask_image(pred.mask)}
+    del image
+    for filename, array in pictures.items():
+        partial = out / f".{filename}.partial"
+        Image.fromarray(array).save(partial, format="PNG")
+        partial.replace(out / filename)
 
 
 def cmd_synth_preview(args: argparse.Namespace) -> int:
@@ -213,13 +243,13 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from anomalyvfm.service.app import run_server  # FastAPI/uvicorn only for this command
+    from anomalyvfm.service.server import run_server  # FastAPI/uvicorn only for this command
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)
-    run_server(args.model, args.host, args.port, api_key, args.max_pixels, args.max_bytes, args.max_files,
-               device=args.device, batch_size=args.batch_size, precision=args.precision)
+    run_server(args.model, args.host, args.port, api_key, limits_from_args(args), device=args.device,
+               batch_size=args.batch_size, precision=args.precision, max_aspect_ratio=args.max_aspect_ratio)
     return 0
 
 
@@ -351,10 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     serve.add_argument("--api-key", help="require this key in the X-API-Key header (default: $ANOMALYVFM_API_KEY; "
                                          "prefer the variable, command lines are visible to other users)")
-    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted (pixels)")
-    serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload accepted per image (bytes)")
-    serve.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES, help="most images in one /predict/batch")
     add_runtime_options(serve)
+    add_limit_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from anomalyvfm.adaptation.lora import load_lora
 from anomalyvfm.features.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from anomalyvfm.data.datasets import hold_out
-from anomalyvfm.data.images import ImageLike
+from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO, ImageLike
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features.extraction import FailedImage, ImageFeatures, Tiling, extract_features
+from anomalyvfm.features.extraction import FailedImage, ImageFeatures, Tiling, extract_features, failure
 from anomalyvfm.features.foreground import FOREGROUND_MODES, SAMPLE_PATCHES, ForegroundModel, looks_like_object, mask_stats
 from anomalyvfm.scoring.views import Scored, fuse, view_statistics
 from anomalyvfm.adaptation.heads import AnomalyHeads
@@ -62,6 +62,7 @@ class DetectorConfig:
     batch_size: int = 8
     device: str = "cpu"
     precision: str = "fp32"
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # runtime: refuse longer images unless tiling (data/images.py)
     tile_size: int = 0  # > 0: score overlapping tiles of this many backbone px (features.Tiling)
     tile_overlap: int = 56
     tile_scale: float = 1.0  # tiles are cut from the image resized by this factor
@@ -89,6 +90,8 @@ class DetectorConfig:
             raise UserInputError(f"--image-size must be at least 14, got {self.image_size}")
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.max_aspect_ratio >= 1:
+            raise UserInputError(f"--max-aspect-ratio must be at least 1, got {self.max_aspect_ratio}")
         if not 0 < self.top_percent <= 100:
             raise UserInputError(f"top_percent must be in (0, 100], got {self.top_percent}")
         if self.score not in SCORE_MODES:
@@ -173,7 +176,8 @@ class AnomalyDetector:
     ) -> Iterator[ImageFeatures | FailedImage]:
         """Patch features of each image at one view (default: the reference view), in order."""
         image_size, tiling = self.config.views()[view]
-        return extract_features(self.backbone, images, image_size, self.config.batch_size, progress, tiling)
+        return extract_features(self.backbone, images, image_size, self.config.batch_size, progress, tiling,
+                                self.config.max_aspect_ratio)
 
     def _view_features(self, images: Sequence[ImageLike], progress: str | None) -> Iterator[list[ImageFeatures] | FailedImage]:
         """Every view's features of each image, in lockstep: one batch per view in memory at a time."""
@@ -313,8 +317,12 @@ class AnomalyDetector:
         for items in self._view_features(images, progress):
             if isinstance(items, FailedImage):
                 yield Prediction(source=items.source, error=items.error)
-            else:
-                yield self._predict_one(self._score_views(items), decide)
+                continue
+            try:
+                pred = self._predict_one(self._score_views(items), decide)
+            except Exception as exc:  # e.g. out of memory for one huge map: that image fails, the run goes on
+                pred = Prediction(source=items[-1].source, error=failure(items[-1].source, exc))
+            yield pred
 
     def predict(self, images: Sequence[ImageLike], progress: bool = True) -> list[Prediction]:
         """Score all images; see `predict_iter` to stream results for large batches."""
