@@ -317,6 +317,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
 
     app.include_router(router)
     mount_docs(app)
+    app.state.service = service  # for the web page (service/web.py) and tests that inspect the running service
 
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -41,9 +42,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """JSON lines on stderr for the service's own loggers (uvicorn's access log is switched off instead)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter())
     for logger in (access_log, error_log):
         logger.handlers[:] = [handler]
@@ -139,14 +152,14 @@ class RequestLog:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             event = "client_disconnected"
+        except asyncio.CancelledError:  # uvicorn's graceful-shutdown deadline passed: this request is cut short
+            event = "cancelled_at_shutdown"
+            if not status:
+                await self._send_json(send_with_id, 503, "server is shutting down; retry on another instance")
         except Exception as exc:  # a bug: answer 500 in one line, log it once here with its traceback
             event, error = "internal_error", exc
             if not status:
-                body = json.dumps({"detail": f"internal error: {type(exc).__name__} (see server log)"}).encode()
-                await send_with_id({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json"),
-                                                (b"content-length", str(len(body)).encode())]})
-                await send_with_id({"type": "http.response.body", "body": body})
+                await self._send_json(send_with_id, 500, f"internal error: {type(exc).__name__} (see server log)")
         seconds = time.perf_counter() - start
         route = getattr(scope.get("route"), "path", "unmatched")
         fields = {"event": event, "request_id": request_id, "method": scope["method"], "path": scope["path"],
@@ -154,8 +167,17 @@ class RequestLog:
                   "client": ":".join(map(str, scope.get("client") or ()))}
         if event == "client_disconnected":
             access_log.info("client disconnected before the response", extra={"fields": fields})
+        elif event == "cancelled_at_shutdown":
+            access_log.warning("request cancelled: shutdown deadline passed", extra={"fields": fields})
         elif error is not None:
             error_log.error(f"internal error: {type(error).__name__}", exc_info=error, extra={"fields": fields})
         else:
             access_log.info(f"{scope['method']} {scope['path']} {status}", extra={"fields": fields})
         self.metrics.request(scope["method"], route, status or 499, seconds)
+
+    @staticmethod
+    async def _send_json(send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -93,8 +93,8 @@ def run_server(
     """
     limits = limits or ServiceLimits()
     sock = listening_socket(host, port)
-    configure_logging()
     app = create_app(model_dir, api_key, limits, **overrides)
+    configure_logging()
     server = uvicorn.Server(server_config(app, limits, host, port))
     try:
         server.run(sockets=[sock])
