@@ -219,13 +219,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def write_pictures(out: Path, name: str, pred: Prediction, vmin: float, vmax: float) -> None:
     """Overlay and mask PNGs of one scored image (each written to a temporary name, then renamed)."""
-    image = load_rgb(pred.source)
-    pictures = {f"{name}_overlay.png": overlay(image, pred.anomaly_map, vmin, vmax, pred.mask),
-                f"{name}_mask.png": mask_image(pred.mask)}
-    del image
-    for filename, array in pictures.items():
-        partial = out / f".{filename}.partial"
-        Image.fromarray(array).save(partial, format="PNG")
+    for filename, picture in ((f"{name}_overlay.png", lambda: overlay(load_rgb(pred.source), pred.anomaly_map, vmin,
+                                                                      vmax, pred.mask)),
+                              (f"{name}_mask.png", lambda: mask_image(pred.mask))):
+        partial = out / f".{filename}.partial"  # one picture in memory at a time
+        Image.fromarray(picture()).save(partial, format="PNG")
         partial.replace(out / filename)
 
 

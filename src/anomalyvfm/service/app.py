@@ -42,7 +42,7 @@ from anomalyvfm.data.images import check_shape, declared_size, load_rgb
 from anomalyvfm.detector.detector import AnomalyDetector, Prediction
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
-from anomalyvfm.service.admission import Budget
+from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memory
 from anomalyvfm.service.docs import mount_docs
 from anomalyvfm.service.limits import API_KEY_HEADER, ServiceLimits
 from anomalyvfm.service.observability import Metrics, RequestLog
@@ -196,6 +196,8 @@ class Service:
             return result
         finally:
             self.pixels.give(width * height)
+            if release_memory and width * height >= TRIM_AFTER_PIXELS and self.pixels.used == 0:
+                await run_in_threadpool(release_memory)
 
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.limits.request_timeout
@@ -278,9 +280,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
         """Upload images in multipart field `files` (repeated). A file that cannot be scored gets `error` and
         the status `/predict` would have given it; the others are still scored and the response is 200."""
         start = time.perf_counter()
-        deadline = service.deadline()
 
-        async def item(upload: UploadFile) -> dict[str, Any]:
+        async def item(upload: UploadFile, deadline: float) -> dict[str, Any]:
             name = upload.filename or "upload"
             try:
                 return {"filename": name, "status": 200, **await service.score(upload, maps, deadline)}
@@ -288,7 +289,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
                 return {"filename": name, "status": exc.status_code, "error": exc.detail}
 
         async with service.uploads(request, "files", max_files=limits.max_files) as uploads:
-            results = await asyncio.gather(*(item(upload) for upload in uploads))
+            deadline = service.deadline()  # one deadline for all the files, from the body's arrival
+            results = await asyncio.gather(*(item(upload, deadline) for upload in uploads))
         return {"model": service.name, "threshold": service.threshold, "results": results,
                 "elapsed_ms": elapsed_ms(start)}
 
