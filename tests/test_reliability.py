@@ -110,6 +110,14 @@ def test_extreme_aspect_ratio_is_refused_from_the_header(tmp_path):
     assert load_rgb(tmp_path / "thin.png").shape == (1, 40_000, 3)  # no limit asked: decoded as before
 
 
+def test_aspect_ratio_limit_is_a_runtime_setting(fitted_model, tmp_path):
+    (tmp_path / "thin.png").write_bytes(THIN)
+    (refused,) = AnomalyDetector.load(fitted_model).predict([tmp_path / "thin.png"], progress=False)
+    assert "aspect ratio over the limit of 8:1" in refused.error
+    (scored,) = AnomalyDetector.load(fitted_model, max_aspect_ratio=25).predict([tmp_path / "thin.png"], progress=False)
+    assert scored.error is None and scored.anomaly_map.shape == (1, 20)
+
+
 def test_cli_predict_scores_the_rest_and_writes_each_row_as_scored(fitted_model, tmp_path, detector, expected):
     folder = tmp_path / "images"
     folder.mkdir()

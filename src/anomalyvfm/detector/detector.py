@@ -184,7 +184,8 @@ class AnomalyDetector:
         last = len(self.config.views()) - 1
         streams = [self.features(images, progress if i == last else None, i) for i in range(last + 1)]
         for items in zip(*streams):
-            yield items[0] if isinstance(items[0], FailedImage) else list(items)
+            failed = [item for item in items if isinstance(item, FailedImage)]  # a view can fail alone (out of memory)
+            yield failed[0] if failed else list(items)
 
     def _score_views(self, items: list[ImageFeatures]) -> Scored:
         if not self.scorers:
