@@ -27,6 +27,7 @@ import requests
 import torch
 from matplotlib import colormaps
 from PIL import Image
+from scipy.ndimage import binary_erosion, gaussian_filter
 from servers import free_port, live_server, png
 
 from anomalyvfm import AnomalyDetector
@@ -173,7 +174,8 @@ def test_cli_mistakes_end_in_one_line_before_any_work(argv, fragment, fitted_mod
 
 
 def test_bounded_memory_paths_give_the_same_values():
-    """to_tensor one channel at a time and the chunked LUT heat map equal the whole-array versions."""
+    """to_tensor one channel at a time, the chunked LUT heat map and the chunked mask outline equal the
+    whole-array versions."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (300, 457, 3), dtype=np.uint8)
     whole = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div(255)
@@ -184,10 +186,14 @@ def test_bounded_memory_paths_give_the_same_values():
     amap = (rng.random((300, 500)) * 3 - 1).astype(np.float32)
     amap[0, :256] = np.arange(256) / 256  # every bin edge
     colours = (colormaps["jet"](np.clip((amap - 0.1) / 0.8, 0, 1).astype(np.float32))[..., :3] * 255).astype(np.uint8)
+    mask = gaussian_filter(rng.random((401, 97)), 4) > 0.5
+    mask[:5] = True  # touches the border
     old_chunk = render.ROW_CHUNK_PIXELS
-    render.ROW_CHUNK_PIXELS = 1000  # many chunks
+    render.ROW_CHUNK_PIXELS = 1000  # many chunks, some thinner than the outline width
     try:
         np.testing.assert_array_equal(render.heatmap(amap, 0.1, 0.9), colours)
+        for width in (1, 7, 30):
+            np.testing.assert_array_equal(render.outline(mask, width), mask & ~binary_erosion(mask, iterations=width))
     finally:
         render.ROW_CHUNK_PIXELS = old_chunk
 
