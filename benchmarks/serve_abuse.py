@@ -57,7 +57,11 @@ def start(model: str, log: IO[bytes], *extra: str) -> tuple[subprocess.Popen, st
     command = [sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", model, "--port", str(port), *extra]
     process = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": SRC})
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, process, timeout=180)
+    try:
+        wait_healthy(url, process, timeout=180)
+    except RuntimeError as exc:
+        log.seek(0)
+        raise SystemExit(f"serve_abuse: {exc}: {log.read().decode(errors='replace')[-2000:]}") from None
     return process, url
 
 
