@@ -12,67 +12,30 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 import requests
-import uvicorn
+from helpers import bomb_png
 from PIL import Image
+from servers import LIMITS, MAX_BYTES, MAX_FILES, MAX_PIXELS, close, free_port, live_server, png
 
 from anomalyvfm import AnomalyDetector, __version__
-from anomalyvfm.declare import to_dict
-from helpers import bomb_png
 from anomalyvfm.cli.main import main
+from anomalyvfm.declare import to_dict
 from anomalyvfm.demo import paste_defect, textured_image
 from anomalyvfm.service.app import create_app
+from anomalyvfm.service.limits import ServiceLimits
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
 
-MAX_PIXELS, MAX_BYTES, MAX_FILES = 100_000, 200_000, 4
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def live_server(app) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread on a kernel-chosen loopback port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
 def url(fitted_model) -> Iterator[str]:
-    with live_server(create_app(fitted_model, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES, max_files=MAX_FILES)) as base:
+    with live_server(create_app(fitted_model, limits=LIMITS), LIMITS) as base:
         yield base
 
 
@@ -182,7 +145,7 @@ def test_health_model_info_and_openapi(url, detector, fitted_model):
     assert info["image_threshold"] == t.image_threshold and info["pixel_threshold"] == t.pixel_threshold
     assert info["train_images"] == detector.record.train_images > 0 and info["fitted_at"].startswith("20")
     assert info["score"] == "distance" and info["lora"] is None and set(to_dict(s)) <= set(info)
-    assert info["limits"] == {"max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "max_files": MAX_FILES}
+    assert info["limits"] == vars(LIMITS) and info["max_aspect_ratio"] == detector.runtime.max_aspect_ratio
     spec = requests.get(url + "/openapi.json", timeout=10).json()
     assert {"/predict", "/predict/batch", "/health", "/model"} <= set(spec["paths"])
     assert all(op.get("summary") for path in spec["paths"].values() for op in path.values())

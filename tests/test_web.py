@@ -24,7 +24,7 @@ from PIL import Image
 from anomalyvfm.cli.main import main
 from anomalyvfm.evaluation.html_report import INDEX_NAME, REPORT_NAME
 from anomalyvfm.service.app import create_app
-from test_serve import MAX_BYTES, MAX_FILES, MAX_PIXELS, close, live_server
+from servers import LIMITS, MAX_BYTES, close, live_server
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -70,7 +70,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(fitted_model) -> Iterator[str]:
-    with live_server(create_app(fitted_model, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES, max_files=MAX_FILES)) as base:
+    with live_server(create_app(fitted_model, limits=LIMITS), LIMITS) as base:
         yield base
 
 

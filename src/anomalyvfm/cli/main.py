@@ -24,11 +24,13 @@ from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
 from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.features.extraction import failure
 from anomalyvfm.evaluation.benchmark import Variant, fit_category
 from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, mask_image, overlay
 from anomalyvfm.optional import require
-from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
+from anomalyvfm.prediction import Prediction
+from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
 
 
 def load_model(args: argparse.Namespace) -> AnomalyDetector:
@@ -39,6 +41,14 @@ def load_model(args: argparse.Namespace) -> AnomalyDetector:
 def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
     """The fit options of a command (or of one benchmark variant) as a `Variant`, validated."""
     return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images)
+
+
+def output_folder(path: str) -> Path:
+    """`path` as a folder to write into; checked before any work, so a mistake costs no fit or scoring."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out}: --out exists and is not a folder")
+    return out
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -78,9 +88,9 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    out = output_folder(args.out)
     detector = load_model(args)
     files = expand_inputs(args.paths)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     thresholds = detector.thresholds()
     vmin, vmax = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
@@ -93,15 +103,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"anomalyvfm: skipped {pred.error}", file=sys.stderr)
                 writer.writerow([pred.source, "", "", pred.error])
+                handle.flush()
                 continue
             writer.writerow([pred.source, f"{pred.score:.6g}", int(pred.is_anomalous), ""])
+            handle.flush()  # each row reaches the file as it is scored: a crash later loses nothing before it
             if not args.no_images:
-                image = load_rgb(pred.source)
-                Image.fromarray(overlay(image, pred.anomaly_map, vmin, vmax, pred.mask)).save(out / f"{name}_overlay.png")
-                Image.fromarray(mask_image(pred.mask)).save(out / f"{name}_mask.png")
+                try:
+                    write_pictures(out, name, pred, vmin, vmax)
+                except Exception as exc:  # e.g. out of memory for one huge picture: the scores still stand
+                    failures += 1
+                    print(f"anomalyvfm: no pictures for {failure(pred.source, exc)}", file=sys.stderr)
     print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
-          + (f"; {failures} unreadable (see stderr)" if failures else ""))
+          + (f"; {failures} failed (see stderr)" if failures else ""))
     return 1 if failures else 0
+
+
+def write_pictures(out: Path, name: str, pred: Prediction, vmin: float, vmax: float) -> None:
+    """Overlay and mask PNGs of one scored image (each written to a temporary name, then renamed)."""
+    for filename, picture in ((f"{name}_overlay.png", lambda: overlay(load_rgb(pred.source), pred.anomaly_map, vmin,
+                                                                      vmax, pred.mask)),
+                              (f"{name}_mask.png", lambda: mask_image(pred.mask))):
+        partial = out / f".{filename}.partial"  # one picture in memory at a time
+        Image.fromarray(picture()).save(partial, format="PNG")
+        partial.replace(out / filename)
 
 
 def cmd_synth_preview(args: argparse.Namespace) -> int:
@@ -118,13 +142,12 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    run_server = require("anomalyvfm.service.app", "serve", "anomalyvfm serve").run_server  # FastAPI only here
+    run_server = require("anomalyvfm.service.server", "serve", "anomalyvfm serve").run_server  # FastAPI only here
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)
-    run_server(args.model, args.host, args.port, api_key, args.max_pixels, args.max_bytes, args.max_files,
-               **runtime_from_args(args))
+    run_server(args.model, args.host, args.port, api_key, limits_from_args(args), **runtime_from_args(args))
     return 0
 
 
@@ -289,10 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     serve.add_argument("--api-key", help="require this key in the X-API-Key header (default: $ANOMALYVFM_API_KEY; "
                                          "prefer the variable, command lines are visible to other users)")
-    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted (pixels)")
-    serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest upload accepted per image (bytes)")
-    serve.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES, help="most images in one /predict/batch")
     add_runtime_options(serve)
+    add_limit_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")

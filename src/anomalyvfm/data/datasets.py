@@ -119,6 +119,9 @@ def _load_mvtec_ad2(base: Path) -> dict[str, list[Sample]]:
 
 
 def _load_mvtec_ad(base: Path, seed: int) -> dict[str, list[Sample]]:
+    if not (base / "test").is_dir() and any((base / name).is_dir() for name in ("validation", "test_public")):
+        raise UserInputError(f"{base}: this is an MVTec AD 2 folder (validation/, test_public/, no test/); "
+                             f"use --layout mvtec_ad2")
     train, validation = _hold_out(list_images(base / "train" / "good"), seed)
     test: list[Sample] = []
     test_dir = base / "test"

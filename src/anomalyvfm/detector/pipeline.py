@@ -22,7 +22,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.backbone import Backbone, load_backbone
-from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
+from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features, failure
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.prediction import Prediction
@@ -61,7 +61,8 @@ class Pipeline:
         if self.backbone is None:
             raise RuntimeError("no backbone loaded: call load_backbone() first")
         image_size, tiling = self.settings.views()[view]
-        return extract_features(self.backbone, images, image_size, self.runtime.batch_size, progress, tiling)
+        return extract_features(self.backbone, images, image_size, self.runtime.batch_size, progress, tiling,
+                                self.runtime.max_aspect_ratio)
 
     def view_features(self, images: Sequence[ImageLike],
                       progress: str | None) -> Iterator[list[ImageFeatures] | FailedImage]:
@@ -69,7 +70,8 @@ class Pipeline:
         last = len(self.settings.views()) - 1
         streams = [self.features(images, progress if i == last else None, i) for i in range(last + 1)]
         for items in zip(*streams):
-            yield items[0] if isinstance(items[0], FailedImage) else list(items)
+            failed = [item for item in items if isinstance(item, FailedImage)]  # a view can fail alone (out of memory)
+            yield failed[0] if failed else list(items)
 
     def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
         """Fit every view's scorer (and the foreground model) on `images`; return how many were used."""
@@ -115,11 +117,17 @@ class Pipeline:
             if isinstance(items, FailedImage):
                 yield Prediction(source=items.source, error=items.error)
                 continue
-            scored = self.score_views(items)
-            grid, score = combine(self.raw(scored, calibration), mode, calibration.head_stats)
-            amap = anomaly_map(grid, scored.processed_shape, scored.image_shape, self.settings.sigma)
-            pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
-            if decide:
-                pred.is_anomalous = bool(pred.score > thresholds.image_threshold)
-                pred.mask = amap > thresholds.pixel_threshold
-            yield pred
+            try:
+                yield self._predict_one(items, calibration, mode, thresholds if decide else None)
+            except Exception as exc:  # e.g. out of memory for one huge map: that image fails, the run goes on
+                yield Prediction(source=items[-1].source, error=failure(items[-1].source, exc))
+
+    def _predict_one(self, items: list[ImageFeatures], calibration, mode: str, thresholds) -> Prediction:
+        scored = self.score_views(items)
+        grid, score = combine(self.raw(scored, calibration), mode, calibration.head_stats)
+        amap = anomaly_map(grid, scored.processed_shape, scored.image_shape, self.settings.sigma)
+        pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
+        if thresholds is not None:
+            pred.is_anomalous = bool(pred.score > thresholds.image_threshold)
+            pred.mask = amap > thresholds.pixel_threshold
+        return pred

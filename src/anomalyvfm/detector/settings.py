@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.backbone import DEFAULT_BACKBONE, PRECISIONS
 from anomalyvfm.features.extraction import Tiling
@@ -75,6 +76,8 @@ class Runtime:
     batch_size: int = setting(8, "images (tiles, when tiling) per backbone batch", low=1)
     device: str = setting("cpu", "cpu, cuda, cuda:1 …")
     precision: str = setting("fp32", "autocast dtype on GPU", choices=PRECISIONS)
+    max_aspect_ratio: float = setting(DEFAULT_MAX_ASPECT_RATIO, "refuse images whose long side is over N times the "
+                                      "short one, unless tiling (their backbone input would be N times as long)", low=1)
     score: str | None = setting(None, "distance (patch scorer), head or fusion (need --lora); fit: default distance; "
                                       "saved models: default the fitted one (thresholds of all modes are saved)",
                                 choices=SCORE_MODES)

@@ -3,7 +3,8 @@
 Images are decoded in a background thread while the backbone runs, cut into crops (the whole image, or
 overlapping tiles), grouped into batches of equal-size crops and yielded one by one in input order, so
 callers never hold more than one batch of features. An image that cannot be read is yielded as a
-failure instead of stopping the run.
+failure instead of stopping the run, and so is one whose processing fails: a backbone batch that raises
+(out of memory included) is retried image by image, so only the image that fails is lost.
 
 Tiling (`Tiling`) serves high-resolution images: the image is resized by `scale` (sides rounded to
 patch multiples) and cut into `size`-px tiles at patch-aligned offsets, so every tile's patches fall
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -46,7 +48,7 @@ class ImageFeatures:
 
 @dataclass
 class FailedImage:
-    """An input that could not be read; `error` is a one-line message naming it."""
+    """An input that could not be read or processed; `error` is a one-line message naming it."""
 
     index: int
     source: str
@@ -70,12 +72,21 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 4) -> Iterat
             yield pending.popleft().result()
 
 
-def _load(indexed: tuple[int, ImageLike]) -> tuple[int, str, np.ndarray | str]:
+def failure(source: str, exc: BaseException) -> str:
+    """One line for an unexpected exception while processing `source` (a MemoryError's text is often empty)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{source}: processing failed ({type(exc).__name__}{': ' + text if text else ''})"
+
+
+def _load(indexed: tuple[int, ImageLike], max_aspect: float | None) -> tuple[int, str, np.ndarray | str]:
     index, image = indexed
+    source = describe(image, index)
     try:
-        return index, describe(image, index), load_rgb(image)
+        return index, source, load_rgb(image, max_aspect=max_aspect)
     except ImageReadError as exc:
-        return index, describe(image, index), str(exc)
+        return index, source, str(exc)
+    except Exception as exc:  # e.g. MemoryError decoding a huge file: that image fails, the run goes on
+        return index, source, failure(source, exc)
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class _Stitch:
         self.crops, self.patch_size, self.hidden_size = crops, patch_size, hidden_size
         self.pending = len(crops)
         self.total: torch.Tensor | None = None
+        self.error: str | None = None  # set when one of its crops failed: the image is then yielded as failed
 
     def add(self, top: int, left: int, grid: torch.Tensor) -> None:
         if self.total is None:
@@ -112,10 +124,18 @@ class _Stitch:
         self.total[top : top + grid.shape[0], left : left + grid.shape[1]] += grid
         self.pending -= 1
 
-    def result(self) -> ImageFeatures:
-        """The stitched grid. The sum of unit vectors is renormalised per block, which is the normalised
+    def fail(self, error: str) -> None:
+        """One crop could not be processed: drop what was summed, count the crop as done."""
+        self.error = self.error or error
+        self.total = None
+        self.pending -= 1
+
+    def result(self) -> ImageFeatures | FailedImage:
+        """The stitched grid (or the failure). The sum of unit vectors is renormalised per block, which is the normalised
         average, so each block's part stays unit-norm as `Backbone.forward` promises; a single crop
         already is, and is passed through untouched."""
+        if self.error is not None:
+            return FailedImage(self.index, self.source, self.error)
         grid = self.total
         if len(self.crops) > 1:
             grid = F.normalize(grid.unflatten(-1, (-1, self.hidden_size)), dim=-1).flatten(-2)
@@ -139,11 +159,14 @@ def extract_features(
     batch_size: int = 8,
     progress: str | None = None,
     tiling: Tiling | None = None,
+    max_aspect: float | None = None,
 ) -> Iterator[ImageFeatures | FailedImage]:
     """Yield, in input order, the patch features of each image (or a `FailedImage`).
 
-    Without `tiling` the image's short side goes to `image_size`; with it, `image_size` is unused and
-    `batch_size` counts tiles.
+    Without `tiling` the image's short side goes to `image_size`, and an image whose aspect ratio is over
+    `max_aspect` is refused from its header (its backbone input would be `max_aspect` times as long); with
+    tiling, `image_size` and `max_aspect` are unused (work is bounded by the pixel count) and `batch_size`
+    counts tiles.
     """
     device, patch = backbone.device, backbone.patch_size
     batch: list[tuple[_Stitch, int, int, torch.Tensor]] = []
@@ -154,29 +177,55 @@ def extract_features(
             item = in_flight.popleft()
             yield item if isinstance(item, FailedImage) else item.result()
 
-    def flush() -> Iterator[ImageFeatures | FailedImage]:
+    def forward(crops: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
-            grids = backbone(torch.stack([crop for *_, crop in batch]).to(device)).cpu()
-        for (stitch, top, left, _), grid in zip(batch, grids):
-            stitch.add(top, left, grid)
+            return backbone(torch.stack(crops).to(device)).cpu()
+
+    def flush() -> Iterator[ImageFeatures | FailedImage]:
+        live = [item for item in batch if item[0].error is None]
+        for stitch, *_ in batch:
+            if stitch.error is not None:
+                stitch.pending -= 1  # a crop of an image that already failed: not worth computing
+        try:
+            grids = list(forward([crop for *_, crop in live])) if live else []
+            done = list(zip(live, grids))
+        except Exception:  # one crop's failure (out of memory …) must not take the batch down: retry alone
+            done = []
+            for item in live:
+                try:
+                    done.append((item, forward([item[3]])[0]))
+                except Exception as exc:
+                    item[0].fail(failure(item[0].source, exc))
+        for (stitch, top, left, _), grid in done:
+            if stitch.error is None:
+                stitch.add(top, left, grid)
+            else:
+                stitch.pending -= 1
         batch.clear()
         yield from finished()
 
     bar = tqdm(total=len(images), desc=progress, disable=progress is None, unit="img")
-    for index, source, loaded in prefetch(_load, enumerate(images)):
+    load = partial(_load, max_aspect=None if tiling else max_aspect)
+    for index, source, loaded in prefetch(load, enumerate(images)):
         if isinstance(loaded, str):
             in_flight.append(FailedImage(index, source, loaded))
         else:
-            height, width = loaded.shape[:2]
-            size = (scaled_size(height, width, tiling.scale, patch) if tiling
-                    else processed_size(height, width, image_size, patch))
-            tensor = to_tensor(loaded, size)
-            stitch = _Stitch(index, source, (height, width), tensor, _crops(tensor, tiling), patch, backbone.hidden_size)
-            in_flight.append(stitch)
-            for top, left, crop in stitch.crops:
-                if batch and (len(batch) >= batch_size or batch[0][3].shape != crop.shape):
-                    yield from flush()
-                batch.append((stitch, top, left, crop))
+            try:
+                height, width = loaded.shape[:2]
+                size = (scaled_size(height, width, tiling.scale, patch) if tiling
+                        else processed_size(height, width, image_size, patch))
+                tensor = to_tensor(loaded, size)
+                del loaded
+                stitch = _Stitch(index, source, (height, width), tensor, _crops(tensor, tiling), patch,
+                                 backbone.hidden_size)
+            except Exception as exc:  # resizing a huge image can run out of memory: only this image fails
+                in_flight.append(FailedImage(index, source, failure(source, exc)))
+            else:
+                in_flight.append(stitch)
+                for top, left, crop in stitch.crops:
+                    if batch and (len(batch) >= batch_size or batch[0][3].shape != crop.shape):
+                        yield from flush()
+                    batch.append((stitch, top, left, crop))
         yield from finished()
         bar.update(1)
     if batch:

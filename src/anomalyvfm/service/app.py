@@ -1,18 +1,20 @@
 """HTTP inspection service: `anomalyvfm serve --model DIR`, then `POST /predict` an image for its verdict.
 
 A production line posts one camera frame at a time and wants the verdict in milliseconds, so the model is
-loaded once at start-up and stays warm. The design choices that matter:
+loaded once at start-up and stays warm. How the parts fit:
 
-* **One inference thread.** Every torch call runs on a single worker thread fed by a queue. Images that
-  arrive while it is busy wait and are then scored together as one backbone batch (up to the model's
-  `batch_size`). The detector is never called concurrently, and under load a GPU still sees full batches.
-  Reading, decoding and validating uploads and encoding PNG maps happen in request threads, outside the
-  worker, so a slow client or a large PNG never holds up inference.
-* **Uploads stay in memory.** Starlette spools uploaded files over 1 MB to a temporary file; here the
-  spool limit is raised to the request-size limit (and the body stream is cut at that limit), so nothing
-  from a request is written to disk and nothing larger than the limit is buffered.
-* **Errors are one line** — `{"detail": "..."}` — with a status that says what to fix: 400 malformed
-  request, 401 API key, 413 over a size limit, 415 not an image upload, 422 not a decodable image.
+* `worker.py` — one inference thread behind a bounded queue; one job's failure answers only that job.
+* `admission.py` — server-wide budgets of decoded pixels and body bytes, so memory is bounded whatever
+  is sent; `limits.py` declares every limit and timeout once (docs/serving.md explains them).
+* `observability.py` — request ids, JSON access logs, Prometheus metrics; `docs.py` — offline `/docs`;
+  `server.py` — uvicorn with a header timeout, connection cap and graceful-shutdown deadline.
+
+Per request, here: the body is read in memory (never spooled to disk) within the byte budget and the body
+timeout; each image's header is checked (pixels, aspect ratio) before it is decoded within the pixel
+budget; PNG maps are encoded outside the worker, so a slow client or a large PNG never holds up inference.
+Errors are one line — `{"detail": "..."}` — with a status that says what to do: 400 malformed request,
+401 API key, 408 body too slow, 413 over a size limit, 415 not an image upload, 422 not a usable image,
+500 this image could not be processed (others are unaffected), 503 busy — retry after `Retry-After`.
 """
 from __future__ import annotations
 
@@ -20,161 +22,37 @@ import asyncio
 import base64
 import hmac
 import io
-import queue
-import socket
-import threading
 import time
-import typing
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 import numpy as np
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from PIL import Image
-from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from anomalyvfm.version import __version__
-from anomalyvfm.data.images import load_rgb
-from anomalyvfm.declare import declared, to_dict
+from anomalyvfm.declare import to_dict
+from anomalyvfm.data.images import check_shape, declared_size, load_rgb
 from anomalyvfm.detector.detector import AnomalyDetector, Prediction
-from anomalyvfm.detector.settings import Runtime, Settings
-from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
-from anomalyvfm.service.limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
-                                     DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS)
+from anomalyvfm.errors import ImageReadError, ImageTooLargeError
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
+from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memory
+from anomalyvfm.service.docs import mount_docs
+from anomalyvfm.service.limits import API_KEY_HEADER, ServiceLimits
+from anomalyvfm.service.observability import Metrics, RequestLog
+from anomalyvfm.service.schemas import BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse, Readiness
 from anomalyvfm.service.web import mount_web
+from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
+from anomalyvfm.version import __version__
 
 PART_OVERHEAD = 16 * 1024  # multipart headers and boundaries allowed per file on top of its bytes
 IMAGE_TYPES = ("image/", "application/octet-stream")
-
-MapPNG = Annotated[str | None, Field(description="with ?maps=true: base64 PNG (jet) at the image's size; blue is "
-                                                 "the validation mean, red twice the pixel threshold's distance above")]
-MaskPNG = Annotated[str | None, Field(description="with ?maps=true: base64 PNG, 255 where the pixel score is above "
-                                                  "the pixel threshold, else 0")]
-
-
-class PredictResponse(BaseModel):
-    score: float = Field(description="image anomaly score: mean of the highest top_percent % patch scores")
-    is_anomalous: bool = Field(description="score > threshold")
-    threshold: float = Field(description="the model's image threshold (validation mean + threshold_sigma std)")
-    model: str = Field(description="model directory name")
-    elapsed_ms: float = Field(description="server time for the request: upload, decode, queue, inference, maps")
-    anomaly_map_png: MapPNG = None
-    mask_png: MaskPNG = None
-
-
-class BatchItem(BaseModel):
-    filename: str
-    status: int = Field(description="200, or the status /predict would have answered for this file alone")
-    score: float | None = None
-    is_anomalous: bool | None = None
-    error: str | None = Field(None, description="why this file was not scored")
-    anomaly_map_png: MapPNG = None
-    mask_png: MaskPNG = None
-
-
-class BatchResponse(BaseModel):
-    model: str
-    threshold: float
-    results: list[BatchItem] = Field(description="one per uploaded file, in upload order")
-    elapsed_ms: float
-
-
-class Limits(BaseModel):
-    max_pixels: int
-    max_bytes: int
-    max_files: int
-
-
-def declared_fields(cls: type) -> dict[str, Any]:
-    """Pydantic field definitions of a settings dataclass, described by its declarations' help texts."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], Field(description=spec.help.replace("%%", "%"))) for f, spec in declared(cls)}
-
-
-ModelInfo = create_model(
-    "ModelInfo",
-    __doc__="The model card: every setting and runtime option (as declared), its thresholds and provenance.",
-    model=(str, Field(description="model directory name")),
-    **declared_fields(Settings),
-    **declared_fields(Runtime),
-    image_threshold=(float, ...),
-    pixel_threshold=(float, ...),
-    validation_stats=(dict[str, int | float], ...),
-    train_images=(int, Field(description="training images the model was fitted on")),
-    fitted_at=(str, Field(description="when the model was fitted (ISO 8601, UTC; empty for older models)")),
-    fitted_with_version=(str, Field(description="anomalyvfm version that fitted the model")),
-    package_version=(str, Field(description="anomalyvfm version serving it")),
-    limits=(Limits, ...),
-)
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class ErrorResponse(BaseModel):
-    detail: str
-
-
-class InferenceWorker:
-    """The single thread that calls the detector; requests queued while it works become its next batch."""
-
-    def __init__(self, detector: AnomalyDetector) -> None:
-        self.detector = detector
-        self._jobs: queue.SimpleQueue[tuple[np.ndarray, Future[Prediction]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="anomalyvfm-inference", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-    async def predict(self, image: np.ndarray) -> Prediction:
-        future: Future[Prediction] = Future()
-        self._jobs.put((image, future))
-        return await asyncio.wrap_future(future)
-
-    def _next_batch(self) -> list[tuple[np.ndarray, Future[Prediction]]] | None:
-        """Block for one job, then take whatever else is already waiting; None once asked to stop."""
-        job = self._jobs.get()
-        if job is None:
-            return None
-        batch = [job]
-        while len(batch) < self.detector.runtime.batch_size:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._jobs.put(None)  # finish this batch, stop on the next call
-                break
-            batch.append(job)
-        # Requests whose client went away were cancelled; skip them rather than score for nobody.
-        return [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
-
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                preds = self.detector.predict_iter([image for image, _ in batch], progress=None)
-                for (_, future), pred in zip(batch, preds, strict=True):
-                    future.set_result(pred)
-            except Exception as exc:  # fail this batch's requests, keep serving the next ones
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -188,57 +66,80 @@ def elapsed_ms(start: float) -> float:
 
 
 class Service:
-    """A loaded detector plus the limits and steps every request goes through."""
+    """A loaded detector plus the limits, budgets and steps every request goes through."""
 
-    def __init__(self, model_dir: str | Path, max_pixels: int, max_bytes: int, max_files: int, **overrides: Any) -> None:
-        if not 1 <= max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels):
-            raise UserInputError(f"--max-pixels must be between 1 and PIL's decompression-bomb limit "
-                                 f"{Image.MAX_IMAGE_PIXELS}, got {max_pixels}")
-        if max_bytes < 1 or max_files < 1:
-            raise UserInputError(f"--max-bytes and --max-files must be at least 1, got {max_bytes} and {max_files}")
+    def __init__(self, model_dir: str | Path, limits: ServiceLimits, **overrides: Any) -> None:
+        limits.validate(Image.MAX_IMAGE_PIXELS)
         self.detector = AnomalyDetector.load(model_dir, **overrides)  # weights load now, not at the first request
         self.name = Path(model_dir).resolve().name
-        self.limits = Limits(max_pixels=max_pixels, max_bytes=max_bytes, max_files=max_files)
+        self.limits = limits
         thresholds = self.detector.thresholds()
         self.threshold = float(thresholds.image_threshold)
         self.display = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
-        self.worker = InferenceWorker(self.detector)
+        tiled = self.detector.settings.tile_size  # tiling bounds work by pixels, not by shape
+        self.max_aspect = None if tiled else self.detector.runtime.max_aspect_ratio
+        self.pixels, self.body_bytes = Budget(limits.max_inflight_pixels), Budget(limits.max_inflight_bytes)
+        self.metrics = Metrics(queue_depth=lambda: self.worker.depth, inflight_pixels=lambda: self.pixels.used)
+        self.worker = InferenceWorker(self.detector, limits.max_queue, on_batch=self.metrics.batch)
 
-    async def read_uploads(self, request: Request, field: str, max_files: int) -> list[UploadFile]:
-        """The files posted in multipart `field`, parsed in memory with the body cut at the size limit."""
+    def busy(self, reason: str, detail: str) -> HTTPException:
+        self.metrics.reject(reason)
+        return HTTPException(503, detail, headers=RETRY_AFTER)
+
+    @asynccontextmanager
+    async def uploads(self, request: Request, field: str, max_files: int) -> AsyncIterator[list[UploadFile]]:
+        """The files posted in multipart `field`, parsed in memory; their bytes are held in the byte budget
+        until the block ends. The body must arrive within `body_timeout` and stay under the size limit."""
         content_type = request.headers.get("content-type")
         if not content_type:
             raise HTTPException(400, f"no image sent: post it as multipart/form-data in field '{field}'")
         if content_type.split(";")[0].strip().lower() != "multipart/form-data":
             raise HTTPException(415, f"content type {content_type} is not multipart/form-data "
                                      f"(post the image in field '{field}')")
-        limit = max_files * (self.limits.max_bytes + PART_OVERHEAD)
+        limit = min(max_files * (self.limits.max_bytes + PART_OVERHEAD), self.limits.max_inflight_bytes)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"request body of {declared} bytes is over the limit of {limit}")
+        held = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout
 
         async def body() -> AsyncIterator[bytes]:
-            received = 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
+            nonlocal held
+            chunks = request.stream().__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), max(deadline - loop.time(), 0.001))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise HTTPException(408, f"request body not received within {self.limits.body_timeout:g} s") from None
+                if held + len(chunk) > limit:
                     raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+                if not self.body_bytes.try_take(len(chunk)):
+                    raise self.busy("body_bytes", f"server busy: request bodies in memory at the limit of "
+                                                  f"{self.limits.max_inflight_bytes} bytes; retry shortly")
+                held += len(chunk)
                 yield chunk
 
-        parser = MultiPartParser(request.headers, body(), max_files=max_files, max_fields=16)
-        parser.spool_max_size = limit  # never roll over to a temporary file: the body stops at `limit`
         try:
-            form = await parser.parse()
-        except MultiPartException as exc:
-            raise HTTPException(400, f"multipart body refused: {exc.message}") from None
-        values = form.getlist(field)
-        if not values:
-            raise HTTPException(400, f"no file in multipart field '{field}'")
-        if not all(isinstance(value, UploadFile) for value in values):
-            raise HTTPException(400, f"multipart field '{field}' must be a file upload, not text")
-        return values
+            parser = MultiPartParser(request.headers, body(), max_files=max_files, max_fields=16)
+            parser.spool_max_size = limit  # never roll over to a temporary file: the body stops at `limit`
+            try:
+                form = await parser.parse()
+            except MultiPartException as exc:
+                raise HTTPException(400, f"multipart body refused: {exc.message}") from None
+            values = form.getlist(field)
+            if not values:
+                raise HTTPException(400, f"no file in multipart field '{field}'")
+            if not all(isinstance(value, UploadFile) for value in values):
+                raise HTTPException(400, f"multipart field '{field}' must be a file upload, not text")
+            yield values
+        finally:
+            self.body_bytes.give(held)
 
-    async def decode(self, upload: UploadFile) -> np.ndarray:
+    async def read(self, upload: UploadFile) -> bytes:
+        """The upload's bytes, after the checks that need no decoding."""
         name = upload.filename or "upload"
         if upload.content_type and not upload.content_type.lower().startswith(IMAGE_TYPES):
             raise HTTPException(415, f"{name}: content type {upload.content_type} is not an image")
@@ -247,24 +148,61 @@ class Service:
         data = await upload.read()
         if not data:
             raise HTTPException(400, f"{name}: file is empty")
-        try:
-            return await run_in_threadpool(load_rgb, data, self.limits.max_pixels)
-        except ImageTooLargeError as exc:
-            raise HTTPException(413, f"{name}: {exc}") from None
-        except ImageReadError as exc:
-            raise HTTPException(422, f"{name}: {exc}") from None
+        return data
 
     def maps(self, pred: Prediction) -> dict[str, str]:
         return {"anomaly_map_png": png_base64(heatmap(pred.anomaly_map, *self.display)),
                 "mask_png": png_base64(mask_image(pred.mask))}
 
-    async def score(self, upload: UploadFile, with_maps: bool) -> dict[str, Any]:
-        """Fields of one scored upload; raises `HTTPException` if it is not a usable image."""
-        pred = await self.worker.predict(await self.decode(upload))
-        result: dict[str, Any] = {"score": pred.score, "is_anomalous": pred.is_anomalous}
-        if with_maps:
-            result |= await run_in_threadpool(self.maps, pred)
-        return result
+    async def score(self, upload: UploadFile, with_maps: bool, deadline: float) -> dict[str, Any]:
+        """Fields of one scored upload; raises `HTTPException` if it is not a usable image or the server is busy.
+
+        The image's pixels are taken from the pixel budget before it is decoded and given back once its
+        answer (maps included) is built, so decoded images, maps and their PNGs in flight stay within it.
+        """
+        name = upload.filename or "upload"
+        data = await self.read(upload)
+        try:
+            width, height = await run_in_threadpool(declared_size, data)
+            check_shape(width, height, self.limits.max_pixels, self.max_aspect)
+        except ImageTooLargeError as exc:
+            raise HTTPException(413, f"{name}: {exc}") from None
+        except ImageReadError as exc:
+            raise HTTPException(422, f"{name}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        try:
+            await self.pixels.take(width * height, deadline - loop.time())
+        except TimeoutError:
+            raise self.busy("pixel_budget", f"server busy: {self.pixels.used} decoded pixels in flight "
+                                            f"(limit {self.pixels.total}); retry shortly") from None
+        try:
+            try:
+                image = await run_in_threadpool(load_rgb, data, self.limits.max_pixels, self.max_aspect)
+            except ImageTooLargeError as exc:
+                raise HTTPException(413, f"{name}: {exc}") from None
+            except ImageReadError as exc:
+                raise HTTPException(422, f"{name}: {exc}") from None
+            del data
+            try:
+                pred = await self.worker.predict(image, with_maps, deadline - loop.time())
+            except JobFailed as exc:
+                raise HTTPException(500, f"{name}: {exc}") from None
+            except HTTPException as exc:
+                if exc.status_code == 503:
+                    self.metrics.reject("queue")
+                raise
+            self.metrics.scored(pred.is_anomalous)
+            result: dict[str, Any] = {"score": pred.score, "is_anomalous": pred.is_anomalous}
+            if with_maps:
+                result |= await run_in_threadpool(self.maps, pred)
+            return result
+        finally:
+            self.pixels.give(width * height)
+            if release_memory and width * height >= TRIM_AFTER_PIXELS and self.pixels.used == 0:
+                await run_in_threadpool(release_memory)
+
+    def deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.limits.request_timeout
 
     def info(self) -> ModelInfo:
         d, t = self.detector, self.detector.thresholds()
@@ -272,8 +210,13 @@ class Service:
             model=self.name, **to_dict(d.settings), **{**to_dict(d.runtime), "score": d.score_mode},
             image_threshold=t.image_threshold, pixel_threshold=t.pixel_threshold, validation_stats=t.validation_stats,
             train_images=d.record.train_images, fitted_at=d.record.fitted_at,
-            fitted_with_version=d.record.package_version, package_version=__version__, limits=self.limits,
+            fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
         )
+
+    def readiness(self) -> Readiness:
+        ready = self.worker.alive and not self.worker.full
+        return Readiness(status="ready" if ready else "not ready", model_loaded=True, worker_alive=self.worker.alive,
+                         queue_depth=self.worker.depth, queue_capacity=self.limits.max_queue)
 
 
 def upload_body(field: str, many: bool) -> dict[str, Any]:
@@ -295,32 +238,29 @@ def require_api_key(expected: str) -> Any:
     return Depends(check)
 
 
-def create_app(
-    model_dir: str | Path,
-    api_key: str | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_files: int = DEFAULT_MAX_FILES,
-    **overrides: Any,
-) -> FastAPI:
+def create_app(model_dir: str | Path, api_key: str | None = None, limits: ServiceLimits | None = None,
+               **overrides: Any) -> FastAPI:
     """Load the model now (a bad model directory raises `UserInputError` before anything listens).
 
-    `overrides` go to `AnomalyDetector.load` (device, batch_size, precision). With `api_key`, every endpoint
-    but `/health` needs it in `X-API-Key`; `/health` stays open for load balancers and orchestrators, and
-    `/docs` and `/openapi.json` stay open because they describe the API without exposing model or data.
+    `overrides` go to `AnomalyDetector.load` (device, batch_size, precision, max_aspect_ratio). With
+    `api_key`, every endpoint but the health checks needs it in `X-API-Key`; health stays open for load
+    balancers and orchestrators, and `/docs`, `/openapi.json` and `/metrics` stay open because they
+    describe the API and its load without exposing model or data.
     """
-    service = Service(model_dir, max_pixels, max_bytes, max_files, **overrides)
+    limits = limits or ServiceLimits()
+    service = Service(model_dir, limits, **overrides)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.worker.start()
         yield
-        service.worker.stop()
+        await run_in_threadpool(service.worker.stop, limits.shutdown_timeout)
 
-    app = FastAPI(title="AnomalyVFM inspection service", version=__version__, lifespan=lifespan,
-                  description="Score images of parts with a fitted AnomalyVFM model. Every error is "
-                              '`{"detail": "<one line>"}`.')
-    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422)}
+    app = FastAPI(title="AnomalyVFM inspection service", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="Score images of parts with a fitted AnomalyVFM model. Every error is "
+                                              '`{"detail": "<one line>"}`; limits and errors: docs/serving.md.')
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
+                                               for code in (400, 408, 413, 415, 422, 500, 503)}
     if api_key:
         errors[401] = {"model": ErrorResponse}
     maps_query = Query(False, description="also return the anomaly heat map and the defect mask as base64 PNGs")
@@ -331,8 +271,8 @@ def create_app(
     async def predict(request: Request, maps: bool = maps_query) -> dict[str, Any]:
         """Upload one image in multipart field `file`; get its anomaly score and pass/fail decision."""
         start = time.perf_counter()
-        (upload,) = await service.read_uploads(request, "file", max_files=1)
-        result = await service.score(upload, maps)
+        async with service.uploads(request, "file", max_files=1) as (upload,):
+            result = await service.score(upload, maps, service.deadline())
         return {**result, "threshold": service.threshold, "model": service.name, "elapsed_ms": elapsed_ms(start)}
 
     @router.post("/predict/batch", response_model=BatchResponse, response_model_exclude_none=True,
@@ -341,16 +281,17 @@ def create_app(
         """Upload images in multipart field `files` (repeated). A file that cannot be scored gets `error` and
         the status `/predict` would have given it; the others are still scored and the response is 200."""
         start = time.perf_counter()
-        uploads = await service.read_uploads(request, "files", max_files=service.limits.max_files)
 
-        async def item(upload: UploadFile) -> dict[str, Any]:
+        async def item(upload: UploadFile, deadline: float) -> dict[str, Any]:
             name = upload.filename or "upload"
             try:
-                return {"filename": name, "status": 200, **await service.score(upload, maps)}
+                return {"filename": name, "status": 200, **await service.score(upload, maps, deadline)}
             except HTTPException as exc:
                 return {"filename": name, "status": exc.status_code, "error": exc.detail}
 
-        results = await asyncio.gather(*(item(upload) for upload in uploads))
+        async with service.uploads(request, "files", max_files=limits.max_files) as uploads:
+            deadline = service.deadline()  # one deadline for all the files, from the body's arrival
+            results = await asyncio.gather(*(item(upload, deadline) for upload in uploads))
         return {"model": service.name, "threshold": service.threshold, "results": results,
                 "elapsed_ms": elapsed_ms(start)}
 
@@ -358,56 +299,34 @@ def create_app(
     async def model_info() -> ModelInfo:
         return service.info()
 
-    @app.get("/health", response_model=Health, summary="Liveness check (never needs the API key)")
-    async def health() -> dict[str, str]:
+    @app.get("/health/live", response_model=Health, summary="Liveness: the server answers (never needs the API key)")
+    @app.get("/health", response_model=Health, summary="Alias of /health/live (never needs the API key)")
+    async def live() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}},
+             summary="Readiness: model loaded, inference thread alive, queue not full (503 otherwise)")
+    async def ready() -> JSONResponse:
+        state = service.readiness()
+        return JSONResponse(state.model_dump(), status_code=200 if state.status == "ready" else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics (needs prometheus-client: the serve extra)",
+             responses={501: {"model": ErrorResponse}})
+    async def metrics() -> Response:
+        if not service.metrics.enabled:
+            raise HTTPException(501, "metrics need prometheus-client: pip install 'anomalyvfm[serve]'")
+        body, content_type = service.metrics.exposition()
+        return Response(body, media_type=content_type)
+
     app.include_router(router)
+    mount_docs(app)
     mount_web(app)
+    app.state.service = service  # for the web page (service/web.py) and tests that inspect the running service
 
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__} (see server log)"}, status_code=500)
-
+    app.add_middleware(RequestLog, metrics=service.metrics)
     return app
-
-
-def run_server(
-    model_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_files: int = DEFAULT_MAX_FILES,
-    **overrides: Any,
-) -> None:
-    """Take the port, load the model, then serve until interrupted (Ctrl-C or SIGTERM shut down gracefully).
-
-    The port is bound before the model loads, so a port already in use is reported at once, in one line.
-    """
-    sock = listening_socket(host, port)
-    app = create_app(model_dir, api_key, max_pixels, max_bytes, max_files, **overrides)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, limit_concurrency=DEFAULT_MAX_CONNECTIONS))
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a success
-        pass
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port); a `UserInputError` naming the address when that fails."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UserInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
