@@ -33,6 +33,7 @@ from anomalyvfm.scoring.views import Scored, fuse, view_statistics
 from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.maps.thresholds import sigma_threshold
+from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.moments import RunningMoments
 from anomalyvfm.scoring.score_modes import SCORE_MODES, RawScores, combine, fusion_stats, raw_scores
 from anomalyvfm.scoring.scorers import SCORERS, PatchScorer, make_scorer
@@ -125,18 +126,6 @@ class DetectorConfig:
         if self.tile_size:
             return [(self.image_size, Tiling(self.tile_size, self.tile_overlap, self.tile_scale))]
         return [(size, None) for size in sorted(self.scales or (self.image_size,))]
-
-
-@dataclass
-class Prediction:
-    """Result for one image. On a read failure `error` is set and the other fields are empty."""
-
-    source: str
-    score: float = float("nan")
-    is_anomalous: bool = False
-    anomaly_map: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    error: str | None = None
 
 
 class AnomalyDetector:
