@@ -43,7 +43,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from anomalyvfm import __version__
 from anomalyvfm.data.images import load_rgb
-from anomalyvfm.detector.detector import AnomalyDetector, Prediction
+from anomalyvfm.deploy.load import load_predictor
+from anomalyvfm.prediction import Prediction
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 from anomalyvfm.service.limits import (API_KEY_HEADER, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS,
                                      DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS)
@@ -122,7 +123,7 @@ class ErrorResponse(BaseModel):
 class InferenceWorker:
     """The single thread that calls the detector; requests queued while it works become its next batch."""
 
-    def __init__(self, detector: AnomalyDetector) -> None:
+    def __init__(self, detector) -> None:  # an AnomalyDetector or an exported BundlePredictor
         self.detector = detector
         self._jobs: queue.SimpleQueue[tuple[np.ndarray, Future[Prediction]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -189,7 +190,7 @@ class Service:
                                  f"{Image.MAX_IMAGE_PIXELS}, got {max_pixels}")
         if max_bytes < 1 or max_files < 1:
             raise UserInputError(f"--max-bytes and --max-files must be at least 1, got {max_bytes} and {max_files}")
-        self.detector = AnomalyDetector.load(model_dir, **overrides)
+        self.detector = load_predictor(model_dir, **overrides)
         self.detector.backbone  # load the weights now: the first request should not pay for it
         self.name = Path(model_dir).resolve().name
         self.limits = Limits(max_pixels=max_pixels, max_bytes=max_bytes, max_files=max_files)
@@ -300,7 +301,7 @@ def create_app(
 ) -> FastAPI:
     """Load the model now (a bad model directory raises `UserInputError` before anything listens).
 
-    `overrides` go to `AnomalyDetector.load` (device, batch_size, precision). With `api_key`, every endpoint
+    `overrides` go to `load_predictor` (device, batch_size, precision); `model_dir` may be an exported bundle. With `api_key`, every endpoint
     but `/health` needs it in `X-API-Key`; `/health` stays open for load balancers and orchestrators, and
     `/docs` and `/openapi.json` stay open because they describe the API without exposing model or data.
     """
