@@ -8,7 +8,8 @@ from anomalyvfm import AnomalyDetector
 from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.data.transforms import to_tensor
 from anomalyvfm.demo import textured_image
-from anomalyvfm.features.extraction import Tiling, extract_features
+from anomalyvfm.features.extraction import extract_features
+from anomalyvfm.features.tiles import Tiling
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

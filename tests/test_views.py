@@ -11,7 +11,7 @@ from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.demo import textured_image
-from anomalyvfm.features.foreground import suppress_background
+from anomalyvfm.scoring.distances import suppress_background
 from anomalyvfm.scoring.views import fuse
 
 
@@ -63,8 +63,8 @@ def test_multiscale_standardises_views_before_averaging(backbone_dir, data_root)
 
 
 def test_suppression_caps_background_at_the_foreground_median():
-    scores = torch.tensor([[9.0, 1.0, 2.0, 3.0, 0.5]])
-    foreground = torch.tensor([[False, False, False, True, True]])
+    scores = np.array([[9.0, 1.0, 2.0, 3.0, 0.5]], np.float32)
+    foreground = np.array([[False, False, False, True, True]])
     # column 2 is within one patch of the foreground and kept; 0 and 1 are capped at median(3, 0.5) = 0.5
     assert suppress_background(scores, foreground).tolist() == [[0.5, 0.5, 2.0, 3.0, 0.5]]
 

@@ -29,7 +29,7 @@ from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import processed_size, to_tensor
 from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features.extraction import prefetch
+from anomalyvfm.features.tiles import prefetch
 from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.adaptation.losses import LOSSES, patch_loss, patch_targets
 from anomalyvfm.data.synthesis import synthesize

@@ -18,7 +18,7 @@ from typing import Sequence
 from PIL import Image
 
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
-from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
+from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
@@ -30,12 +30,15 @@ from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, mask_image, overlay
 from anomalyvfm.optional import require
 from anomalyvfm.prediction import Prediction
+from anomalyvfm.scoring.score_modes import SCORE_MODES
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
 
 
 def load_model(args: argparse.Namespace) -> AnomalyDetector:
-    """A saved model with the runtime options applied."""
-    return AnomalyDetector.load(args.model, **runtime_from_args(args))
+    """A saved model or an exported bundle (`anomalyvfm.deploy`) with the runtime options applied."""
+    from anomalyvfm.deploy.load import load_predictor
+
+    return load_predictor(args.model, **runtime_from_args(args))
 
 
 def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
@@ -234,6 +237,23 @@ def cmd_export_submission(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from anomalyvfm.deploy.export import export_bundle
+
+    detector = AnomalyDetector.load(args.model, device="cpu", score=args.score)
+    calibration = []
+    if args.data:  # the model's own good images: validation first, then evenly spaced training images
+        dataset = load_dataset(args.data, args.category, args.layout)
+        calibration = [s.path for s in dataset.split("validation")]
+        calibration += evenly_spaced([s.path for s in dataset.split("train")], max(0, args.calibration_images - len(calibration)))
+        calibration = calibration[: args.calibration_images]
+    out = export_bundle(detector, args.out, args.format, args.precision, calibration)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(f"exported {out} ({args.format} {args.precision}, {size:.1f} MB"
+          + (f", int8 calibrated on {len(calibration)} good images" if args.precision == "int8" else "") + ")")
+    return 0
+
+
 class VariantParser(argparse.ArgumentParser):
     """The fit options of one benchmark variant; a mistake is a `UserInputError`, not an exit."""
 
@@ -294,6 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="submission folder")
     add_runtime_options(export)
     export.set_defaults(func=cmd_export_submission)
+
+    exp = sub.add_parser("export", help="write an inference bundle (OpenVINO / ONNX) that runs without torch")
+    exp.add_argument("--model", required=True, help="model directory written by fit")
+    exp.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    exp.add_argument("--format", choices=("openvino", "onnx"), default="openvino", help="engine (default openvino)")
+    exp.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                     help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs) or int8 (NNCF, needs --data)")
+    exp.add_argument("--data", help="dataset root of the model's good images, to calibrate int8 (never test images)")
+    exp.add_argument("--category", help="category folder under --data")
+    exp.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    exp.add_argument("--calibration-images", type=int, default=64, help="good images for int8 calibration "
+                     "(validation first, then evenly spaced training images; default 64)")
+    exp.add_argument("--score", choices=SCORE_MODES, help="score mode to export (only distance is exportable)")
+    exp.set_defaults(func=cmd_export)
 
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
     synth.add_argument("--data", required=True, help="dataset root folder")

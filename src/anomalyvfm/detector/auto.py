@@ -23,7 +23,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.detector.candidates import block_dims, fit_candidates, score_candidates, with_synthetic_anomalies
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.features.backbone import Backbone, default_layers, load_backbone
-from anomalyvfm.features.extraction import Tiling
+from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.scoring.scorers import SCORERS, make_scorer
 
 AUTO_TRAIN = 32  # training images fitted per candidate while choosing; the final fit uses all of them

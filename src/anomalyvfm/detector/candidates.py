@@ -17,7 +17,8 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.data.synthesis import synthetic_set
 from anomalyvfm.evaluation import metrics as M
 from anomalyvfm.features.backbone import Backbone
-from anomalyvfm.features.extraction import FailedImage, Tiling, extract_features
+from anomalyvfm.features.extraction import FailedImage, extract_features
+from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.scoring.pooling import image_score
 from anomalyvfm.scoring.scorers import PatchScorer

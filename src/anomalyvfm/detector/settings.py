@@ -14,7 +14,7 @@ from anomalyvfm.adaptation.training import AdaptationConfig
 from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.backbone import DEFAULT_BACKBONE, PRECISIONS
-from anomalyvfm.features.extraction import Tiling
+from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.features.foreground import FOREGROUND_MODES
 from anomalyvfm.scoring.score_modes import SCORE_MODES
 from anomalyvfm.scoring.scorers import SCORERS

@@ -24,7 +24,6 @@ from anomalyvfm.evaluation import html_report, report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features.extraction import ImageFeatures
 from anomalyvfm.maps.render import display_range
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
@@ -109,14 +108,14 @@ def _patch_sample(detector: AnomalyDetector, paths: list, masks: list | None, se
     """Patch features of `paths` (only patches at least half inside `masks`, when given), subsampled."""
     picked = []
     for i, item in enumerate(detector.features(paths)):
-        if not isinstance(item, ImageFeatures):
+        if getattr(item, "error", None) is not None:  # a FailedImage (or an exported runtime's failure)
             continue
         h, w, dim = item.features.shape
-        features = item.features.reshape(h * w, dim)
+        features = np.asarray(item.features).reshape(h * w, dim)
         if masks is not None:
             cover = F.adaptive_avg_pool2d(torch.from_numpy(masks[i]).float()[None, None], (h, w)).reshape(-1)
-            features = features[cover >= 0.5]
-        picked.append(features.numpy())
+            features = features[cover.numpy() >= 0.5]
+        picked.append(features)
     if not picked:
         return np.zeros((0, detector.pipeline.backbone.feature_dim), np.float32)
     allf = np.concatenate(picked)

@@ -80,11 +80,15 @@ class Backbone(nn.Module):
             out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         return tuple(out.hidden_states[layer].float() for layer in self.layers)
 
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, h*w, C)` patch features, each block's part L2-normalised; shape-agnostic, so the exported
+        graph (`anomalyvfm.deploy.export`) is this method with dynamic height and width."""
+        parts = [F.normalize(tokens[:, self.num_prefix_tokens :], dim=-1) for tokens in self.block_tokens(pixel_values)]
+        return torch.cat(parts, dim=-1)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         b, _, height, width = pixel_values.shape
-        h, w = height // self.patch_size, width // self.patch_size
-        parts = [F.normalize(tokens[:, self.num_prefix_tokens :], dim=-1) for tokens in self.block_tokens(pixel_values)]
-        return torch.cat(parts, dim=-1).reshape(b, h, w, -1)
+        return self.patch_features(pixel_values).reshape(b, height // self.patch_size, width // self.patch_size, -1)
 
 
 def load_backbone(

@@ -16,10 +16,9 @@ training images (stitched the same way) give the scorer the same statistics it m
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,11 +27,9 @@ from tqdm.auto import tqdm
 
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.data.images import ImageLike, load_rgb
-from anomalyvfm.data.transforms import processed_size, scaled_size, to_tensor
+from anomalyvfm.data.transforms import to_tensor
 from anomalyvfm.errors import ImageReadError
-
-T = TypeVar("T")
-R = TypeVar("R")
+from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_size
 
 
 @dataclass
@@ -55,23 +52,6 @@ class FailedImage:
     error: str
 
 
-def describe(image: ImageLike, index: int) -> str:
-    """A name for an input in messages and reports: its path, or its position for in-memory images."""
-    return str(image) if isinstance(image, str) or hasattr(image, "__fspath__") else f"<image {index}>"
-
-
-def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 4) -> Iterator[R]:
-    """`map(fn, items)` computed up to `depth` items ahead in a thread (decoding overlaps compute)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 def failure(source: str, exc: BaseException) -> str:
     """One line for an unexpected exception while processing `source` (a MemoryError's text is often empty)."""
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -87,21 +67,6 @@ def _load(indexed: tuple[int, ImageLike], max_aspect: float | None) -> tuple[int
         return index, source, str(exc)
     except Exception as exc:  # e.g. MemoryError decoding a huge file: that image fails, the run goes on
         return index, source, failure(source, exc)
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Score an image as overlapping `size`-px tiles of the image resized by `scale` (px are backbone px)."""
-
-    size: int
-    overlap: int
-    scale: float = 1.0
-
-    def starts(self, length: int) -> list[int]:
-        """Tile offsets along a side of `length` px: every `size - overlap` px, the last one flush with the end."""
-        if length <= self.size:
-            return [0]
-        return list(range(0, length - self.size, self.size - self.overlap)) + [length - self.size]
 
 
 class _Stitch:
@@ -140,16 +105,6 @@ class _Stitch:
         if len(self.crops) > 1:
             grid = F.normalize(grid.unflatten(-1, (-1, self.hidden_size)), dim=-1).flatten(-2)
         return ImageFeatures(self.index, self.source, grid, self.image_shape, self.processed_shape)
-
-
-def _crops(tensor: torch.Tensor, tiling: Tiling | None) -> list[tuple[int, int, torch.Tensor]]:
-    """(top, left, crop) of the whole image, or of each tile (views, not copies)."""
-    height, width = tensor.shape[1:]
-    if tiling is None:
-        return [(0, 0, tensor)]
-    th, tw = min(tiling.size, height), min(tiling.size, width)
-    return [(top, left, tensor[:, top : top + th, left : left + tw])
-            for top in tiling.starts(height) for left in tiling.starts(width)]
 
 
 def extract_features(
@@ -212,11 +167,9 @@ def extract_features(
         else:
             try:
                 height, width = loaded.shape[:2]
-                size = (scaled_size(height, width, tiling.scale, patch) if tiling
-                        else processed_size(height, width, image_size, patch))
-                tensor = to_tensor(loaded, size)
+                tensor = to_tensor(loaded, view_size(height, width, image_size, tiling, patch))
                 del loaded
-                stitch = _Stitch(index, source, (height, width), tensor, _crops(tensor, tiling), patch,
+                stitch = _Stitch(index, source, (height, width), tensor, crops(tensor, tiling), patch,
                                  backbone.hidden_size)
             except Exception as exc:  # resizing a huge image can run out of memory: only this image fails
                 in_flight.append(FailedImage(index, source, failure(source, exc)))

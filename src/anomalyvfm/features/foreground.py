@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from anomalyvfm.features.masks import foreground_mask
 
 FOREGROUND_MODES = ("off", "on", "auto")
 SAMPLE_PATCHES = 20_000  # training patches kept for the PCA: ample for one direction, bounded memory
@@ -88,7 +89,7 @@ class ForegroundModel:
 
     def mask(self, grid: torch.Tensor) -> torch.Tensor:
         """`(h, w)` bool: patches of an `(h, w, C)` grid on the foreground side of the threshold."""
-        return (grid.float() - self.mean) @ self.component > self.threshold
+        return torch.from_numpy(foreground_mask(grid, self.mean.numpy(), self.component.numpy(), self.threshold))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "component": self.component,
@@ -114,11 +115,3 @@ def looks_like_object(stats: dict[str, float]) -> bool:
     """The `auto` rule: apply the mask only for an object on a background (see the module docstring)."""
     return (stats["coverage"] <= AUTO_MAX_COVERAGE and stats["centre"] - stats["border"] >= AUTO_MIN_CONTRAST
             and stats["separability"] >= AUTO_MIN_SEPARABILITY)
-
-
-def suppress_background(scores: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    """Cap scores outside `foreground` (dilated by one patch) at the median foreground score of the image."""
-    if not foreground.any():
-        return scores
-    grown = F.max_pool2d(foreground.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
-    return torch.where(grown, scores, scores.clamp(max=float(scores[foreground].median())))

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from anomalyvfm.scoring.coreset import greedy_coreset
+from anomalyvfm.scoring.distances import knn_distance, mahalanobis_distance
 
 SCORERS = ("mahalanobis", "knn")
-_CHUNK = 8192  # rows scored at once: bounds memory on very large images
 
 
 class PatchScorer(Protocol):
@@ -90,8 +90,7 @@ class MahalanobisScorer:
         self._sum = self._outer = None
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        x = features.reshape(-1, features.shape[-1]).float()
-        return torch.cat([((c - self.mean) @ self.whitener).norm(dim=1) for c in x.split(_CHUNK)])
+        return torch.from_numpy(mahalanobis_distance(features, self.mean.numpy(), self.whitener.numpy()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "whitener": self.whitener, "shrinkage": torch.tensor([self.shrinkage])}
@@ -139,8 +138,7 @@ class KNNScorer:
         self._reservoir = None
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=1)
-        return torch.cat([1 - (c @ self.bank.T).amax(dim=1) for c in x.split(_CHUNK)])
+        return torch.from_numpy(knn_distance(features, self.bank.numpy()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"bank": self.bank}

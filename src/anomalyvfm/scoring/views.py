@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from anomalyvfm.features.foreground import suppress_background
+from anomalyvfm.scoring.distances import fuse_views, suppress_background
 from anomalyvfm.scoring.moments import RunningMoments
 
 
@@ -46,12 +45,11 @@ def fuse(scored: ViewScores, view_stats: list[dict[str, float]], suppress: bool)
     """`(h, w)` scores on the finest view's grid: standardised views averaged, background capped if `suppress`.
 
     A single view keeps its scorer's own units, so single-view models behave as they always have.
+    The arithmetic is `distances` (numpy), shared with the exported runtime.
     """
     grid = scored.grids[-1]
     if len(scored.grids) > 1:
-        standard = [(g - s["mean"]) / s["std"] for g, s in zip(scored.grids, view_stats)]
-        grid = torch.stack([F.interpolate(g[None, None], size=grid.shape, mode="bilinear", align_corners=False)[0, 0]
-                            for g in standard]).mean(0)
+        grid = torch.from_numpy(fuse_views([g.numpy() for g in scored.grids], view_stats))
     if suppress and scored.foreground is not None:
-        grid = suppress_background(grid, scored.foreground)
+        grid = torch.from_numpy(suppress_background(grid.numpy(), scored.foreground.numpy()))
     return grid

@@ -39,14 +39,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from anomalyvfm.declare import to_dict
 from anomalyvfm.data.images import check_shape, declared_size, load_rgb
-from anomalyvfm.detector.detector import AnomalyDetector, Prediction
+from anomalyvfm.deploy.load import load_predictor
+from anomalyvfm.prediction import Prediction
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
 from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memory
 from anomalyvfm.service.docs import mount_docs
 from anomalyvfm.service.limits import API_KEY_HEADER, ServiceLimits
 from anomalyvfm.service.observability import Metrics, RequestLog
-from anomalyvfm.service.schemas import BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse, Readiness
+from anomalyvfm.service.schemas import (DECLARED_NAMES, BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse,
+                                        Readiness)
 from anomalyvfm.service.web import mount_web
 from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
 from anomalyvfm.version import __version__
@@ -70,7 +72,7 @@ class Service:
 
     def __init__(self, model_dir: str | Path, limits: ServiceLimits, **overrides: Any) -> None:
         limits.validate(Image.MAX_IMAGE_PIXELS)
-        self.detector = AnomalyDetector.load(model_dir, **overrides)  # weights load now, not at the first request
+        self.detector = load_predictor(model_dir, **overrides)  # weights load now, not at the first request
         self.name = Path(model_dir).resolve().name
         self.limits = limits
         thresholds = self.detector.thresholds()
@@ -205,9 +207,10 @@ class Service:
         return asyncio.get_running_loop().time() + self.limits.request_timeout
 
     def info(self) -> ModelInfo:
-        d, t = self.detector, self.detector.thresholds()
+        d, t = self.detector, self.detector.thresholds()  # a torch detector or an exported bundle
+        declared = {**to_dict(d.settings), **to_dict(d.runtime), "score": d.score_mode}
         return ModelInfo(
-            model=self.name, **to_dict(d.settings), **{**to_dict(d.runtime), "score": d.score_mode},
+            model=self.name, **{k: v for k, v in declared.items() if k in DECLARED_NAMES},
             image_threshold=t.image_threshold, pixel_threshold=t.pixel_threshold, validation_stats=t.validation_stats,
             train_images=d.record.train_images, fitted_at=d.record.fitted_at,
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
@@ -242,7 +245,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
                **overrides: Any) -> FastAPI:
     """Load the model now (a bad model directory raises `UserInputError` before anything listens).
 
-    `overrides` go to `AnomalyDetector.load` (device, batch_size, precision, max_aspect_ratio). With
+    `model_dir` may be an exported bundle; `overrides` go to `load_predictor` (device, batch_size, precision, max_aspect_ratio). With
     `api_key`, every endpoint but the health checks needs it in `X-API-Key`; health stays open for load
     balancers and orchestrators, and `/docs`, `/openapi.json` and `/metrics` stay open because they
     describe the API and its load without exposing model or data.

@@ -63,6 +63,7 @@ ModelInfo = create_model(
     package_version=(str, Field(description="anomalyvfm version serving it")),
     limits=(dict[str, Any], Field(description="the server's limits and timeouts (docs/serving.md)")),
 )
+DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 
 
 class Health(BaseModel):

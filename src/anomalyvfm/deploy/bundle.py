@@ -1,0 +1,69 @@
+"""The inference-bundle format: a folder with a manifest, the backbone graph and the scorer arrays.
+
+    manifest.json    format version, engine format and precision, the detector's settings and
+                     thresholds, the backbone's geometry, and a SHA-256 of every other file
+    backbone.xml/.bin   OpenVINO IR  (format "openvino")   or   backbone.onnx  (format "onnx")
+    scorer.npz       per view `view<i>.bank` (kNN) or `view<i>.mean` + `view<i>.whitener` (Mahalanobis),
+                     plus `foreground.mean` / `foreground.component` when the model has a foreground model
+
+The graph maps `(B, 3, H, W)` float32 images in [0, 1] (H, W multiples of the patch size) to `(B, H*W/p², C)`
+patch features: ImageNet normalisation, the truncated DINOv2, and each kept block's L2 normalisation are
+inside it. Everything after it (scoring, view fusion, maps) is numpy code shared with the torch pipeline.
+Torch-free: the runtime imports this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from anomalyvfm.errors import UserInputError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCORER = "scorer.npz"
+FORMATS = ("openvino", "onnx")
+PRECISIONS = ("fp32", "bf16", "int8")
+GRAPH_FILES = {"openvino": ("backbone.xml", "backbone.bin"), "onnx": ("backbone.onnx",)}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` looks like an inference bundle (rather than a model directory)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """The checked manifest of a bundle; a `UserInputError` naming the file for anything unusable.
+
+    With `verify`, every listed file must exist with its recorded SHA-256, so a truncated copy or a
+    corrupted file is reported here rather than as a crash (or silently wrong scores) in the engine.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        version = int(manifest["format_version"])
+        files = dict(manifest["files"])
+        fmt, precision = manifest["format"], manifest["precision"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"{path}: unreadable bundle manifest ({type(exc).__name__}: {exc})") from None
+    if version > FORMAT_VERSION:
+        raise UserInputError(f"{path}: bundle format {version} is newer than this anomalyvfm reads ({FORMAT_VERSION}); "
+                             "upgrade anomalyvfm or export the model again with this version")
+    if fmt not in FORMATS or precision not in PRECISIONS:
+        raise UserInputError(f"{path}: unknown format '{fmt}' or precision '{precision}'")
+    for name, digest in files.items() if verify else ():
+        file = directory / name
+        if not file.is_file():
+            raise UserInputError(f"{file}: missing from the bundle (copy the whole folder)")
+        if sha256(file) != digest:
+            raise UserInputError(f"{file}: corrupt (checksum differs from {MANIFEST}); copy the bundle again")
+    return manifest

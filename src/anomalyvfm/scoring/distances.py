@@ -1,0 +1,53 @@
+"""Scoring arithmetic in numpy, shared by the torch pipeline and the torch-free runtime.
+
+The fitted state (kNN bank, Mahalanobis mean and whitener, view statistics, foreground direction) is
+learnt by the torch classes in `scorers`, `views` and `foreground`; applying it is the few lines here,
+so an exported bundle scores with exactly the code the model was validated with.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import maximum_filter
+
+from anomalyvfm.data.resample import resize
+
+CHUNK = 8192  # rows scored at once: bounds memory on very large images
+
+
+def _rows(features) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float32)
+    return x.reshape(-1, x.shape[-1])
+
+
+def knn_distance(features, bank: np.ndarray) -> np.ndarray:
+    """Cosine distance of each feature row to its nearest row of the unit-norm `bank`."""
+    x = _rows(features)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+    return np.concatenate([1 - (x[i : i + CHUNK] @ bank.T).max(axis=1) for i in range(0, len(x), CHUNK)])
+
+
+def mahalanobis_distance(features, mean: np.ndarray, whitener: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance of each feature row: `|(x - mean) @ whitener|` with `whitener @ whitener.T` = precision."""
+    x = _rows(features)
+    return np.concatenate([np.linalg.norm((x[i : i + CHUNK] - mean) @ whitener, axis=1)
+                           for i in range(0, len(x), CHUNK)])
+
+
+def fuse_views(grids: list[np.ndarray], view_stats: list[dict[str, float]]) -> np.ndarray:
+    """Several views' `(h, w)` patch scores → the mean of their standardised scores on the last (finest) grid."""
+    shape = np.asarray(grids[-1]).shape
+    standard = [(np.asarray(g, np.float32) - np.float32(s["mean"])) / np.float32(s["std"]) for g, s in zip(grids, view_stats)]
+    return np.mean([resize(g, shape) for g in standard], axis=0, dtype=np.float32)
+
+
+def suppress_background(scores, foreground: np.ndarray) -> np.ndarray:
+    """Cap scores outside `foreground` (dilated by one patch) at the median foreground score of the image.
+
+    The median is the lower middle value (as `torch.median`), so it is always one of the scores.
+    """
+    scores = np.asarray(scores, np.float32)
+    if not foreground.any():
+        return scores
+    inside = np.sort(scores[foreground])
+    grown = maximum_filter(foreground, size=3, mode="constant", cval=False)
+    return np.where(grown, scores, np.minimum(scores, inside[(len(inside) - 1) // 2]))
