@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
 
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
@@ -23,10 +22,11 @@ from anomalyvfm.declare import SettingError
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
 from anomalyvfm.detector.settings import Runtime
+from anomalyvfm.distributed.cli import add_engine_options, check_local, fit_on_ray, predict_on_ray_command
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation.benchmark import Variant, fit_category
 from anomalyvfm.evaluation.report import format_table
-from anomalyvfm.maps.render import display_range, mask_image, overlay
+from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.service.limits import API_KEY_ENV, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_PIXELS
 
 
@@ -42,7 +42,11 @@ def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     check_writable(args.out)
-    detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
+    if args.engine == "ray":
+        detector, seconds = fit_on_ray(args, variant_of(args))
+    else:
+        check_local(args)
+        detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
     out = detector.save(args.out, store_backbone=not args.reference_backbone)
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
@@ -77,12 +81,15 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return predict_on_ray_command(args, runtime_from_args(args))
+    check_local(args)
     detector = load_model(args)
     files = expand_inputs(args.paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     thresholds = detector.thresholds()
-    vmin, vmax = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
+    value_range = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
     failures = 0
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -94,10 +101,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 writer.writerow([pred.source, "", "", pred.error])
                 continue
             writer.writerow([pred.source, f"{pred.score:.6g}", int(pred.is_anomalous), ""])
-            if not args.no_images:
-                image = load_rgb(pred.source)
-                Image.fromarray(overlay(image, pred.anomaly_map, vmin, vmax, pred.mask)).save(out / f"{name}_overlay.png")
-                Image.fromarray(mask_image(pred.mask)).save(out / f"{name}_mask.png")
+            if args.images is not False:  # pictures unless --no-images
+                save_pictures(out, name, pred, value_range)
     print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
           + (f"; {failures} unreadable (see stderr)" if failures else ""))
     return 1 if failures else 0
@@ -231,14 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="model directory to write")
     fit.add_argument("--reference-backbone", action="store_true",
                      help="store only the backbone's hub id or path, not its weights (smaller; not portable)")
+    add_engine_options(fit)
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images with a saved model")
     predict.add_argument("--model", required=True, help="model directory written by fit")
     predict.add_argument("paths", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     predict.add_argument("--out", required=True, help="output folder for predictions.csv and pictures")
-    predict.add_argument("--no-images", action="store_true", help="write only predictions.csv")
+    predict.add_argument("--images", action=argparse.BooleanOptionalAction,
+                         help="write overlay and mask pictures (default: yes with --engine local, no with ray)")
     add_runtime_options(predict)
+    add_engine_options(predict, predict=True)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics and report pictures for a saved model")
