@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
+import anomalyvfm
 from anomalyvfm.errors import UserInputError
 
 CONNECT_TIMEOUT_S = 5.0
@@ -47,16 +48,19 @@ def ray_session(address: str | None, workers: int | None) -> Iterator[ModuleType
     An already initialised Ray (a notebook, the tests) is used as it is.
     """
     ray = import_ray()
+    if address:
+        check_reachable(address)
     if ray.is_initialized():
         yield ray
         return
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # the driver's C++ core logs warnings to stderr
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if address:
-        check_reachable(address)
         options["address"] = address
-    else:
-        options["num_cpus"] = max(os.cpu_count() or 1, workers or 1)
+    else:  # a one-machine cluster on the loopback, its workers importing the same anomalyvfm as this process
+        options.update(num_cpus=max(os.cpu_count() or 1, workers or 1), _node_ip_address="127.0.0.1",
+                       runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [
+                           str(Path(anomalyvfm.__file__).parents[1]), os.environ.get("PYTHONPATH")]))}})
     try:
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -93,10 +97,15 @@ def on_every_node(ray: ModuleType, function: Any, *args: Any) -> list[Any]:
     """Run `function(*args)` once on each alive node (zero CPUs: it never waits behind the actors)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote = ray.remote(num_cpus=0)(function)
+    remote = ray.remote(num_cpus=0, max_retries=0)(function)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    return ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(*args)
-                    for n in nodes])
+    try:
+        return ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(*args)
+                        for n in nodes])
+    except ray.exceptions.RayError as exc:  # e.g. anomalyvfm not installed on a node
+        cause = getattr(exc, "cause", None) or exc
+        raise UserInputError(f"the Ray workers cannot run anomalyvfm: {type(cause).__name__}: "
+                             f"{str(cause).strip().splitlines()[-1]}") from None
 
 
 def check_model_everywhere(ray: ModuleType, model: Path, runtime: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ A relative path inside a list is relative to the list's folder, so a list travel
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,7 +30,7 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
             found = [path]
         else:
             raise UserInputError(f"{path}: no such file or folder")
-        seen.update((str(p.absolute()), None) for p in found)
+        seen.update((os.path.abspath(p), None) for p in found)
     if not seen:
         raise UserInputError(f"no images to score in {', '.join(sources)} "
                              f"(folders are searched for {', '.join(IMAGE_SUFFIXES)}, not recursively)")
