@@ -255,3 +255,14 @@ def test_ray_fit_equals_local_fit(ray_cluster, data_root, backbone_dir, fitted_m
     aurocs = [roc_auc_score(labels, [p.score for p in AnomalyDetector.load(m).predict(test, progress=False)])
               for m in (fitted_model, knn)]
     assert abs(aurocs[0] - aurocs[1]) <= 0.01, aurocs
+
+
+def test_evaluate_on_ray_equals_local(ray_cluster, fitted_model, data_root, tmp_path, capsys):
+    common = ["evaluate", "--model", str(fitted_model), "--data", str(data_root), "--category", "demo"]
+    assert _run(capsys, [*common, "--out", str(tmp_path / "local")])[0] == 0
+    code, _, err = _run(capsys, [*common, "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2"])
+    assert code == 0, err
+    local, ray = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("local", "ray"))
+    for key in local:
+        if key not in ("seconds", "peak_rss_mb", "images_per_second"):
+            assert local[key] == pytest.approx(ray[key], abs=1e-6), key

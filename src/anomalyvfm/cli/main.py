@@ -22,7 +22,8 @@ from anomalyvfm.declare import SettingError
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
 from anomalyvfm.detector.settings import Runtime
-from anomalyvfm.distributed.cli import add_engine_options, check_local, fit_on_ray, predict_on_ray_command
+from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
+                                        predict_on_ray_command)
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation.benchmark import Variant, fit_category
 from anomalyvfm.evaluation.report import format_table
@@ -161,7 +162,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     detector = load_model(args)
     dataset = load_dataset(args.data, args.category, args.layout)
-    result = evaluate(detector, dataset, args.split, args.out)
+    with engine_detector(args, detector, runtime_from_args(args)) as detector:
+        result = evaluate(detector, dataset, args.split, args.out)
     print(format_table(result), end="")
     print(f"wrote {Path(args.out) / 'metrics.json'} and report pictures")
     return 0
@@ -210,7 +212,8 @@ def cmd_export_submission(args: argparse.Namespace) -> int:
     from anomalyvfm.evaluation.evaluate import export_submission
 
     detector = load_model(args)
-    written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
+    with engine_detector(args, detector, runtime_from_args(args)) as detector:
+        written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
     print(", ".join(f"{split}: {n} images" for split, n in written.items()) + f" → {args.out}")
     return 0
 
@@ -257,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
     add_runtime_options(evaluate)
+    add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("benchmark", help="fit and evaluate every category; write results tables")
@@ -277,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
     export.add_argument("--out", required=True, help="submission folder")
     add_runtime_options(export)
+    add_engine_options(export)
     export.set_defaults(func=cmd_export_submission)
 
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")

@@ -5,8 +5,9 @@ Kept here so that `cli/main.py` only adds the options and hands over when `--eng
 from __future__ import annotations
 
 import argparse
-import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from anomalyvfm.errors import UserInputError
 
@@ -61,3 +62,21 @@ def predict_on_ray_command(args: argparse.Namespace, runtime: dict) -> int:
           + f" → {out / 'predictions.parquet'} and predictions.csv ({run.total_rows} rows"
           + (f", {run.errors} unreadable)" if run.errors else ")"))
     return 1 if run.errors else 0
+
+
+@contextmanager
+def engine_detector(args: argparse.Namespace, detector: Any, runtime: dict[str, Any]) -> Iterator[Any]:
+    """For `evaluate` / `export-submission`: the detector itself (`--engine local`), or, for the duration of
+    the command, one whose `predict_iter` runs on Ray workers (`RayDetector`)."""
+    if args.engine != "ray":
+        check_local(args)
+        yield detector
+        return
+    from anomalyvfm.distributed.cluster import check_model_everywhere, ray_session, worker_count
+    from anomalyvfm.distributed.remote_detector import RayDetector
+
+    with ray_session(args.address, args.workers) as ray:
+        workers = worker_count(ray, args.workers, 1.0 if str(runtime.get("device") or "cpu").startswith("cuda") else 0.0)
+        model = str(Path(args.model).absolute())
+        check_model_everywhere(ray, Path(model), runtime)
+        yield RayDetector(detector, model, runtime, ray, workers)

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from anomalyvfm.distributed.cluster import check_model_everywhere, ray_session, worker_count
 from anomalyvfm.distributed.results import ResultStore, model_identity, schema
@@ -74,8 +74,12 @@ class ScoringActor:
 
 def predict_on_ray(model: str | Path, sources: Sequence[str], out: str | Path, runtime: dict[str, Any],
                    address: str | None = None, workers: int | None = None, pictures: bool = False,
-                   resume: bool = True, overwrite: bool = False) -> PredictRun:
-    """Score every image of `sources` with the model at `model` on Ray; results in `out` (see `results`)."""
+                   resume: bool = True, overwrite: bool = False,
+                   on_batch: Callable[[int], None] | None = None) -> PredictRun:
+    """Score every image of `sources` with the model at `model` on Ray; results in `out` (see `results`).
+
+    `on_batch(rows)` is called as each scored batch reaches the driver (progress, benchmarks).
+    """
     model, out = Path(model).absolute(), Path(out)
     paths = expand_sources(sources)
     model_identity(model, "")  # an unreadable model fails here, before a cluster is started
@@ -90,6 +94,8 @@ def predict_on_ray(model: str | Path, sources: Sequence[str], out: str | Path, r
         shown = 0
         for batch in _scored_batches(ray, todo, model, runtime, workers, gpus, out if pictures else None):
             store.add(batch)
+            if on_batch:
+                on_batch(batch.num_rows)
             for error in batch.column("error").drop_null().to_pylist()[:SHOWN_ERRORS - shown]:
                 print(f"anomalyvfm: skipped {error}", file=sys.stderr)
                 shown += 1
@@ -97,6 +103,13 @@ def predict_on_ray(model: str | Path, sources: Sequence[str], out: str | Path, r
     rows, errors = store.write_csv()
     return PredictRun(len(paths), len(paths) - len(todo), len(todo), errors, rows, workers,
                       time.perf_counter() - start)
+
+
+def blocks_of(paths: list[str], batch_size: int, workers: int) -> Iterator[tuple[int, list[str]]]:
+    """(start, paths) blocks: a few batches each, but enough blocks to keep every worker busy."""
+    rows = max(batch_size, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(paths) / (4 * workers))))
+    for start in range(0, len(paths), rows):
+        yield start, paths[start:start + rows]
 
 
 def _scored_batches(ray: Any, paths: list[str], model: Path, runtime: dict[str, Any], workers: int, gpus: float,
@@ -107,8 +120,7 @@ def _scored_batches(ray: Any, paths: list[str], model: Path, runtime: dict[str, 
     if not paths:
         return
     batch_size = int(runtime.get("batch_size") or 8)
-    rows = max(batch_size, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(paths) / (4 * workers))))
-    blocks = [pa.table({"path": paths[i:i + rows]}) for i in range(0, len(paths), rows)]
+    blocks = [pa.table({"path": chunk}) for _, chunk in blocks_of(paths, batch_size, workers)]
     dataset = ray.data.from_arrow(blocks).map_batches(
         ScoringActor, fn_constructor_args=(str(model), runtime, str(pictures) if pictures else None),
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
