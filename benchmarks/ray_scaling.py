@@ -2,13 +2,16 @@
 
     python benchmarks/ray_scaling.py --model MODEL --images DIR [DIR ...] --limit 60 --batch-size 8
 
-Each engine runs in its own subprocess (so each peak RSS is its own): the local engine
-(`AnomalyDetector.load` + `predict_iter`), then `predict_on_ray` on a fresh one-machine Ray cluster
+Each engine runs twice, on `--small` and on `--limit` evenly spaced images, each run in its own
+subprocess (so each peak RSS is its own): the local engine (`AnomalyDetector.load` + `predict_iter`,
+with torch's default threads and with 1 thread), then `predict_on_ray` on a fresh one-machine Ray cluster
 (2 CPUs, 127.0.0.1) with 1 and 2 workers. Per engine it reports the wall time (model load / Ray start
 included), the time to the first result, the steady rate (images after the first batch / time after it),
 the driver's peak RSS and each Ray worker's peak RSS (sampled every 0.2 s), and the machine's load
 average (the CPUs may be shared with other work: say so next to the figures).
-Ray's overhead per image is the difference of per-image times at the steady rate, Ray with 1 worker
+The line through the two wall times gives each engine's fixed cost (start, model load) and its
+marginal cost per image; results reach the driver in bunches, so the arrival-based "steady" rate is
+shown but not used. Ray's overhead per image is the difference of marginal costs, Ray with 1 worker
 vs the local engine limited to 1 thread (a Ray worker with 1 CPU runs torch on 1 thread).
 """
 from __future__ import annotations
@@ -122,6 +125,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", nargs="+", required=True, help="folders of images")
     parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--small", type=int, default=8, help="images of the short run (fixed cost)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--one", choices=ENGINES, help=argparse.SUPPRESS)  # a child process: one engine
     parser.add_argument("--json", help="also write the results here")
@@ -132,24 +136,31 @@ def main() -> None:
         return
     rows = []
     for engine in ENGINES:
-        load = os.getloadavg()[0]
-        child = subprocess.run([sys.executable, __file__, "--one", engine, "--model", args.model, "--images",
-                                *args.images, "--limit", str(args.limit), "--batch-size", str(args.batch_size)],
-                               capture_output=True, text=True, timeout=1800)
-        if child.returncode:
-            sys.exit(f"{engine} failed:\n{child.stderr[-3000:]}")
-        row = json.loads(child.stdout.strip().splitlines()[-1])
-        row["load_avg_1min_before"] = load
+        runs = {}
+        for n in (args.small, args.limit):  # two sizes: fixed cost and cost per image from a line through both
+            load = os.getloadavg()[0]
+            child = subprocess.run([sys.executable, __file__, "--one", engine, "--model", args.model, "--images",
+                                    *args.images, "--limit", str(n), "--batch-size", str(args.batch_size)],
+                                   capture_output=True, text=True, timeout=1800)
+            if child.returncode:
+                sys.exit(f"{engine} failed:\n{child.stderr[-3000:]}")
+            runs[n] = json.loads(child.stdout.strip().splitlines()[-1])
+            runs[n]["load_avg_1min_before"] = round(load, 1)
+            print(json.dumps(runs[n]), flush=True)
+        row = runs[args.limit]
+        per_image = (row["wall_s"] - runs[args.small]["wall_s"]) / (args.limit - args.small)
+        row.update(marginal_images_per_s=round(1 / per_image, 3), marginal_s_per_image=round(per_image, 3),
+                   fixed_s=round(runs[args.small]["wall_s"] - args.small * per_image, 1),
+                   load_avg=f"{runs[args.small]['load_avg_1min_before']}/{row['load_avg_1min_before']}")
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    local, single = rows[0]["images_per_s_steady"], rows[1]["images_per_s_steady"]
+    local, single = rows[0]["marginal_s_per_image"], rows[1]["marginal_s_per_image"]
     for row in rows[1:]:
-        row["speedup_steady_vs_local"] = round(row["images_per_s_steady"] / local, 2)
+        row["speedup_vs_local"] = round(local / row["marginal_s_per_image"], 2)
     # Ray's own cost per image: one worker vs the same single-threaded model in one process
-    rows[2]["overhead_ms_per_image"] = round(1000 * (1 / rows[2]["images_per_s_steady"] - 1 / single), 1)
-    keys = ["engine", "images", "wall_s", "first_result_s", "images_per_s_wall", "images_per_s_steady",
-            "speedup_steady_vs_local", "overhead_ms_per_image", "driver_peak_rss_mb", "worker_peak_rss_mb", "all_ray_processes_peak_rss_mb",
-            "load_avg_1min_before"]
+    rows[2]["overhead_ms_per_image"] = round(1000 * (rows[2]["marginal_s_per_image"] - single))
+    keys = ["engine", "images", "wall_s", "fixed_s", "marginal_images_per_s", "speedup_vs_local",
+            "overhead_ms_per_image", "images_per_s_steady", "driver_peak_rss_mb", "worker_peak_rss_mb", "all_ray_processes_peak_rss_mb",
+            "load_avg"]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")

@@ -203,8 +203,12 @@ def test_results_of_another_model_are_refused_unless_overwrite(ray_cluster, fitt
     store = ResultStore(out, identity, resume=True, overwrite=True)
     assert store.done == set() and not (out / "predictions.csv").exists()
     assert json.loads((out / "model.json").read_text())["model"] == str(other)
-    store.add(pa.table({"path": ["x.png"], "score": [0.5], "is_anomalous": [False], "error": [None]}))
+    row = pa.table({"path": ["x.png"], "score": [0.5], "is_anomalous": [False], "error": [None]})
+    store.add(row), store.add(row)  # a redelivered batch
     store.flush()
+    store.add(row)
+    store.flush()
+    assert store.write_csv() == (1, 0)  # nothing twice
     assert ResultStore(out, identity, resume=True, overwrite=False).done == {"x.png"}  # the same model resumes
     assert ResultStore(out, identity, resume=False, overwrite=False).done == set()  # --no-resume starts afresh
 def test_bad_input_is_one_line_exit_2(ray_cluster, fitted_model, inputs, tmp_path, capsys):

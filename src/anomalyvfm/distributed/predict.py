@@ -2,8 +2,8 @@
 
 Each actor loads the model once (`AnomalyDetector.load`) and scores one batch of paths per call with
 `predict_iter`, so an unreadable image is an error row like in the local engine. Ray Data restarts an
-actor that dies and retries the batch it held (`max_restarts` / `max_task_retries` are unlimited for
-actor pools); the driver is the only writer, and a batch's rows reach it only when the batch finished,
+actor that dies and retries the block it held (up to `TASK_RETRIES` times); the driver is the only
+writer, receives a batch's rows only when the batch finished, and drops any path it already holds,
 so every path lands in the output exactly once. Pictures are written by the actors, into `OUT` (on a
 cluster that must be a folder every node mounts), named by the image's stem and a hash of its full
 path: unique without knowing the other batches.
@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 from anomalyvfm.distributed.cluster import check_model_everywhere, ray_session, worker_count
 from anomalyvfm.distributed.results import ResultStore, model_identity, schema
 from anomalyvfm.distributed.sources import expand_sources
+from anomalyvfm.errors import UserInputError
 
 BATCHES_PER_BLOCK = 4  # a block is the unit redone after a worker dies: a few batches
-SHOWN_ERRORS = 10  # unreadable images named on stderr; all of them are in the output
+SHOWN_ERRORS = 10
+TASK_RETRIES = 3  # a block that kills its worker this often fails the job (resumable), never loops forever  # unreadable images named on stderr; all of them are in the output
 
 
 @dataclass
@@ -92,13 +94,18 @@ def predict_on_ray(model: str | Path, sources: Sequence[str], out: str | Path, r
         store = ResultStore(out, model_identity(model, mode), resume, overwrite)
         todo = [p for p in paths if p not in store.done]
         shown = 0
-        for batch in _scored_batches(ray, todo, model, runtime, workers, gpus, out if pictures else None):
-            store.add(batch)
-            if on_batch:
-                on_batch(batch.num_rows)
-            for error in batch.column("error").drop_null().to_pylist()[:SHOWN_ERRORS - shown]:
-                print(f"anomalyvfm: skipped {error}", file=sys.stderr)
-                shown += 1
+        try:
+            for batch in _scored_batches(ray, todo, model, runtime, workers, gpus, out if pictures else None):
+                store.add(batch)
+                if on_batch:
+                    on_batch(batch.num_rows)
+                for error in batch.column("error").drop_null().to_pylist()[:SHOWN_ERRORS - shown]:
+                    print(f"anomalyvfm: skipped {error}", file=sys.stderr)
+                    shown += 1
+        except ray.exceptions.RayError as exc:  # a block failed on every retry (e.g. each attempt killed a worker)
+            store.flush()
+            raise UserInputError(f"the Ray job failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); "
+                                 f"{len(store.done)} results are kept in {out}: run again to resume") from None
         store.flush()
     rows, errors = store.write_csv()
     return PredictRun(len(paths), len(paths) - len(todo), len(todo), errors, rows, workers,
@@ -124,6 +131,6 @@ def _scored_batches(ray: Any, paths: list[str], model: Path, runtime: dict[str, 
     dataset = ray.data.from_arrow(blocks).map_batches(
         ScoringActor, fn_constructor_args=(str(model), runtime, str(pictures) if pictures else None),
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1, num_gpus=gpus)
+        num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 

@@ -68,6 +68,7 @@ class ResultStore:
         self._claim(identity, resume, overwrite)
         self.done: set[str] = self._committed_paths()
         self._buffer: list[Any] = []
+        self._pending: set[str] = set()  # paths buffered, not yet committed
         self._rows = 0
         self._last_flush = time.monotonic()
 
@@ -106,7 +107,18 @@ class ResultStore:
         return done
 
     def add(self, batch: Any) -> None:
-        """Buffer a `pyarrow.Table` of results; commit a part when enough rows or time have gathered."""
+        """Buffer a `pyarrow.Table` of results; commit a part when enough rows or time have gathered.
+
+        Rows of paths already held (committed or buffered) are dropped: a retried batch can never
+        put a path in the output twice, whatever the engine redelivers.
+        """
+        import pyarrow as pa
+
+        paths = batch.column("path").to_pylist()
+        fresh = [p not in self.done and p not in self._pending for p in paths]
+        if not all(fresh):
+            batch = batch.filter(pa.array(fresh))
+        self._pending.update(batch.column("path").to_pylist())
         self._buffer.append(batch)
         self._rows += batch.num_rows
         if self._rows >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
@@ -120,8 +132,8 @@ class ResultStore:
             table = pa.concat_tables(self._buffer).cast(schema())
             _write_atomic(self.parts / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
                           lambda tmp: pq.write_table(table, tmp))
-            self.done.update(table.column("path").to_pylist())
-        self._buffer, self._rows, self._last_flush = [], 0, time.monotonic()
+            self.done.update(self._pending)
+        self._buffer, self._pending, self._rows, self._last_flush = [], set(), 0, time.monotonic()
 
     def write_csv(self) -> tuple[int, int]:
         """Rebuild predictions.csv from every part (one part in memory at a time); return (rows, errors)."""
