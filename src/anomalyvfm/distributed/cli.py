@@ -75,8 +75,9 @@ def engine_detector(args: argparse.Namespace, detector: Any, runtime: dict[str, 
     from anomalyvfm.distributed.cluster import check_model_everywhere, ray_session, worker_count
     from anomalyvfm.distributed.remote_detector import RayDetector
 
+    gpus = 1.0 if str(runtime.get("device") or "cpu").startswith("cuda") else 0.0
     with ray_session(args.address, args.workers) as ray:
-        workers = worker_count(ray, args.workers, 1.0 if str(runtime.get("device") or "cpu").startswith("cuda") else 0.0)
+        workers = worker_count(ray, args.workers, gpus)
         model = str(Path(args.model).absolute())
         check_model_everywhere(ray, Path(model), runtime)
-        yield RayDetector(detector, model, runtime, ray, workers)
+        yield RayDetector(detector, model, runtime, ray, workers, gpus)

@@ -53,7 +53,6 @@ def ray_session(address: str | None, workers: int | None) -> Iterator[ModuleType
     if ray.is_initialized():
         yield ray
         return
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # the driver's C++ core logs warnings to stderr
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if address:
         options["address"] = address

@@ -14,6 +14,7 @@ import hashlib
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -112,6 +113,17 @@ def predict_on_ray(model: str | Path, sources: Sequence[str], out: str | Path, r
                       time.perf_counter() - start)
 
 
+def map_on_actors(ray: Any, blocks: list, actor: type, args: tuple, batch_size: int, workers: int, gpus: float) -> Any:
+    """`blocks` mapped batch by batch on `workers` actors of class `actor` (one CPU or GPU each), a block
+    retried at most `TASK_RETRIES` times."""
+    with warnings.catch_warnings():  # Ray 2.60 deprecates `max_task_retries` here but offers no replacement yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.data.from_arrow(blocks).map_batches(
+            actor, fn_constructor_args=args, batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus,
+            max_task_retries=TASK_RETRIES)
+
+
 def blocks_of(paths: list[str], batch_size: int, workers: int) -> Iterator[tuple[int, list[str]]]:
     """(start, paths) blocks: a few batches each, but enough blocks to keep every worker busy."""
     rows = max(batch_size, min(batch_size * BATCHES_PER_BLOCK, math.ceil(len(paths) / (4 * workers))))
@@ -128,9 +140,7 @@ def _scored_batches(ray: Any, paths: list[str], model: Path, runtime: dict[str, 
         return
     batch_size = int(runtime.get("batch_size") or 8)
     blocks = [pa.table({"path": chunk}) for _, chunk in blocks_of(paths, batch_size, workers)]
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        ScoringActor, fn_constructor_args=(str(model), runtime, str(pictures) if pictures else None),
-        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)
+    dataset = map_on_actors(ray, blocks, ScoringActor, (str(model), runtime, str(pictures) if pictures else None),
+                            batch_size, workers, gpus)
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 

@@ -12,7 +12,7 @@ import pickle
 from typing import Any, Iterator, Sequence
 
 from anomalyvfm.detector.detector import AnomalyDetector
-from anomalyvfm.distributed.predict import ScoringActor, blocks_of
+from anomalyvfm.distributed.predict import ScoringActor, blocks_of, map_on_actors
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.prediction import Prediction
 
@@ -31,8 +31,10 @@ class PredictionActor(ScoringActor):
 class RayDetector:
     """`detector` with `predict_iter` on `workers` Ray actors; every other attribute is the driver's."""
 
-    def __init__(self, detector: AnomalyDetector, model: str, runtime: dict[str, Any], ray: Any, workers: int) -> None:
-        self._detector, self._model, self._runtime, self._ray, self._workers = detector, model, runtime, ray, workers
+    def __init__(self, detector: AnomalyDetector, model: str, runtime: dict[str, Any], ray: Any, workers: int,
+                 gpus: float) -> None:
+        self._detector, self._model, self._runtime, self._ray = detector, model, runtime, ray
+        self._workers, self._gpus = workers, gpus
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._detector, name)
@@ -50,9 +52,8 @@ class RayDetector:
         runtime = self._runtime
         blocks = [pa.table({"index": pa.array(range(start, start + len(chunk)), pa.int64()), "path": chunk})
                   for start, chunk in blocks_of(paths, int(runtime.get("batch_size") or 8), self._workers)]
-        dataset = self._ray.data.from_arrow(blocks).map_batches(
-            PredictionActor, fn_constructor_args=(self._model, runtime, None), batch_size=runtime.get("batch_size") or 8,
-            batch_format="pyarrow", compute=self._ray.data.ActorPoolStrategy(size=self._workers), num_cpus=1)
+        dataset = map_on_actors(self._ray, blocks, PredictionActor, (self._model, runtime, None),
+                                int(runtime.get("batch_size") or 8), self._workers, self._gpus)
         early: dict[int, Prediction] = {}
         position = 0
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
