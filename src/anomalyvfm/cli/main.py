@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
