@@ -20,14 +20,13 @@ import pytest
 import requests
 from helpers import bomb_png
 from PIL import Image
-from servers import LIMITS, MAX_BYTES, MAX_FILES, MAX_PIXELS, close, free_port, live_server, png
+from servers import LIMITS, MAX_BYTES, MAX_FILES, close, free_port, live_server, png
 
 from anomalyvfm import AnomalyDetector, __version__
 from anomalyvfm.cli.main import main
 from anomalyvfm.declare import to_dict
 from anomalyvfm.demo import paste_defect, textured_image
 from anomalyvfm.service.app import create_app
-from anomalyvfm.service.limits import ServiceLimits
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main

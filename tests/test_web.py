@@ -12,7 +12,6 @@ import io
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 

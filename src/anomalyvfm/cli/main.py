@@ -15,21 +15,20 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
 from anomalyvfm.detector.settings import Runtime
+from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
+                                        predict_on_ray_command)
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.extraction import failure
 from anomalyvfm.evaluation.benchmark import Variant, fit_category
 from anomalyvfm.evaluation.report import format_table
-from anomalyvfm.maps.render import display_range, mask_image, overlay
+from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
-from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.score_modes import SCORE_MODES
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
 
@@ -56,7 +55,11 @@ def output_folder(path: str) -> Path:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     check_writable(args.out)
-    detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
+    if args.engine == "ray":
+        detector, seconds = fit_on_ray(args, variant_of(args))
+    else:
+        check_local(args)
+        detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
     out = detector.save(args.out, store_backbone=not args.reference_backbone)
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
@@ -91,12 +94,15 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return predict_on_ray_command(args, runtime_from_args(args))
+    check_local(args)
     out = output_folder(args.out)
     detector = load_model(args)
     files = expand_inputs(args.paths)
     out.mkdir(parents=True, exist_ok=True)
     thresholds = detector.thresholds()
-    vmin, vmax = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
+    value_range = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
     failures = 0
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -110,25 +116,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 continue
             writer.writerow([pred.source, f"{pred.score:.6g}", int(pred.is_anomalous), ""])
             handle.flush()  # each row reaches the file as it is scored: a crash later loses nothing before it
-            if not args.no_images:
+            if args.images is not False:  # pictures unless --no-images
                 try:
-                    write_pictures(out, name, pred, vmin, vmax)
+                    save_pictures(out, name, pred, value_range)
                 except Exception as exc:  # e.g. out of memory for one huge picture: the scores still stand
                     failures += 1
                     print(f"anomalyvfm: no pictures for {failure(pred.source, exc)}", file=sys.stderr)
     print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
           + (f"; {failures} failed (see stderr)" if failures else ""))
     return 1 if failures else 0
-
-
-def write_pictures(out: Path, name: str, pred: Prediction, vmin: float, vmax: float) -> None:
-    """Overlay and mask PNGs of one scored image (each written to a temporary name, then renamed)."""
-    for filename, picture in ((f"{name}_overlay.png", lambda: overlay(load_rgb(pred.source), pred.anomaly_map, vmin,
-                                                                      vmax, pred.mask)),
-                              (f"{name}_mask.png", lambda: mask_image(pred.mask))):
-        partial = out / f".{filename}.partial"  # one picture in memory at a time
-        Image.fromarray(picture()).save(partial, format="PNG")
-        partial.replace(out / filename)
 
 
 def cmd_synth_preview(args: argparse.Namespace) -> int:
@@ -183,7 +179,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     detector = load_model(args)
     dataset = load_dataset(args.data, args.category, args.layout)
-    result = evaluate(detector, dataset, args.split, args.out)
+    with engine_detector(args, detector, runtime_from_args(args)) as detector:
+        result = evaluate(detector, dataset, args.split, args.out)
     print(format_table(result), end="")
     print(f"wrote {Path(args.out) / 'metrics.json'} and report pictures")
     return 0
@@ -232,7 +229,8 @@ def cmd_export_submission(args: argparse.Namespace) -> int:
     from anomalyvfm.evaluation.evaluate import export_submission
 
     detector = load_model(args)
-    written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
+    with engine_detector(args, detector, runtime_from_args(args)) as detector:
+        written = export_submission(detector, load_dataset(args.data, args.category, args.layout), args.out)
     print(", ".join(f"{split}: {n} images" for split, n in written.items()) + f" → {args.out}")
     return 0
 
@@ -275,14 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="model directory to write")
     fit.add_argument("--reference-backbone", action="store_true",
                      help="store only the backbone's hub id or path, not its weights (smaller; not portable)")
+    add_engine_options(fit)
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images with a saved model")
     predict.add_argument("--model", required=True, help="model directory written by fit")
     predict.add_argument("paths", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     predict.add_argument("--out", required=True, help="output folder for predictions.csv and pictures")
-    predict.add_argument("--no-images", action="store_true", help="write only predictions.csv")
+    predict.add_argument("--images", action=argparse.BooleanOptionalAction,
+                         help="write overlay and mask pictures (default: yes with --engine local, no with ray)")
     add_runtime_options(predict)
+    add_engine_options(predict, predict=True)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics and report pictures for a saved model")
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
     add_runtime_options(evaluate)
+    add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("benchmark", help="fit and evaluate every category; write results tables")
@@ -313,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
     export.add_argument("--out", required=True, help="submission folder")
     add_runtime_options(export)
+    add_engine_options(export)
     export.set_defaults(func=cmd_export_submission)
 
     exp = sub.add_parser("export", help="write an inference bundle (OpenVINO / ONNX) that runs without torch")

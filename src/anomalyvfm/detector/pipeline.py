@@ -75,10 +75,28 @@ class Pipeline:
 
     def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
         """Fit every view's scorer (and the foreground model) on `images`; return how many were used."""
-        s = self.settings
-        torch.manual_seed(s.seed)
-        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, s.seed) for _ in s.views()]
-        self.foreground_model = None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // len(images), s.seed)
+        fitted = self.accumulate(images, progress)
+        self.finalize_scorers()
+        return fitted
+
+    def finalize_scorers(self) -> None:
+        """Turn the accumulated (or merged) streaming states into fitted scorers."""
+        for part in [*self.scorers, self.foreground_model]:
+            if part:
+                part.finalize()
+
+    def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None, shard: int = 0) -> int:
+        """Stream `images` into fresh, unfinalised scorers (and foreground model); return how many were used.
+
+        This is the part of a fit that can run in shards on several workers, their parts merged after
+        (`merge` of each scorer): `total` is the number of images of the whole fit, and `shard` offsets
+        the random seeds so that shards draw independent samples.
+        """
+        s, seed = self.settings, self.settings.seed + shard
+        torch.manual_seed(seed)
+        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed) for _ in s.views()]
+        self.foreground_model = (None if s.foreground == "off"
+                                 else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed))
         fitted = 0
         for items in self.view_features(images, "features (train)" if progress else None):
             if isinstance(items, FailedImage):
@@ -88,9 +106,6 @@ class Pipeline:
             if self.foreground_model:
                 self.foreground_model.partial_fit(items[-1].features)
             fitted += 1
-        for part in [*self.scorers, self.foreground_model]:
-            if part:
-                part.finalize()
         return fitted
 
     def score_views(self, items: list[ImageFeatures]) -> ViewScores:

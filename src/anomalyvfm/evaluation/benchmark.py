@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,11 +42,16 @@ class Variant:
     max_train_images: int | None = None
 
 
-def fit_category(data: str | Path, category: str | None, layout: str, variant: Variant) -> tuple[AnomalyDetector, float]:
-    """Fit a detector on a category's train split, thresholds on its validation split; return it and seconds."""
+def fit_category(data: str | Path, category: str | None, layout: str, variant: Variant,
+                 make_detector: Callable[[Settings, Runtime], AnomalyDetector] = AnomalyDetector
+                 ) -> tuple[AnomalyDetector, float]:
+    """Fit a detector on a category's train split, thresholds on its validation split; return it and seconds.
+
+    `make_detector` builds the unfitted detector (another engine, e.g. Ray, plugs in its own here).
+    """
     dataset = load_dataset(data, category, layout, variant.settings.seed)
     start = time.perf_counter()
-    detector = AnomalyDetector(variant.settings, variant.runtime)
+    detector = make_detector(variant.settings, variant.runtime)
     train = [s.path for s in dataset.split("train")]
     if variant.max_train_images:
         train = evenly_spaced(train, variant.max_train_images)

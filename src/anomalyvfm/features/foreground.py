@@ -74,6 +74,11 @@ class ForegroundModel:
         self._sample.append(grid.reshape(h * w, dim)[keep].float())
         self._regions.append(patch_regions(h, w).reshape(-1)[keep])
 
+    def merge(self, other: "ForegroundModel") -> None:
+        """Add another unfinalised model's per-image samples (images fitted elsewhere, e.g. on a worker)."""
+        self._sample += other._sample
+        self._regions += other._regions
+
     def finalize(self) -> None:
         x, regions = torch.cat(self._sample).double(), torch.cat(self._regions)
         self.mean = x.mean(0)

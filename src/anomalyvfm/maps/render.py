@@ -5,9 +5,15 @@ and a defect stands out, and two images' overlays can be compared by eye.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from matplotlib import colormaps
+from PIL import Image
 from scipy.ndimage import binary_erosion
+
+from anomalyvfm.data.images import load_rgb
+from anomalyvfm.prediction import Prediction
 
 
 def display_range(pixel_mean: float, pixel_threshold: float) -> tuple[float, float]:
@@ -83,3 +89,15 @@ def outline(mask: np.ndarray, width: int) -> np.ndarray:
 def mask_image(mask: np.ndarray) -> np.ndarray:
     """Boolean mask → `0/255 uint8` image, the format MVTec AD 2 and most tools expect."""
     return mask.astype(np.uint8) * 255
+
+
+def save_pictures(directory: Path, name: str, pred: Prediction, value_range: tuple[float, float]) -> None:
+    """Write `<name>_overlay.png` (heat map over the image, mask outlined) and `<name>_mask.png` for one
+    scored image; `value_range` is the model's `display_range`. Used by every `predict` engine."""
+    vmin, vmax = value_range
+    for filename, picture in ((f"{name}_overlay.png", lambda: overlay(load_rgb(pred.source), pred.anomaly_map, vmin,
+                                                                      vmax, pred.mask)),
+                              (f"{name}_mask.png", lambda: mask_image(pred.mask))):
+        partial = directory / f".{filename}.partial"  # one picture in memory at a time, never half-written
+        Image.fromarray(picture()).save(partial, format="PNG")
+        partial.replace(directory / filename)

@@ -75,6 +75,23 @@ class MahalanobisScorer:
         sub._n, sub._sum, sub._outer = self._n, self._sum[dims], self._outer[dims][:, dims]
         return sub
 
+    def merge(self, other: "MahalanobisScorer") -> None:
+        """Add another unfinalised scorer's streamed sums (fitted on other images, e.g. on another worker).
+
+        Sums add exactly, so the merged scorer finalises to what one pass over all images gives, up to
+        float64 rounding of the summation order.
+        """
+        if self.mean is not None or other.mean is not None:
+            raise ValueError("merge unfinalised scorers only")
+        if other._sum is None:
+            return
+        if self._sum is None:
+            self._sum, self._outer = other._sum.clone(), other._outer.clone()
+        else:
+            self._sum += other._sum
+            self._outer += other._outer
+        self._n += other._n
+
     def finalize(self) -> None:
         if self._n < 2:
             raise ValueError("Mahalanobis scorer needs at least 2 patch features")
@@ -129,6 +146,32 @@ class KNNScorer:
             keep = slots < self.max_candidates
             self._reservoir[torch.from_numpy(slots[keep])] = x[torch.from_numpy(keep)]
             self._seen += len(x)
+
+    def merge(self, other: "KNNScorer") -> None:
+        """Combine another unfinalised scorer's reservoir (of other patches) into this one.
+
+        Each reservoir is a uniform sample without replacement of the patches its scorer saw. How many
+        of the merged `max_candidates` slots come from each side is drawn from the hypergeometric
+        distribution of a uniform sample of the union (n_self + n_other patches), and that many are taken
+        uniformly from each side's reservoir (never more than it holds, since a side keeps all it saw
+        up to `max_candidates`). So the merged reservoir is a uniform sample of the union: every patch is
+        kept with probability min(1, max_candidates / (n_self + n_other)), exactly as one scorer that saw
+        all patches in one stream would keep it — the same distribution, not the same draw.
+        """
+        if self.bank is not None or other.bank is not None:
+            raise ValueError("merge unfinalised scorers only")
+        if other._reservoir is None or other._seen == 0:
+            return
+        if self._reservoir is None or self._seen == 0:
+            self._reservoir, self._seen = other._reservoir.clone(), other._seen
+            return
+        total = self._seen + other._seen
+        size = min(total, self.max_candidates)
+        mine = int(self._rng.hypergeometric(self._seen, other._seen, size)) if total > size else self._seen
+        keep = [torch.from_numpy(self._rng.choice(len(part), count, replace=False))
+                for part, count in ((self._reservoir, mine), (other._reservoir, size - mine))]
+        self._reservoir = torch.cat([self._reservoir[keep[0]], other._reservoir[keep[1]]])
+        self._seen = total
 
     def finalize(self) -> None:
         if self._reservoir is None or len(self._reservoir) == 0:
