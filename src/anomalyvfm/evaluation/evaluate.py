@@ -28,7 +28,7 @@ from anomalyvfm.features.extraction import ImageFeatures
 from anomalyvfm.maps.render import display_range
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
-               "num_images", "num_anomalous", "seconds", "peak_rss_mb")
+               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb")
 PCA_IMAGES = 8  # images per side sampled for feature_analysis.png: enough for a picture, cheap to compute
 PCA_PATCHES = 3000
 

@@ -26,6 +26,7 @@ METRIC_LABELS = {
     "seg_f1": "SegF1 (validation threshold)",
     "class_f1": "ClassF1 (validation threshold)",
     "f1_max_oracle": "Image F1-max (oracle, test labels)",
+    "seg_f1_max_oracle": "SegF1-max (oracle, test labels)",
     "num_images": "Images",
     "num_anomalous": "Anomalous images",
     "seconds": "Seconds",
