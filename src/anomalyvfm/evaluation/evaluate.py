@@ -77,7 +77,7 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, split: str, out: str |
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result = {key: result[key] for key in METRIC_KEYS}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "performance_summary.txt").write_text(report.format_table(result))
+    (out / "performance_summary.txt").write_text(report.format_table(result) + report.threshold_lines(t.evidence))
     _write_pictures(detector, kept, labels, np.array(scores), maps, masks, result, dataset, out)
     html_report.write_report(out, detector, dataset, split, kept, labels, np.array(scores), maps, masks, result)
     return result

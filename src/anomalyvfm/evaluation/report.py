@@ -101,6 +101,11 @@ def plot_feature_pca(normal: np.ndarray, defect: np.ndarray, path: Path) -> None
     _save(fig, path)
 
 
+def threshold_lines(evidence: dict[str, dict]) -> str:
+    """How each threshold was read off the validation scores (the rule's evidence line), one line a level."""
+    return "".join(f"{level} threshold: {e['text']}\n" for level, e in evidence.items() if "text" in e)
+
+
 def format_table(metrics: dict) -> str:
     """The metrics as an aligned plain-text table."""
     width = max(len(label) for label in METRIC_LABELS.values())
