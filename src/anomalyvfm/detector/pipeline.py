@@ -75,7 +75,7 @@ class Pipeline:
         """Fit every view's scorer (and the foreground model) on `images`; return how many were used."""
         s = self.settings
         torch.manual_seed(s.seed)
-        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, s.seed) for _ in s.views()]
+        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, s.seed, s.memory_bank) for _ in s.views()]
         self.foreground_model = None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // len(images), s.seed)
         fitted = 0
         for items in self.view_features(images, "features (train)" if progress else None):

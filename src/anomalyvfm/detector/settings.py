@@ -17,7 +17,7 @@ from anomalyvfm.features.extraction import Tiling
 from anomalyvfm.features.foreground import FOREGROUND_MODES
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
 from anomalyvfm.scoring.score_modes import SCORE_MODES
-from anomalyvfm.scoring.scorers import SCORERS
+from anomalyvfm.scoring.scorers import MEMORY_BANKS, SCORERS
 
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001
@@ -34,7 +34,10 @@ class Settings:
     image_size: int = setting(448, "short side fed to the backbone (px)", low=PATCH)
     scorer: str = setting("knn", "patch scorer", choices=SCORERS)
     coreset_ratio: float = setting(0.1, "kNN memory-bank fraction kept", low=0, low_open=True, high=1)
-    max_bank_candidates: int = setting(100_000, "kNN patches sampled before the coreset", flag=None, low=1)
+    max_bank_candidates: int = setting(100_000, "kNN patches held before the coreset", flag=None, low=1)
+    memory_bank: str = setting("reservoir", "kNN candidates: a random reservoir of the training patches, or all of "
+                                            "them reduced chunk by chunk (merge) in the same memory",
+                               choices=MEMORY_BANKS)
     top_percent: float = setting(1.0, "image score = mean of top %% patches", low=0, low_open=True, high=100)
     sigma: float = setting(4.0, "Gaussian smoothing of maps (px at backbone size)", low=0)
     threshold_rule: str | None = setting(None, "how thresholds are read off validation scores: sigma (mean + N std), "
