@@ -4,7 +4,8 @@ Stage 1 (`cache`, slow, once): fit a detector with default settings on each cate
 then store the anomaly maps and image scores of validation/good, of synthetic anomalies made on the
 validation images (`anomalyvfm.data.synthesis`) and of test_public in `--cache` (float16 maps).
 Stage 2 (`table`, seconds): every threshold rule of `anomalyvfm.maps.thresholds` is fitted on the
-cached validation maps, exactly as `fit` would; the rule's parameter that `--choose` selects is the one
+cached validation maps, exactly as `fit` would (plus per-image adaptive binarisation, MEBin-style,
+above a few of them: `anomalyvfm.maps.binarize`); the rule's parameter that `--choose` selects is the one
 with the best SegF1 (pixel rules) or ClassF1 (image rules) on validation + synthetic anomalies, averaged
 over categories. test_public is only reported (SegF1, ClassF1, their oracles, false-alarm rate on good
 test images), never used to choose.
@@ -29,6 +30,7 @@ from anomalyvfm.data.datasets import evenly_spaced
 from anomalyvfm.data.synthesis import synthetic_set
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.evaluation import metrics as M
+from anomalyvfm.maps.binarize import adaptive_mask
 from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule, make_rule
 
 CATEGORIES = ("bottle", "ball_screw_drive", "kolektor", "magnetic_tile")
@@ -114,8 +116,27 @@ IMAGE_RULES = [("sigma", 3.0), ("sigma", 2.0), ("sigma", 4.0), ("quantile", 0.1)
                ("max", 0.0), ("max", 0.5), ("gpd", 0.01), ("gpd", 0.001)]
 
 
+MEBIN_FLOORS = [("sigma", 3.0), ("quantile", 1e-3), ("gpd", 1e-5)]  # per-image binarisation above these
+
+
 def _rule(name: str, parameter: float) -> ThresholdRule:
     return make_rule(name, num_sigma=parameter, rate=parameter, margin=parameter)
+
+
+def _pixel_f1(pixels: NormalScores, masks: list[np.ndarray], maps: list[np.ndarray]) -> dict[tuple, float]:
+    """SegF1 of every global pixel rule, and of per-image adaptive binarisation above some of them."""
+    out = {}
+    for name, parameter in PIXEL_RULES:
+        out[("pixel", name, parameter)] = M.seg_f1(masks, maps, _rule(name, parameter).decide(pixels, "").threshold)
+    for name, parameter in MEBIN_FLOORS:
+        floor = _rule(name, parameter).decide(pixels, "").threshold
+        tp = fp = fn = 0
+        for truth, amap in zip(masks, maps):
+            predicted = adaptive_mask(amap.astype(np.float32), floor)
+            hit = int(np.count_nonzero(truth & predicted))
+            tp, fp, fn = tp + hit, fp + int(predicted.sum()) - hit, fn + int(truth.sum()) - hit
+        out[("pixel", f"mebin>{name}", parameter)] = 2 * tp / max(2 * tp + fp + fn, 1)
+    return out
 
 
 def _normal(values: list[np.ndarray]) -> NormalScores:
@@ -141,9 +162,8 @@ def _selection_scores(category_dir: Path) -> dict[tuple, float]:
         maps = [v_maps[i] for i in held] + s_maps
         labels = np.r_[np.zeros(len(held), int), np.ones(len(s_scores), int)]
         scores = np.r_[v_scores[held], s_scores]
-        for name, parameter in PIXEL_RULES:
-            t = _rule(name, parameter).decide(pixels, "pixels").threshold
-            results.setdefault(("pixel", name, parameter), []).append(M.seg_f1(masks, maps, t))
+        for key, value in _pixel_f1(pixels, masks, maps).items():
+            results.setdefault(key, []).append(value)
         for name, parameter in IMAGE_RULES:
             t = _rule(name, parameter).decide(images, "images").threshold
             results.setdefault(("image", name, parameter), []).append(M.class_f1(labels, scores, t))
@@ -159,9 +179,10 @@ def _test_scores(category_dir: Path) -> dict:
                  "f1_max_oracle": M.f1_max(t_labels, t_scores)[0],
                  "image_auroc": M.image_auroc(t_labels, t_scores)}
     good = t_scores[t_labels == 0]
+    for key, value in _pixel_f1(pixels, t_masks, t_maps).items():
+        out[key] = {"test": value}
     for name, parameter in PIXEL_RULES:
-        t = _rule(name, parameter).decide(pixels, "pixels").threshold
-        out[("pixel", name, parameter)] = {"threshold": t, "test": M.seg_f1(t_masks, t_maps, t)}
+        out[("pixel", name, parameter)]["threshold"] = _rule(name, parameter).decide(pixels, "").threshold
     for name, parameter in IMAGE_RULES:
         t = _rule(name, parameter).decide(images, "images").threshold
         out[("image", name, parameter)] = {"threshold": t, "test": M.class_f1(t_labels, t_scores, t),
@@ -184,6 +205,8 @@ def table(cache: Path, categories: list[str]) -> str:
     for level, rules, metric, oracle in (("pixel", PIXEL_RULES, "SegF1", "seg_f1_max_oracle"),
                                          ("image", IMAGE_RULES, "ClassF1", "f1_max_oracle")):
         keys = [(level, name, parameter) for name, parameter in rules]
+        if level == "pixel":
+            keys += [(level, f"mebin>{name}", parameter) for name, parameter in MEBIN_FLOORS]
         means = {key: float(np.mean([selection[c][key] for c in categories])) for key in keys}
         chosen = max(keys, key=lambda key: means[key])  # max keeps the first (cheapest listed) of ties
         head = [f"{level} rule", f"mean {metric} val+syn"] + [f"{c} val+syn / test" for c in categories]

@@ -129,3 +129,17 @@ def test_rule_and_evidence_are_stored_in_the_model(fitted_model, data_root, tmp_
     for thresholds in old["modes"].values():
         del thresholds["evidence"]  # a model fitted before rules were stored still loads
     assert Calibration.from_dict(old, "model.json").thresholds().evidence == {}
+
+
+def test_adaptive_binarisation_finds_each_blob_and_never_goes_below_the_floor() -> None:
+    from scipy import ndimage
+
+    from anomalyvfm.maps.binarize import adaptive_mask
+
+    amap = np.random.default_rng(5).random((60, 80)) * 0.2
+    yy, xx = np.mgrid[:60, :80]
+    amap += 3.0 * np.exp(-((yy - 20) ** 2 + (xx - 20) ** 2) / 30) + 2.6 * np.exp(-((yy - 40) ** 2 + (xx - 60) ** 2) / 30)
+    mask = adaptive_mask(amap, floor=0.3)
+    assert ndimage.label(mask)[1] == 2 and mask[20, 20] and mask[40, 60]
+    assert not mask[amap <= 0.3].any() and mask.sum() < 0.2 * mask.size
+    assert not adaptive_mask(amap, floor=5.0).any()
