@@ -5,7 +5,9 @@ is read off the normal scores matters as much as the scores. Each rule is one sm
 the style of patchcore-inspection's samplers) taking a `NormalScores` sample of one level (image scores,
 or map pixels) and returning a `Decision`: the threshold plus evidence (the rule, its parameters, the
 figures it used, how many validation items it rejects with a Clopper–Pearson interval of the
-false-alarm rate, and one line for reports).
+false-alarm rate, and one line for reports). The interval assumes independent items: right for images,
+too narrow for pixels (neighbours in a smoothed map move together), where it is a lower bound on the
+uncertainty.
 
 * `SigmaRule` — mean + k·std (the MVTec AD 2 baseline; the default, bit-identical to earlier versions);
 * `QuantileRule` — the empirical upper quantile: at most a fraction `rate` of normal values above it;
