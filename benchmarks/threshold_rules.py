@@ -125,14 +125,15 @@ def _rule(name: str, parameter: float) -> ThresholdRule:
 
 def _pixel_f1(pixels: NormalScores, masks: list[np.ndarray], maps: list[np.ndarray]) -> dict[tuple, float]:
     """SegF1 of every global pixel rule, and of per-image adaptive binarisation above some of them."""
-    out = {}
-    for name, parameter in PIXEL_RULES:
-        out[("pixel", name, parameter)] = M.seg_f1(masks, maps, _rule(name, parameter).decide(pixels, "").threshold)
+    maps = [m.astype(np.float16) for m in maps]  # as `evaluate` keeps them: one histogram, no sort
+    thresholds = [_rule(name, parameter).decide(pixels, "").threshold for name, parameter in PIXEL_RULES]
+    out = {("pixel", name, parameter): f1 for (name, parameter), f1 in
+           zip(PIXEL_RULES, M.seg_f1_at(masks, maps, thresholds))}
     for name, parameter in MEBIN_FLOORS:
         floor = _rule(name, parameter).decide(pixels, "").threshold
         tp = fp = fn = 0
         for truth, amap in zip(masks, maps):
-            predicted = adaptive_mask(amap.astype(np.float32), floor)
+            predicted = adaptive_mask(amap, floor)
             hit = int(np.count_nonzero(truth & predicted))
             tp, fp, fn = tp + hit, fp + int(predicted.sum()) - hit, fn + int(truth.sum()) - hit
         out[("pixel", f"mebin>{name}", parameter)] = 2 * tp / max(2 * tp + fp + fn, 1)

@@ -23,6 +23,7 @@ from anomalyvfm.evaluation.metrics import (
     pixel_auroc,
     pro_curve,
     seg_f1,
+    seg_f1_at,
     seg_f1_max,
 )
 
@@ -228,6 +229,7 @@ def test_f1_functions_match_sklearn(seed: int) -> None:
     pixels_true, pixel_scores = pooled(masks, maps)
     want = f1_score(pixels_true, pixel_scores > 0.5)
     assert seg_f1(masks, maps, threshold=0.5) == pytest.approx(want, abs=1e-12)
+    assert seg_f1_at(masks, maps, [0.5, 1.0]) == [seg_f1(masks, maps, 0.5), seg_f1(masks, maps, 1.0)]
 
     labels = np.r_[0, 1, rng.integers(0, 2, 20)]
     scores = np.round(rng.normal(size=22) + labels, 1)

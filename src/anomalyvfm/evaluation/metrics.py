@@ -265,6 +265,12 @@ def seg_f1(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: f
     return _f1_above(_score_counts(masks, maps, regions=False), threshold)
 
 
+def seg_f1_at(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], thresholds: Sequence[float]) -> list[float]:
+    """`seg_f1` at several thresholds from one pass over the maps (comparing threshold rules)."""
+    counts = _score_counts(masks, maps, regions=False)
+    return [_f1_above(counts, t) for t in thresholds]
+
+
 def class_f1(labels: ArrayLike, scores: ArrayLike, threshold: float) -> float:
     """ClassF1: image F1, an image being predicted anomalous when its score > `threshold`."""
     return _f1_above(_image_counts(labels, scores), threshold)
