@@ -25,7 +25,10 @@ def test_evaluate_writes_metrics_and_reports(fitted_model, data_root, tmp_path, 
     for name in REPORT_FILES:
         assert (tmp_path / name).stat().st_size > 0
     assert Image.open(tmp_path / "roc_curves.png").size[0] > 500
-    assert "AU-PRO (FPR ≤ 0.05)" in (tmp_path / "performance_summary.txt").read_text()
+    summary = (tmp_path / "performance_summary.txt").read_text()
+    assert "AU-PRO (FPR ≤ 0.05)" in summary and "SegF1-max (oracle" in summary
+    assert "pixel threshold: " in summary and "+ 3 × std" in summary  # the rule's evidence line
+    assert "validation false alarms" in (tmp_path / "report.html").read_text()
 
 
 def test_evaluate_refuses_unlabelled_split(fitted_model, data_root, tmp_path, capsys):

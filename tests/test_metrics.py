@@ -23,6 +23,8 @@ from anomalyvfm.evaluation.metrics import (
     pixel_auroc,
     pro_curve,
     seg_f1,
+    seg_f1_at,
+    seg_f1_max,
 )
 
 SEEDS = range(8)
@@ -184,7 +186,8 @@ def test_perfect_detector() -> None:
     maps = [m.astype(np.float16) for m in masks]
     labels = np.array([m.any() for m in masks], dtype=int)
     got = evaluate_arrays(labels, labels * 2.0, masks, maps, image_threshold=1.0, pixel_threshold=0.5)
-    for key in ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle"):
+    for key in ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
+                "seg_f1_max_oracle"):
         assert got[key] == 1.0, key
 
 
@@ -194,7 +197,7 @@ def test_category_without_anomalies() -> None:
     labels, scores = np.zeros(3, dtype=int), np.array([0.1, 0.5, 0.9])
     got = evaluate_arrays(labels, scores, masks, maps, image_threshold=0.5, pixel_threshold=0.5)
     assert got["num_images"] == 3 and got["num_anomalous"] == 0
-    for key in ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "f1_max_oracle"):
+    for key in ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "f1_max_oracle", "seg_f1_max_oracle"):
         assert np.isnan(got[key]), key
     assert got["class_f1"] == 0.0 and got["seg_f1"] == 0.0  # false positives, nothing to find
     assert np.isnan(class_f1(labels, scores, threshold=1.0))  # nothing to find, nothing flagged
@@ -226,6 +229,7 @@ def test_f1_functions_match_sklearn(seed: int) -> None:
     pixels_true, pixel_scores = pooled(masks, maps)
     want = f1_score(pixels_true, pixel_scores > 0.5)
     assert seg_f1(masks, maps, threshold=0.5) == pytest.approx(want, abs=1e-12)
+    assert seg_f1_at(masks, maps, [0.5, 1.0]) == [seg_f1(masks, maps, 0.5), seg_f1(masks, maps, 1.0)]
 
     labels = np.r_[0, 1, rng.integers(0, 2, 20)]
     scores = np.round(rng.normal(size=22) + labels, 1)
@@ -257,6 +261,23 @@ def test_f1_max_matches_brute_force(seed: int) -> None:
     assert class_f1(labels, scores, threshold) == pytest.approx(best, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seg_f1_max_matches_brute_force(seed: int, dtype: type) -> None:
+    """Every distinct pixel score (and one below the lowest) tried as a threshold on the pooled pixels."""
+    masks, maps = random_category(seed, dtype)
+    pixels_true, pixel_scores = pooled(masks, maps)
+    distinct = np.unique(pixel_scores)
+    candidates = np.r_[np.nextafter(distinct[0], -np.inf), distinct]
+    want = max(f1_score(pixels_true, pixel_scores > t, zero_division=0) for t in candidates)
+    best, threshold = seg_f1_max(masks, maps)
+    assert best == pytest.approx(want, abs=1e-12)
+    assert seg_f1(masks, maps, threshold) == pytest.approx(best, abs=1e-12)
+    labels = np.array([m.any() for m in masks], dtype=int)
+    got = evaluate_arrays(labels, np.array([float(m.max()) for m in maps]), masks, maps, 0.5, 0.5)
+    assert got["seg_f1_max_oracle"] == best and got["seg_f1_max_oracle"] >= got["seg_f1"]
+
+
 def test_evaluate_arrays_matches_individual_functions() -> None:
     masks, maps = random_category(3, np.float16)
     labels = np.array([m.any() for m in masks], dtype=int)
@@ -271,6 +292,7 @@ def test_evaluate_arrays_matches_individual_functions() -> None:
             "seg_f1": seg_f1(masks, maps, 0.8),
             "class_f1": class_f1(labels, scores, 1.5),
             "f1_max_oracle": f1_max(labels, scores)[0],
+            "seg_f1_max_oracle": seg_f1_max(masks, maps)[0],
             "num_images": len(masks),
             "num_anomalous": int(labels.sum()),
         },

@@ -304,7 +304,7 @@ def test_report_html_is_one_self_contained_file(evaluation):
     sources = text.split('src="')[1:]
     assert len(sources) >= 4 + 2 * 4 * 3 and all(s.startswith("data:image/png;base64,") for s in sources)
     for fragment in ("Image AUROC", "False positives", "False negatives", "test_public", "image threshold",
-                     "defect-free validation images", "Image scores", "ROC and PRO curves", "Sample detections"):
+                     "defect-free validation image", "Image scores", "ROC and PRO curves", "Sample detections"):
         assert fragment in text, fragment
 
 

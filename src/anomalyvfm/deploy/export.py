@@ -62,7 +62,7 @@ def _settings(detector) -> dict:
     return json.loads(json.dumps({
         **to_dict(detector.settings), **to_dict(detector.runtime), "score": detector.score_mode,
         "image_threshold": t.image_threshold, "pixel_threshold": t.pixel_threshold,
-        "validation_stats": t.validation_stats, "view_stats": c.view_stats, "foreground_stats": c.foreground,
+        "validation_stats": t.validation_stats, "evidence": t.evidence, "view_stats": c.view_stats, "foreground_stats": c.foreground,
         "train_images": detector.record.train_images, "fitted_at": detector.record.fitted_at,
         "version": detector.record.package_version}))
 

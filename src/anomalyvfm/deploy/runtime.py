@@ -186,7 +186,7 @@ class BundlePredictor:
         """The exported score mode's thresholds and the validation statistics behind them."""
         c = self.config
         return SimpleNamespace(image_threshold=c.image_threshold, pixel_threshold=c.pixel_threshold,
-                               validation_stats=c.validation_stats)
+                               validation_stats=c.validation_stats, evidence=getattr(c, "evidence", {}))
 
     @property
     def backbone(self) -> Engine:

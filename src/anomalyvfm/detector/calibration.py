@@ -18,8 +18,7 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.extraction import FailedImage
 from anomalyvfm.features.foreground import looks_like_object, mask_stats
 from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.maps.thresholds import sigma_threshold
-from anomalyvfm.scoring.moments import RunningMoments
+from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
 from anomalyvfm.scoring.score_modes import SCORE_MODES, RawScores, combine, standardisation_stats
 from anomalyvfm.scoring.views import view_statistics
 
@@ -31,6 +30,7 @@ class Thresholds:
     image_threshold: float
     pixel_threshold: float
     validation_stats: dict[str, float]
+    evidence: dict[str, dict[str, Any]] = field(default_factory=dict)  # per level: the rule and its figures
 
 
 @dataclass
@@ -93,20 +93,28 @@ def calibrate(pipeline, images: Sequence[ImageLike], mode: str, progress: bool) 
     if pipeline.heads is not None:
         calibration.head_stats = standardisation_stats(raws)
     modes = SCORE_MODES if pipeline.heads is not None else ("distance",)
-    sigma, num_sigma = pipeline.settings.sigma, pipeline.settings.threshold_sigma
-    calibration.modes = {m: _mode_thresholds(raws, shapes, m, calibration.head_stats, sigma, num_sigma) for m in modes}
+    sigma, rules = pipeline.settings.sigma, pipeline.settings.threshold_rules()
+    calibration.modes = {m: _mode_thresholds(raws, shapes, m, calibration.head_stats, sigma, rules) for m in modes}
     calibration.thresholds()  # fail now, not at the first prediction, if the asked mode is not available
     return calibration
 
 
 def _mode_thresholds(raws: list[RawScores], shapes: list[tuple], mode: str, head_stats: dict, sigma: float,
-                     num_sigma: float) -> Thresholds:
-    """Mean + `num_sigma` std of one mode's map pixels and image scores over the validation images."""
-    pixels, scores = RunningMoments(), RunningMoments()
+                     rules: dict[str, ThresholdRule]) -> Thresholds:
+    """One mode's image and pixel thresholds, each by its level's rule, from the validation images."""
+    pixels, scores = NormalScores(), NormalScores()
     for raw, (processed_shape, image_shape) in zip(raws, shapes):
         grid, score = combine(raw, mode, head_stats)
         pixels.update(anomaly_map(grid, processed_shape, image_shape, sigma))
         scores.update(np.array([score]))
-    stats = {"images": scores.n, "image_score_mean": scores.mean, "image_score_std": scores.std,
-             "pixel_score_mean": pixels.mean, "pixel_score_std": pixels.std}
-    return Thresholds(sigma_threshold(scores, num_sigma), sigma_threshold(pixels, num_sigma), stats)
+    return thresholds_from(scores, pixels, rules)
+
+
+def thresholds_from(scores: NormalScores, pixels: NormalScores, rules: dict[str, ThresholdRule]) -> Thresholds:
+    """Thresholds from validation image scores and map pixels (also used by benchmarks on cached maps)."""
+    image = rules["image"].decide(scores, "defect-free validation image scores")
+    pixel = rules["pixel"].decide(pixels, "defect-free validation map pixels")
+    s, p = scores.moments, pixels.moments
+    stats = {"images": s.n, "image_score_mean": s.mean, "image_score_std": s.std,
+             "pixel_score_mean": p.mean, "pixel_score_std": p.std}
+    return Thresholds(image.threshold, pixel.threshold, stats, {"image": image.evidence, "pixel": pixel.evidence})

@@ -268,7 +268,8 @@ def restore(stored: StoredModel, runtime: Runtime, backbone: str | Path | None =
     pipeline = Pipeline(settings, runtime)
     for i in range(len(settings.views())):
         part = f"view{i}" if i else ""
-        scorer = make_scorer(settings.scorer, settings.coreset_ratio, settings.max_bank_candidates, settings.seed)
+        scorer = make_scorer(settings.scorer, settings.coreset_ratio, settings.max_bank_candidates, settings.seed,
+                             settings.memory_bank)
         try:
             scorer.load_state_dict(stored.state[part])
         except KeyError as exc:

@@ -94,7 +94,8 @@ class Pipeline:
         """
         s, seed = self.settings, self.settings.seed + shard
         torch.manual_seed(seed)
-        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed) for _ in s.views()]
+        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank)
+                        for _ in s.views()]
         self.foreground_model = (None if s.foreground == "off"
                                  else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed))
         fitted = 0

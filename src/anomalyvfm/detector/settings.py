@@ -16,9 +16,12 @@ from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.backbone import DEFAULT_BACKBONE, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.features.foreground import FOREGROUND_MODES
+from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
 from anomalyvfm.scoring.score_modes import SCORE_MODES
-from anomalyvfm.scoring.scorers import SCORERS
+from anomalyvfm.scoring.scorers import MEMORY_BANKS, SCORERS
 
+IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
+PIXEL_FALSE_ALARM_RATE = 0.001
 PATCH = 14  # every DINOv2 has 14-px patches; tile sizes are checked against it before loading the model
 
 
@@ -32,10 +35,24 @@ class Settings:
     image_size: int = setting(448, "short side fed to the backbone (px)", low=PATCH)
     scorer: str = setting("knn", "patch scorer", choices=SCORERS)
     coreset_ratio: float = setting(0.1, "kNN memory-bank fraction kept", low=0, low_open=True, high=1)
-    max_bank_candidates: int = setting(100_000, "kNN patches sampled before the coreset", flag=None, low=1)
+    max_bank_candidates: int = setting(100_000, "kNN patches held before the coreset", flag=None, low=1)
+    memory_bank: str = setting("reservoir", "kNN candidates: a random reservoir of the training patches, or all of "
+                                            "them reduced chunk by chunk (merge) in the same memory",
+                               choices=MEMORY_BANKS)
     top_percent: float = setting(1.0, "image score = mean of top %% patches", low=0, low_open=True, high=100)
     sigma: float = setting(4.0, "Gaussian smoothing of maps (px at backbone size)", low=0)
-    threshold_sigma: float = setting(3.0, "thresholds = validation mean + N std")
+    threshold_rule: str | None = setting(None, "how thresholds are read off validation scores: sigma (mean + N std), "
+                                               "quantile, max (+ margin std), gpd (Pareto tail fit); default sigma, "
+                                               "or gpd at a level whose false-alarm rate is given",
+                                         choices=THRESHOLD_RULES)
+    threshold_sigma: float = setting(3.0, "sigma rule: thresholds = validation mean + N std")
+    threshold_margin: float = setting(0.0, "max rule: thresholds = validation maximum + N std")
+    false_alarm_rate: float | None = setting(None, "image level: reject at most this fraction of good parts "
+                                                   f"(quantile/gpd rules; unset: {IMAGE_FALSE_ALARM_RATE})",
+                                             low=0, low_open=True, high=1)
+    pixel_false_alarm_rate: float | None = setting(None, "pixel level: flag at most this fraction of good pixels "
+                                                         f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE})",
+                                                   low=0, low_open=True, high=1)
     tile_size: int = setting(0, "score overlapping tiles of this many px (multiple of 14; 0 = whole image)",
                              low=0)
     tile_overlap: int = setting(56, "tile overlap in px (multiple of 14)", low=0)
@@ -62,6 +79,16 @@ class Settings:
         if self.tile_size:
             return [(self.image_size, Tiling(self.tile_size, self.tile_overlap, self.tile_scale))]
         return [(size, None) for size in sorted(self.scales or (self.image_size,))]
+
+    def threshold_rules(self) -> dict[str, ThresholdRule]:
+        """The rule of each level ("image", "pixel"): `threshold_rule`, else sigma, or gpd at a level whose
+        false-alarm rate the user gave (so `--false-alarm-rate 0.01` alone does what it says)."""
+        rules = {}
+        for level, rate, default in (("image", self.false_alarm_rate, IMAGE_FALSE_ALARM_RATE),
+                                     ("pixel", self.pixel_false_alarm_rate, PIXEL_FALSE_ALARM_RATE)):
+            name = self.threshold_rule or ("sigma" if rate is None else "gpd")
+            rules[level] = make_rule(name, self.threshold_sigma, default if rate is None else rate, self.threshold_margin)
+        return rules
 
     def view_summary(self) -> str:
         if self.tile_size:

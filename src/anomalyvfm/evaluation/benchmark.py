@@ -28,8 +28,8 @@ from anomalyvfm.evaluation import html_report
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
-           "f1_max_oracle", "fit_seconds", "images_per_second", "peak_rss_mb", "settings")
-METRICS = COLUMNS[2:9]
+           "f1_max_oracle", "seg_f1_max_oracle", "fit_seconds", "images_per_second", "peak_rss_mb", "settings")
+METRICS = COLUMNS[2:10]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.maps.render import display_range
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
-               "num_images", "num_anomalous", "seconds", "peak_rss_mb")
+               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb")
 PCA_IMAGES = 8  # images per side sampled for feature_analysis.png: enough for a picture, cheap to compute
 PCA_PATCHES = 3000
 
@@ -76,7 +76,7 @@ def evaluate(detector: AnomalyDetector, dataset: Dataset, split: str, out: str |
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result = {key: result[key] for key in METRIC_KEYS}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "performance_summary.txt").write_text(report.format_table(result))
+    (out / "performance_summary.txt").write_text(report.format_table(result) + report.threshold_lines(t.evidence))
     _write_pictures(detector, kept, labels, np.array(scores), maps, masks, result, dataset, out)
     html_report.write_report(out, detector, dataset, split, kept, labels, np.array(scores), maps, masks, result)
     return result

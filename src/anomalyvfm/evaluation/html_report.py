@@ -106,6 +106,7 @@ def calibration(detector: Any) -> dict:
     t = detector.thresholds()
     return {"image_threshold": float(t.image_threshold), "pixel_threshold": float(t.pixel_threshold),
             "threshold_sigma": detector.settings.threshold_sigma, "validation_stats": dict(t.validation_stats),
+            "evidence": dict(t.evidence),
             "train_images": detector.record.train_images}
 
 
@@ -178,6 +179,11 @@ def _case_row(dataset: Dataset, sample: Sample, score: float, threshold: float, 
             f"defect area {int(gt.sum())} px, predicted {int((amap > pixel_threshold).sum())} px</td></tr>")
 
 
+def _threshold_text(calib: dict, level: str) -> str | None:
+    """The rule's own account of a threshold (models fitted before rules were stored have none)."""
+    return calib.get("evidence", {}).get(level, {}).get("text")
+
+
 def _data_table(dataset: Dataset, split: str, samples: Sequence[Sample], labels: np.ndarray, metrics: dict,
                 calib: dict) -> str:
     stats = calib["validation_stats"]
@@ -189,12 +195,14 @@ def _data_table(dataset: Dataset, split: str, samples: Sequence[Sample], labels:
         ("images", f"{len(samples)} scored of {listed} listed ({listed - len(samples)} unreadable, skipped), "
                    f"{int(labels.sum())} defective, {int((labels == 0).sum())} good"),
         ("train images", calib["train_images"]),
-        ("image threshold", f"{calib['image_threshold']:.6g} = mean {stats.get('image_score_mean', float('nan')):.6g} "
-                            f"+ {calib['threshold_sigma']} × std {stats.get('image_score_std', float('nan')):.6g} "
-                            f"of the image scores of {stats.get('images', '?')} defect-free validation images"),
-        ("pixel threshold", f"{calib['pixel_threshold']:.6g} = mean {stats.get('pixel_score_mean', float('nan')):.6g} "
-                            f"+ {calib['threshold_sigma']} × std {stats.get('pixel_score_std', float('nan')):.6g} "
-                            "of their map pixels"),
+        ("image threshold", _threshold_text(calib, "image") or
+         f"{calib['image_threshold']:.6g} = mean {stats.get('image_score_mean', float('nan')):.6g} "
+         f"+ {calib['threshold_sigma']} × std {stats.get('image_score_std', float('nan')):.6g} "
+         f"of the image scores of {stats.get('images', '?')} defect-free validation images"),
+        ("pixel threshold", _threshold_text(calib, "pixel") or
+         f"{calib['pixel_threshold']:.6g} = mean {stats.get('pixel_score_mean', float('nan')):.6g} "
+         f"+ {calib['threshold_sigma']} × std {stats.get('pixel_score_std', float('nan')):.6g} "
+         "of their map pixels"),
         ("test labels used for thresholds", "no: both thresholds come from validation images only"),
         ("run time", f"{metrics.get('seconds', '?')} s, peak RSS {metrics.get('peak_rss_mb', '?')} MB"),
         ("written", f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by anomalyvfm {__version__}"),

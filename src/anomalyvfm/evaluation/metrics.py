@@ -12,7 +12,8 @@ What is measured (matching MVTec's official evaluation code):
   integrated with the trapezoid rule and divided by the limit, so a perfect detector scores 1.0.
 * SegF1 and ClassF1: F1 of pixels (pooled over all test images) and of images, at fixed thresholds.
   A pixel or image is predicted anomalous when its score is strictly greater than the threshold.
-* Image F1-max, an oracle figure that looks at the test labels (see `f1_max`).
+* Image F1-max and pixel F1-max (`seg_f1_max_oracle`): oracle figures that look at the test labels (see
+  `f1_max`, `seg_f1_max`), the best ClassF1 / SegF1 any single threshold reaches, for reference only.
 
 Memory policy. A category holds ~750 M pixels, so nothing here allocates per-pixel arrays for the whole
 category: images are visited one at a time and reduced to per-distinct-score histograms (counts of
@@ -199,8 +200,8 @@ def _aupro(curve: tuple[np.ndarray, np.ndarray] | None, fpr_limit: float) -> flo
 
 
 def _f1_max(counts: _ScoreCounts) -> tuple[float, float]:
-    """See `f1_max`."""
-    # Candidate k flags every image scoring >= the k-th highest distinct score.
+    """See `f1_max`; on a pixel histogram, `seg_f1_max`."""
+    # Candidate k flags every item scoring >= the k-th highest distinct score.
     tp = np.cumsum(counts.positives[::-1])
     fp = np.cumsum(counts.negatives[::-1])
     num_pos = tp[-1]
@@ -264,6 +265,12 @@ def seg_f1(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: f
     return _f1_above(_score_counts(masks, maps, regions=False), threshold)
 
 
+def seg_f1_at(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], thresholds: Sequence[float]) -> list[float]:
+    """`seg_f1` at several thresholds from one pass over the maps (comparing threshold rules)."""
+    counts = _score_counts(masks, maps, regions=False)
+    return [_f1_above(counts, t) for t in thresholds]
+
+
 def class_f1(labels: ArrayLike, scores: ArrayLike, threshold: float) -> float:
     """ClassF1: image F1, an image being predicted anomalous when its score > `threshold`."""
     return _f1_above(_image_counts(labels, scores), threshold)
@@ -283,6 +290,16 @@ def f1_max(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
     return _f1_max(_image_counts(labels, scores))
 
 
+def seg_f1_max(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Best SegF1 that any single pixel threshold reaches, and such a threshold (pixel: score > threshold).
+
+    The pixel counterpart of `f1_max`, exact from the same per-distinct-score histogram (no threshold
+    grid), and equally an oracle: it tells how much a better binarisation could gain, never which
+    threshold to use. (nan, nan) when no pixel is anomalous.
+    """
+    return _f1_max(_score_counts(masks, maps, regions=False))
+
+
 def evaluate_arrays(
     labels: ArrayLike,
     image_scores: ArrayLike,
@@ -294,7 +311,8 @@ def evaluate_arrays(
     """Every MVTec AD 2 figure for one category, from one pass over the maps and one PRO curve.
 
     `masks[k]` and `maps[k]` belong to image k (all-False mask for a good image); thresholds follow the
-    score > threshold convention. `f1_max_oracle` is the oracle of `f1_max`, for reference only.
+    score > threshold convention. `f1_max_oracle` and `seg_f1_max_oracle` are the oracles of `f1_max` and
+    `seg_f1_max`, for reference only.
     """
     image_counts = _image_counts(labels, image_scores)
     num_images = int(image_counts.positives.sum() + image_counts.negatives.sum())
@@ -310,6 +328,7 @@ def evaluate_arrays(
         "seg_f1": _f1_above(pixel_counts, pixel_threshold),
         "class_f1": _f1_above(image_counts, image_threshold),
         "f1_max_oracle": _f1_max(image_counts)[0],
+        "seg_f1_max_oracle": _f1_max(pixel_counts)[0],
         "num_images": num_images,
         "num_anomalous": int(image_counts.positives.sum()),
     }

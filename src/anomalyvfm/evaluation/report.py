@@ -26,6 +26,7 @@ METRIC_LABELS = {
     "seg_f1": "SegF1 (validation threshold)",
     "class_f1": "ClassF1 (validation threshold)",
     "f1_max_oracle": "Image F1-max (oracle, test labels)",
+    "seg_f1_max_oracle": "SegF1-max (oracle, test labels)",
     "num_images": "Images",
     "num_anomalous": "Anomalous images",
     "seconds": "Seconds",
@@ -98,6 +99,11 @@ def plot_feature_pca(normal: np.ndarray, defect: np.ndarray, path: Path) -> None
     ax.set(xlabel="PC 1", ylabel="PC 2", title="Patch features (PCA of normal patches)")
     ax.legend(markerscale=3)
     _save(fig, path)
+
+
+def threshold_lines(evidence: dict[str, dict]) -> str:
+    """How each threshold was read off the validation scores (the rule's evidence line), one line a level."""
+    return "".join(f"{level} threshold: {e['text']}\n" for level, e in evidence.items() if "text" in e)
 
 
 def format_table(metrics: dict) -> str:

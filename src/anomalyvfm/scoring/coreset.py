@@ -47,3 +47,68 @@ def _greedy_select(x: torch.Tensor, size: int, first: int) -> torch.Tensor:
         selected.append(nxt)
         torch.minimum(min_dist, norms - 2 * (x @ x[nxt]) + norms[nxt], out=min_dist)
     return torch.tensor(selected)
+
+
+class StreamingCoreset:
+    """A k-center coreset of every row of a stream, in bounded memory (merge and reduce).
+
+    Rows are buffered until `capacity` are held; then the held rows (the summary so far plus the new
+    ones) are reduced to a coreset of `ratio`·capacity rows, and buffering resumes. k-center coresets
+    compose (a coreset of the union of coresets covers the union within the sum of their radii), so
+    every row seen has been considered, unlike a reservoir that drops most rows of a large training set
+    unseen. Fewer than `capacity` rows are held between calls (the incoming batch is consumed in slices);
+    the final bank has round(`ratio`·min(rows seen, capacity)) rows (at most the rows held), the size
+    a reservoir of `capacity` rows would give, so the two differ only in which rows they could choose from. While no more than `capacity` rows
+    have been seen, the result equals the coreset of all of them.
+
+    The state is mergeable (distributed fitting): `absorb(other)` adds another stream's held rows, as if
+    they had been streamed here.
+    """
+
+    def __init__(self, capacity: int, ratio: float, seed: int = 0) -> None:
+        if capacity < 2:
+            raise ValueError("capacity must be at least 2 rows")
+        self.capacity, self.ratio, self.seed = capacity, ratio, seed
+        # reductions must free room, so an intermediate summary never fills more than half the capacity
+        self.summary_size = max(1, min(round(ratio * capacity), capacity // 2))
+        self._rows: list[torch.Tensor] = []
+        self.held = 0  # rows in `_rows`
+        self.seen = 0  # rows ever added (absorbed streams included)
+        self.reductions = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.seen += len(rows)
+        self._hold(rows)
+
+    def _hold(self, rows: torch.Tensor) -> None:
+        while len(rows):
+            room = self.capacity - self.held
+            self._rows.append(rows[:room])
+            self.held += len(rows[:room])
+            rows = rows[room:]
+            if self.held >= self.capacity:
+                self._reduce(self.summary_size)
+
+    def _pool(self) -> torch.Tensor:
+        pool = torch.cat(self._rows) if len(self._rows) > 1 else self._rows[0]
+        self._rows = [pool]
+        return pool
+
+    def _reduce(self, size: int) -> torch.Tensor:
+        pool = self._pool()
+        kept = pool[greedy_coreset(pool, size, self.seed + self.reductions)].contiguous()
+        self._rows, self.held = [kept], len(kept)
+        self.reductions += 1
+        return kept
+
+    def absorb(self, other: "StreamingCoreset") -> None:
+        """Merge another stream's state into this one (its held rows are streamed here)."""
+        self.seen += other.seen
+        if other.held:
+            self._hold(other._pool())
+
+    def result(self) -> torch.Tensor:
+        """The final coreset of everything seen."""
+        if not self.held:
+            raise ValueError("no rows were added")
+        return self._reduce(max(1, round(self.ratio * min(self.seen, self.capacity))))

@@ -7,8 +7,10 @@ to plain tensors for safetensors.
 * `MahalanobisScorer` — one Gaussian over all normal patch features. The covariance is shrunk towards a
   scaled identity with the Oracle Approximating Shrinkage (OAS) estimate, computed from streamed sums,
   plus a small ridge: the prototype inverted a raw covariance of fewer samples than dimensions.
-* `KNNScorer` — PatchCore-style memory bank: a seeded reservoir of candidate patches, reduced by greedy
-  k-center coreset selection; a patch's score is its cosine distance to the nearest bank entry.
+* `KNNScorer` — PatchCore-style memory bank reduced by greedy k-center coreset selection; a patch's score
+  is its cosine distance to the nearest bank entry. The candidates are a seeded reservoir of
+  `max_candidates` patches (`bank="reservoir"`, default) or every training patch, reduced chunk by
+  chunk within the same memory (`bank="merge"`, see `coreset.StreamingCoreset`).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalyvfm.scoring.coreset import greedy_coreset
+from anomalyvfm.scoring.coreset import StreamingCoreset, greedy_coreset
 from anomalyvfm.scoring.distances import knn_distance, mahalanobis_distance
 
 SCORERS = ("mahalanobis", "knn")
+MEMORY_BANKS = ("reservoir", "merge")
 
 
 class PatchScorer(Protocol):
@@ -122,18 +125,26 @@ class KNNScorer:
 
     name = "knn"
 
-    def __init__(self, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0) -> None:
+    def __init__(self, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0,
+                 bank: str = "reservoir") -> None:
         if not 0 < coreset_ratio <= 1:
             raise ValueError("coreset_ratio must be in (0, 1]")
+        if bank not in MEMORY_BANKS:
+            raise ValueError(f"unknown memory bank '{bank}' (choose from {', '.join(MEMORY_BANKS)})")
         self.coreset_ratio, self.max_candidates, self.seed = coreset_ratio, max_candidates, seed
         self._rng = np.random.default_rng(seed)
         self._reservoir: torch.Tensor | None = None
         self._seen = 0
+        self._stream = StreamingCoreset(max_candidates, coreset_ratio, seed) if bank == "merge" else None
         self.bank: torch.Tensor | None = None
 
     def partial_fit(self, features: torch.Tensor) -> None:
-        """Reservoir sampling (Algorithm R, vectorised): every patch seen has equal chance to be kept."""
+        """Reservoir sampling (Algorithm R, vectorised): every patch seen has equal chance to be kept;
+        or, with `bank="merge"`, every patch goes through the streaming coreset."""
         x = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=1)
+        if self._stream is not None:
+            self._stream.add(x)
+            return
         if self._reservoir is None:
             self._reservoir = torch.empty(0, x.shape[1])
         room = self.max_candidates - len(self._reservoir)
@@ -160,6 +171,9 @@ class KNNScorer:
         """
         if self.bank is not None or other.bank is not None:
             raise ValueError("merge unfinalised scorers only")
+        if self._stream is not None:  # merge-and-reduce bank: the other side's held rows stream in
+            self._stream.absorb(other._stream)
+            return
         if other._reservoir is None or other._seen == 0:
             return
         if self._reservoir is None or self._seen == 0:
@@ -174,6 +188,11 @@ class KNNScorer:
         self._seen = total
 
     def finalize(self) -> None:
+        if self._stream is not None:
+            if not self._stream.held:
+                raise ValueError("kNN scorer needs at least 1 patch feature")
+            self.bank, self._stream = self._stream.result(), None
+            return
         if self._reservoir is None or len(self._reservoir) == 0:
             raise ValueError("kNN scorer needs at least 1 patch feature")
         size = max(1, round(len(self._reservoir) * self.coreset_ratio))
@@ -190,10 +209,11 @@ class KNNScorer:
         self.bank = state["bank"].float()
 
 
-def make_scorer(name: str, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0) -> PatchScorer:
+def make_scorer(name: str, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0,
+                bank: str = "reservoir") -> PatchScorer:
     """Build an unfitted scorer by name."""
     if name == "mahalanobis":
         return MahalanobisScorer()
     if name == "knn":
-        return KNNScorer(coreset_ratio, max_candidates, seed)
+        return KNNScorer(coreset_ratio, max_candidates, seed, bank)
     raise ValueError(f"unknown scorer '{name}' (choose from {', '.join(SCORERS)})")

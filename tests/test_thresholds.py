@@ -1,0 +1,145 @@
+"""Threshold rules from defect-free scores: each against a brute-force or closed-form reference."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from anomalyvfm import AnomalyDetector
+from anomalyvfm.cli.options import settings_from_args
+from anomalyvfm.declare import SettingError
+from anomalyvfm.detector.calibration import Calibration, calibrate
+from anomalyvfm.detector.settings import PIXEL_FALSE_ALARM_RATE, Settings
+from anomalyvfm.errors import UserInputError
+from anomalyvfm.maps.thresholds import (MaxRule, NormalScores, ParetoRule, QuantileRule, SigmaRule, clopper_pearson,
+                                        sigma_threshold)
+from anomalyvfm.scoring.moments import RunningMoments
+
+
+def sample_of(images: list[np.ndarray], keep: int = 1000) -> NormalScores:
+    sample = NormalScores(keep)
+    for values in images:
+        sample.update(values)
+    return sample
+
+
+def test_tail_is_the_largest_values_whatever_the_order() -> None:
+    rng = np.random.default_rng(0)
+    images = [np.round(rng.normal(size=(20, 30)), 2) for _ in range(7)]
+    sample = sample_of(images, keep=50)
+    pooled = np.sort(np.concatenate([i.ravel() for i in images]))
+    np.testing.assert_array_equal(sample.tail(50), pooled[-50:])
+    assert sample.n == pooled.size and not sample.complete
+    assert sample.above(pooled[-10]) == np.count_nonzero(pooled > pooled[-10])
+    assert sample.above(pooled[0]) is None  # below the kept tail: unknown, not guessed
+    with pytest.raises(UserInputError, match="largest"):
+        sample.largest(51)
+
+
+def test_sigma_rule_is_the_baseline_bit_for_bit() -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.gamma(2.0, size=(9, 11)) for _ in range(5)]
+    moments = RunningMoments()
+    for values in images:
+        moments.update(values)
+    decision = SigmaRule(3.0).decide(sample_of(images), "pixels")
+    assert decision.threshold == sigma_threshold(moments, 3.0)
+    assert decision.evidence["rule"] == "sigma" and decision.evidence["k"] == 3.0
+    assert "+ 3 × std" in decision.evidence["text"]
+
+
+@pytest.mark.parametrize("rate", [0.0001, 0.01, 0.05, 0.3])
+def test_quantile_rule_rejects_at_most_rate(rate: float) -> None:
+    rng = np.random.default_rng(2)
+    images = [np.round(rng.normal(size=40), 1) for _ in range(10)]  # many ties
+    pooled = np.concatenate(images)
+    decision = QuantileRule(rate).decide(sample_of(images, keep=pooled.size), "scores")
+    above = np.count_nonzero(pooled > decision.threshold)
+    assert above <= np.floor(rate * pooled.size)
+    # and it is the lowest such value among the data: the next lower distinct value rejects too many
+    lower = pooled[pooled < decision.threshold]
+    assert lower.size == 0 or np.count_nonzero(pooled > lower.max()) > np.floor(rate * pooled.size)
+    assert decision.evidence["validation_false_alarms"] == above
+
+
+def test_max_rule() -> None:
+    images = [np.array([0.1, 0.5]), np.array([0.2, 0.9])]
+    decision = MaxRule(margin=1.0).decide(sample_of(images), "scores")
+    assert decision.threshold == pytest.approx(0.9 + np.std(np.concatenate(images)))
+    assert decision.evidence["validation_false_alarms"] == 0
+
+
+def test_pareto_rule_extrapolates_an_exponential_tail() -> None:
+    """Exponential tails are generalized Pareto with shape 0: P(X > t) = rate at t = −ln(rate)."""
+    values = np.random.default_rng(3).exponential(size=50_000)
+    rate = 1e-5  # ten times rarer than the sample can show
+    decision = ParetoRule(rate).decide(sample_of([values], keep=5000), "pixels")
+    assert decision.evidence["method"] == "gpd" and decision.evidence["tail"] == 5
+    assert ParetoRule(1e-3).decide(sample_of([values], keep=5000), "pixels").threshold == pytest.approx(
+        -np.log(1e-3), rel=0.1)
+    assert decision.threshold > values.max() * 0.9
+    assert decision.threshold == pytest.approx(-np.log(rate), rel=0.35)
+
+
+def test_pareto_rule_is_empirical_inside_the_data() -> None:
+    values = np.random.default_rng(4).normal(size=200)
+    sample = sample_of([values], keep=200)
+    assert ParetoRule(0.5).decide(sample, "x").threshold == QuantileRule(0.5).decide(sample, "x").threshold
+
+
+@pytest.mark.parametrize("k,n", [(0, 9), (1, 12), (5, 92), (9, 9)])
+def test_clopper_pearson_matches_scipy(k: int, n: int) -> None:
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    assert clopper_pearson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_rule_settings_and_cli() -> None:
+    rules = Settings().threshold_rules()
+    assert {level: rule.name for level, rule in rules.items()} == {"image": "sigma", "pixel": "sigma"}
+    rules = Settings(false_alarm_rate=0.01).threshold_rules()
+    assert (rules["image"].name, rules["image"].rate, rules["pixel"].name) == ("gpd", 0.01, "sigma")
+    rules = Settings(threshold_rule="quantile").threshold_rules()
+    assert rules["pixel"].rate == PIXEL_FALSE_ALARM_RATE
+    with pytest.raises(SettingError, match="false_alarm_rate"):
+        Settings(false_alarm_rate=0.0)
+    from anomalyvfm.cli.main import build_parser
+
+    args = build_parser().parse_args(["fit", "--data", "d", "--out", "o", "--false-alarm-rate", "0.01",
+                                      "--pixel-false-alarm-rate", "1e-4", "--threshold-rule", "gpd"])
+    settings = settings_from_args(args)
+    assert (settings.false_alarm_rate, settings.pixel_false_alarm_rate, settings.threshold_rule) == (0.01, 1e-4, "gpd")
+
+
+def test_rule_and_evidence_are_stored_in_the_model(fitted_model, data_root, tmp_path, one_thread) -> None:
+    detector = AnomalyDetector.load(fitted_model)
+    assert detector.thresholds().evidence["pixel"]["rule"] == "sigma"
+    validation = sorted((data_root / "demo" / "validation" / "good").iterdir())
+    detector.pipeline.settings = replace(detector.settings, threshold_rule="max", false_alarm_rate=0.01)
+    detector.calibration = calibrate(detector.pipeline, validation, "distance", progress=False)
+    t = detector.thresholds()
+    assert t.evidence["image"]["validation_false_alarms"] == 0 and t.evidence["image"]["rule"] == "max"
+    assert t.image_threshold == t.evidence["image"]["max"]
+    detector.save(tmp_path / "m")
+    loaded = AnomalyDetector.load(tmp_path / "m").thresholds()
+    assert loaded.evidence == t.evidence and loaded.pixel_threshold == t.pixel_threshold
+    old = detector.calibration.to_dict()
+    for thresholds in old["modes"].values():
+        del thresholds["evidence"]  # a model fitted before rules were stored still loads
+    assert Calibration.from_dict(old, "model.json").thresholds().evidence == {}
+
+
+def test_adaptive_binarisation_finds_each_blob_and_never_goes_below_the_floor() -> None:
+    from scipy import ndimage
+
+    from anomalyvfm.maps.binarize import adaptive_mask
+
+    amap = np.random.default_rng(5).random((60, 80)) * 0.2
+    yy, xx = np.mgrid[:60, :80]
+    amap += 3.0 * np.exp(-((yy - 20) ** 2 + (xx - 20) ** 2) / 30) + 2.6 * np.exp(-((yy - 40) ** 2 + (xx - 60) ** 2) / 30)
+    mask = adaptive_mask(amap, floor=0.3)
+    assert ndimage.label(mask)[1] == 2 and mask[20, 20] and mask[40, 60]
+    assert not mask[amap <= 0.3].any() and mask.sum() < 0.2 * mask.size
+    assert not adaptive_mask(amap, floor=5.0).any()
