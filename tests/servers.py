@@ -55,3 +55,17 @@ def live_server(app, limits: ServiceLimits | None = None) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def wait_until_serving(process, base: str, seconds: float = 60) -> None:
+    """Poll `base`/health until a `serve` subprocess answers (failing if it exits or takes too long)."""
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
+        try:
+            requests.get(base + "/health", timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.2)

@@ -28,7 +28,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 from scipy.ndimage import binary_erosion, gaussian_filter
-from servers import free_port, live_server, png
+from servers import free_port, live_server, png, wait_until_serving
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
@@ -377,14 +377,7 @@ def test_sigterm_with_a_stalled_upload_stops_within_the_shutdown_deadline(fitted
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-            try:
-                requests.get(base + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        wait_until_serving(process, base)
         stalled = _connect(base)
         stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                         b"Content-Length: 100000\r\n\r\n--b\r\n")

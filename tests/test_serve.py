@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +19,7 @@ import pytest
 import requests
 from helpers import bomb_png
 from PIL import Image
-from servers import LIMITS, MAX_BYTES, MAX_FILES, close, free_port, live_server, png
+from servers import LIMITS, MAX_BYTES, MAX_FILES, close, free_port, live_server, png, wait_until_serving
 
 from anomalyvfm import AnomalyDetector, __version__
 from anomalyvfm.cli.main import main
@@ -172,14 +171,7 @@ def test_cli_serve_runs_a_server_with_the_key_from_the_environment(fitted_model,
                                 "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "serve did not start"
-            try:
-                requests.get(base + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        wait_until_serving(process, base)
         files = {"file": bad_image.read_bytes()}
         assert requests.post(base + "/predict", files=files, timeout=60).status_code == 401
         assert requests.post(base + "/predict", files=files, headers={"X-API-Key": "from-env"}, timeout=60).ok

@@ -1,7 +1,6 @@
 """Threshold rules from defect-free scores: each against a brute-force or closed-form reference."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import numpy as np

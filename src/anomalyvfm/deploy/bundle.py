@@ -13,10 +13,10 @@ Torch-free: the runtime imports this module.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from anomalyvfm.checksums import sha256
 from anomalyvfm.errors import UserInputError
 
 FORMAT_VERSION = 1
@@ -25,14 +25,6 @@ SCORER = "scorer.npz"
 FORMATS = ("openvino", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
 GRAPH_FILES = {"openvino": ("backbone.xml", "backbone.bin"), "onnx": ("backbone.onnx",)}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_bundle(path: str | Path) -> bool:

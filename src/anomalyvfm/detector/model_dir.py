@@ -16,7 +16,6 @@ still read; it is converted on load and written back as format 2.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.checksums import sha256
 from anomalyvfm.declare import from_dict, to_dict
 from anomalyvfm.detector.calibration import Calibration
 from anomalyvfm.detector.pipeline import Pipeline
@@ -136,16 +136,8 @@ def _save_backbone(pipeline: Pipeline, out: Path) -> None:
 
 
 def _checksums(directory: Path) -> dict[str, str]:
-    return {str(path.relative_to(directory)): _sha256(path)
+    return {str(path.relative_to(directory)): sha256(path)
             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CONFIG_FILE}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sync(directory: Path) -> None:
@@ -230,7 +222,7 @@ def _verify(directory: Path, files: Any) -> None:
         path = directory / name
         if not path.is_file():
             raise UserInputError(f"{path}: missing (the model directory is incomplete)")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise UserInputError(f"{path}: checksum mismatch (the file is damaged or was replaced)")
 
 
