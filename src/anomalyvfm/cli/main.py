@@ -263,10 +263,17 @@ class VariantParser(argparse.ArgumentParser):
         raise UserInputError(f"benchmark variant: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory written by fit (or a bundle from export)")
 
+
+def _dataset_options(parser: argparse.ArgumentParser, required: bool = True, category_required: bool = False) -> None:
+    parser.add_argument("--data", required=required, help="dataset root folder")
+    parser.add_argument("--category", required=category_required, help="category folder under --data")
+    parser.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+
+
+def _add_fit(sub) -> None:
     fit = sub.add_parser("fit", help="fit a detector on good images and save it")
     add_fit_options(fit)
     fit.add_argument("--category", help="category folder under --data (required for MVTec layouts)")
@@ -276,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(fit)
     fit.set_defaults(func=cmd_fit)
 
+
+def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="score images with a saved model")
-    predict.add_argument("--model", required=True, help="model directory written by fit")
+    _model_option(predict)
     predict.add_argument("paths", nargs="+", help=f"image files or folders ({', '.join(IMAGE_SUFFIXES)})")
     predict.add_argument("--out", required=True, help="output folder for predictions.csv and pictures")
     predict.add_argument("--images", action=argparse.BooleanOptionalAction,
@@ -286,17 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(predict, predict=True)
     predict.set_defaults(func=cmd_predict)
 
-    evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics and report pictures for a saved model")
-    evaluate.add_argument("--model", required=True, help="model directory written by fit")
-    evaluate.add_argument("--data", required=True, help="dataset root folder")
-    evaluate.add_argument("--category", help="category folder under --data")
-    evaluate.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+
+def _add_evaluate(sub) -> None:
+    evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics, report.html and report pictures for a saved model")
+    _model_option(evaluate)
+    _dataset_options(evaluate)
     evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
     add_runtime_options(evaluate)
     add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_benchmark(sub) -> None:
     bench = sub.add_parser("benchmark", help="fit and evaluate every category; write results tables")
     add_fit_options(bench)
     bench.add_argument("--categories", default="all", help="'all' or a comma-separated list")
@@ -308,34 +319,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="folder for results.{json,csv,md} and per-category reports")
     bench.set_defaults(func=cmd_benchmark)
 
+
+def _add_export_submission(sub) -> None:
     export = sub.add_parser("export-submission", help="write MVTec AD 2 benchmark-server files for test_private(_mixed)")
-    export.add_argument("--model", required=True, help="model directory written by fit")
-    export.add_argument("--data", required=True, help="dataset root folder")
-    export.add_argument("--category", required=True, help="category folder under --data")
-    export.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    _model_option(export)
+    _dataset_options(export, category_required=True)
     export.add_argument("--out", required=True, help="submission folder")
     add_runtime_options(export)
     add_engine_options(export)
     export.set_defaults(func=cmd_export_submission)
 
+
+def _add_export(sub) -> None:
     exp = sub.add_parser("export", help="write an inference bundle (OpenVINO / ONNX) that runs without torch")
     exp.add_argument("--model", required=True, help="model directory written by fit")
     exp.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     exp.add_argument("--format", choices=("openvino", "onnx"), default="openvino", help="engine (default openvino)")
     exp.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                      help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs) or int8 (NNCF, needs --data)")
-    exp.add_argument("--data", help="dataset root of the model's good images, to calibrate int8 (never test images)")
-    exp.add_argument("--category", help="category folder under --data")
-    exp.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    _dataset_options(exp, required=False)
     exp.add_argument("--calibration-images", type=int, default=64, help="good images for int8 calibration "
                      "(validation first, then evenly spaced training images; default 64)")
     exp.add_argument("--score", choices=SCORE_MODES, help="score mode to export (only distance is exportable)")
     exp.set_defaults(func=cmd_export)
 
+
+def _add_synth_preview(sub) -> None:
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
-    synth.add_argument("--data", required=True, help="dataset root folder")
-    synth.add_argument("--category", help="category folder under --data")
-    synth.add_argument("--layout", choices=LAYOUTS, default="mvtec_ad2", help="dataset layout")
+    _dataset_options(synth)
     synth.add_argument("--split", default="train", help="split whose images are used (default: train)")
     synth.add_argument("--count", type=int, default=12, help="source images to draw from")
     synth.add_argument("--per-stage", type=int, default=6, help="examples per stage (texture, structure, context)")
@@ -343,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="PNG file to write")
     synth.set_defaults(func=cmd_synth_preview)
 
-    serve = sub.add_parser("serve", help="serve a saved model over HTTP (POST /predict; docs at /docs)")
-    serve.add_argument("--model", required=True, help="model directory written by fit")
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="serve a saved model over HTTP (web page at /, POST /predict, docs at /docs)")
+    _model_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     serve.add_argument("--api-key", help="require this key in the X-API-Key header (default: $ANOMALYVFM_API_KEY; "
@@ -353,9 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_options(serve)
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="run fit and predict on a generated example (offline, random backbone)")
     demo.add_argument("--out", default="demo_output", help="folder for the example data, model and predictions")
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_fit, _add_predict, _add_evaluate, _add_benchmark, _add_export_submission, _add_export,
+                _add_synth_preview, _add_serve, _add_demo):
+        add(sub)
     return parser
 
 

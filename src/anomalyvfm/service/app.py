@@ -241,27 +241,8 @@ def require_api_key(expected: str) -> Any:
     return Depends(check)
 
 
-def create_app(model_dir: str | Path, api_key: str | None = None, limits: ServiceLimits | None = None,
-               **overrides: Any) -> FastAPI:
-    """Load the model now (a bad model directory raises `UserInputError` before anything listens).
-
-    `model_dir` may be an exported bundle; `overrides` go to `load_predictor` (device, batch_size, precision, max_aspect_ratio). With
-    `api_key`, every endpoint but the health checks needs it in `X-API-Key`; health stays open for load
-    balancers and orchestrators, and `/docs`, `/openapi.json` and `/metrics` stay open because they
-    describe the API and its load without exposing model or data.
-    """
-    limits = limits or ServiceLimits()
-    service = Service(model_dir, limits, **overrides)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.worker.start()
-        yield
-        await run_in_threadpool(service.worker.stop, limits.shutdown_timeout)
-
-    app = FastAPI(title="AnomalyVFM inspection service", version=__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description="Score images of parts with a fitted AnomalyVFM model. Every error is "
-                                              '`{"detail": "<one line>"}`; limits and errors: docs/serving.md.')
+def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
+    """/predict, /predict/batch and /model: the routes that need the API key when one is set."""
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
                                                for code in (400, 408, 413, 415, 422, 500, 503)}
     if api_key:
@@ -292,7 +273,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
             except HTTPException as exc:
                 return {"filename": name, "status": exc.status_code, "error": exc.detail}
 
-        async with service.uploads(request, "files", max_files=limits.max_files) as uploads:
+        async with service.uploads(request, "files", max_files=service.limits.max_files) as uploads:
             deadline = service.deadline()  # one deadline for all the files, from the body's arrival
             results = await asyncio.gather(*(item(upload, deadline) for upload in uploads))
         return {"model": service.name, "threshold": service.threshold, "results": results,
@@ -302,6 +283,11 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
     async def model_info() -> ModelInfo:
         return service.info()
 
+    return router
+
+
+def add_operations_routes(app: FastAPI, service: Service) -> None:
+    """Health probes and Prometheus metrics: open to orchestrators and scrapers, never behind the API key."""
     @app.get("/health/live", response_model=Health, summary="Liveness: the server answers (never needs the API key)")
     @app.get("/health", response_model=Health, summary="Alias of /health/live (never needs the API key)")
     async def live() -> dict[str, str]:
@@ -321,7 +307,30 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
         body, content_type = service.metrics.exposition()
         return Response(body, media_type=content_type)
 
-    app.include_router(router)
+
+def create_app(model_dir: str | Path, api_key: str | None = None, limits: ServiceLimits | None = None,
+               **overrides: Any) -> FastAPI:
+    """Load the model now (a bad model directory raises `UserInputError` before anything listens).
+
+    `model_dir` may be an exported bundle; `overrides` go to `load_predictor` (device, batch_size, precision, max_aspect_ratio). With
+    `api_key`, every endpoint but the health checks needs it in `X-API-Key`; health stays open for load
+    balancers and orchestrators, and `/docs`, `/openapi.json` and `/metrics` stay open because they
+    describe the API and its load without exposing model or data.
+    """
+    limits = limits or ServiceLimits()
+    service = Service(model_dir, limits, **overrides)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.worker.start()
+        yield
+        await run_in_threadpool(service.worker.stop, limits.shutdown_timeout)
+
+    app = FastAPI(title="AnomalyVFM inspection service", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="Score images of parts with a fitted AnomalyVFM model. Every error is "
+                                              '`{"detail": "<one line>"}`; limits and errors: docs/serving.md.')
+    app.include_router(prediction_routes(service, api_key))
+    add_operations_routes(app, service)
     mount_docs(app)
     mount_web(app)
     app.state.service = service  # for the web page (service/web.py) and tests that inspect the running service
