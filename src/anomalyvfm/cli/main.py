@@ -18,6 +18,7 @@ from typing import Sequence
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
+from anomalyvfm.deploy.bundle import FORMATS as BUNDLE_FORMATS, PRECISIONS as BUNDLE_PRECISIONS
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
 from anomalyvfm.detector.settings import Runtime
@@ -334,8 +335,8 @@ def _add_export(sub) -> None:
     exp = sub.add_parser("export", help="write an inference bundle (OpenVINO / ONNX) that runs without torch")
     exp.add_argument("--model", required=True, help="model directory written by fit")
     exp.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
-    exp.add_argument("--format", choices=("openvino", "onnx"), default="openvino", help="engine (default openvino)")
-    exp.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+    exp.add_argument("--format", choices=BUNDLE_FORMATS, default="openvino", help="engine (default openvino)")
+    exp.add_argument("--precision", choices=BUNDLE_PRECISIONS, default="fp32",
                      help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs) or int8 (NNCF, needs --data)")
     _dataset_options(exp, required=False)
     exp.add_argument("--calibration-images", type=int, default=64, help="good images for int8 calibration "
