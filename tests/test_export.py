@@ -118,11 +118,15 @@ sys.meta_path.insert(0, NoTorch())
 """
 
 
-def test_runtime_runs_without_torch(bundles, torch_predictions, data_root):
+def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, data_root, tmp_path):
     """A subprocess where importing torch (or transformers, peft) fails scores the bundle like the torch model."""
     script = BLOCK_TORCH + textwrap.dedent(f"""
         import json
         from anomalyvfm.deploy.load import load_predictor
+        import anomalyvfm.service.app  # the HTTP service loads bundles through load_predictor too
+        from anomalyvfm.cli.main import main
+        assert main(["predict", "--model", {str(bundles['openvino', 'fp32'])!r}, {str(_images(data_root)[0])!r},
+                     "--out", {str(tmp_path / "cli")!r}]) == 0
         preds = load_predictor({str(bundles['openvino', 'fp32'])!r}).predict({[str(p) for p in _images(data_root)]!r},
                                                                            progress=False)
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft")]

@@ -19,7 +19,8 @@ from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.adaptation.losses import confidence_weights, patch_loss, patch_targets
-from anomalyvfm.adaptation.training import AdaptationConfig, make_batch, train_adapter
+from anomalyvfm.adaptation.config import AdaptationConfig
+from anomalyvfm.adaptation.training import make_batch, train_adapter
 
 TINY = AdaptationConfig(steps=4, batch_size=4, crop_size=56, eval_every=2, val_images=2)
 

@@ -17,3 +17,9 @@ class ImageReadError(UserInputError):
 
 class ImageTooLargeError(ImageReadError):
     """An image declares more pixels than the caller allows (or than PIL's decompression-bomb limit)."""
+
+
+def failure(source: str, exc: BaseException) -> str:
+    """One line for an unexpected exception while processing `source` (a MemoryError's text is often empty)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{source}: processing failed ({type(exc).__name__}{': ' + text if text else ''})"

@@ -18,11 +18,9 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from anomalyvfm.features.backbone import Backbone
+from anomalyvfm.adaptation.config import PROJECTION_NAMES
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.optional import require
-
-# Projection kind → leaf module names it has had across transformers versions.
-PROJECTION_NAMES = {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj")}
 
 
 @contextmanager

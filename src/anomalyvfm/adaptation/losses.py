@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("confidence", "bce")
+from anomalyvfm.adaptation.config import LOSSES
+
 
 
 def patch_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -6,6 +6,9 @@ exit code is 1.
 """
 from __future__ import annotations
 
+# Only what every command needs is imported here: the torch side (detector, fitting, evaluation) is
+# imported by the commands that use it, so `predict`/`serve` with an exported bundle never load torch.
+
 import argparse
 import csv
 import itertools
@@ -13,24 +16,24 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from anomalyvfm.detector.detector import AnomalyDetector
+    from anomalyvfm.evaluation.benchmark import Variant
 
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
 from anomalyvfm.deploy.bundle import FORMATS as BUNDLE_FORMATS, PRECISIONS as BUNDLE_PRECISIONS
-from anomalyvfm.detector.detector import AnomalyDetector
-from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
 from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
                                         predict_on_ray_command)
-from anomalyvfm.errors import UserInputError
-from anomalyvfm.features.extraction import failure
-from anomalyvfm.evaluation.benchmark import Variant, fit_category
+from anomalyvfm.errors import UserInputError, failure
 from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
-from anomalyvfm.scoring.score_modes import SCORE_MODES
+from anomalyvfm.scoring.names import SCORE_MODES
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
 
 
@@ -43,6 +46,8 @@ def load_model(args: argparse.Namespace) -> AnomalyDetector:
 
 def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
     """The fit options of a command (or of one benchmark variant) as a `Variant`, validated."""
+    from anomalyvfm.evaluation.benchmark import Variant
+
     return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images)
 
 
@@ -55,6 +60,9 @@ def output_folder(path: str) -> Path:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
+    from anomalyvfm.evaluation.benchmark import fit_category
+
     check_writable(args.out)
     if args.engine == "ray":
         detector, seconds = fit_on_ray(args, variant_of(args))
@@ -166,6 +174,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_fit(fit_args)
     dataset = load_dataset(out / "data", "demo")
     test = dataset.split("test_public")
+    from anomalyvfm.detector.detector import AnomalyDetector
+
     detector = AnomalyDetector.load(out / "model")
     preds = detector.predict([s.path for s in test])
     auroc = roc_auc_score([s.label for s in test], [p.score for p in preds])
@@ -238,6 +248,8 @@ def cmd_export_submission(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from anomalyvfm.deploy.export import export_bundle
+
+    from anomalyvfm.detector.detector import AnomalyDetector
 
     detector = AnomalyDetector.load(args.model, device="cpu", score=args.score)
     calibration = []

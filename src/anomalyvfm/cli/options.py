@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.data import LAYOUTS
 from anomalyvfm.declare import declared, flag_of
 from anomalyvfm.detector.settings import Runtime, Settings

@@ -24,7 +24,8 @@ from anomalyvfm.detector.candidates import block_dims, fit_candidates, score_can
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.features.backbone import Backbone, default_layers, load_backbone
 from anomalyvfm.features.tiles import Tiling
-from anomalyvfm.scoring.scorers import SCORERS, make_scorer
+from anomalyvfm.scoring.names import SCORERS
+from anomalyvfm.scoring.scorers import make_scorer
 
 AUTO_TRAIN = 32  # training images fitted per candidate while choosing; the final fit uses all of them
 AUTO_VALIDATION = 24  # validation good images; as many synthetic anomalies are made on them

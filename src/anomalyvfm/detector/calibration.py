@@ -19,7 +19,8 @@ from anomalyvfm.features.extraction import FailedImage
 from anomalyvfm.features.foreground import looks_like_object, mask_stats
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
-from anomalyvfm.scoring.score_modes import SCORE_MODES, RawScores, combine, standardisation_stats
+from anomalyvfm.scoring.names import SCORE_MODES
+from anomalyvfm.scoring.score_modes import RawScores, combine, standardisation_stats
 from anomalyvfm.scoring.views import view_statistics
 
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anomalyvfm.adaptation.heads import AnomalyHeads
-from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.checksums import sha256
 from anomalyvfm.declare import from_dict, to_dict
 from anomalyvfm.detector.calibration import Calibration

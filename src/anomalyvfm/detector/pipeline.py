@@ -20,9 +20,9 @@ from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.adaptation.lora import load_lora
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.detector.settings import Runtime, Settings
-from anomalyvfm.errors import UserInputError
+from anomalyvfm.errors import UserInputError, failure
 from anomalyvfm.features.backbone import Backbone, load_backbone
-from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features, failure
+from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.prediction import Prediction

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anomalyvfm.adaptation.training import AdaptationConfig
+from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
-from anomalyvfm.features.backbone import DEFAULT_BACKBONE, PRECISIONS
+from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
-from anomalyvfm.features.foreground import FOREGROUND_MODES
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
-from anomalyvfm.scoring.score_modes import SCORE_MODES
-from anomalyvfm.scoring.scorers import MEMORY_BANKS, SCORERS
+from anomalyvfm.scoring.names import MEMORY_BANKS, SCORE_MODES, SCORERS
 
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001

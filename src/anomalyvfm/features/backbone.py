@@ -18,9 +18,7 @@ from torch import nn
 from anomalyvfm.declare import SettingError
 from anomalyvfm.errors import UserInputError
 
-DEFAULT_BACKBONE = "facebook/dinov2-base"
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-PRECISIONS = tuple(_DTYPES)
 
 
 def default_layers(depth: int) -> tuple[int, ...]:

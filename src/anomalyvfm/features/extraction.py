@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import to_tensor
-from anomalyvfm.errors import ImageReadError
+from anomalyvfm.errors import ImageReadError, failure
 from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_size
 
 
@@ -50,12 +50,6 @@ class FailedImage:
     index: int
     source: str
     error: str
-
-
-def failure(source: str, exc: BaseException) -> str:
-    """One line for an unexpected exception while processing `source` (a MemoryError's text is often empty)."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{source}: processing failed ({type(exc).__name__}{': ' + text if text else ''})"
 
 
 def _load(indexed: tuple[int, ImageLike], max_aspect: float | None) -> tuple[int, str, np.ndarray | str]:

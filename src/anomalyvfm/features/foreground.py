@@ -24,7 +24,6 @@ import torch
 
 from anomalyvfm.features.masks import foreground_mask
 
-FOREGROUND_MODES = ("off", "on", "auto")
 SAMPLE_PATCHES = 20_000  # training patches kept for the PCA: ample for one direction, bounded memory
 AUTO_MAX_COVERAGE = 0.9  # a mask covering more than this of validation patches: texture, no background
 AUTO_MIN_CONTRAST = 0.3  # centre coverage must exceed border coverage by this for an object

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from anomalyvfm.scoring.names import SCORE_MODES
 from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.scoring.pooling import image_score
 
-SCORE_MODES = ("distance", "head", "fusion")
 
 
 @dataclass

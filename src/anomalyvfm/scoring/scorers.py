@@ -20,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomalyvfm.scoring.names import MEMORY_BANKS, SCORERS
 from anomalyvfm.scoring.coreset import StreamingCoreset, greedy_coreset
 from anomalyvfm.scoring.distances import knn_distance, mahalanobis_distance
 
-SCORERS = ("mahalanobis", "knn")
-MEMORY_BANKS = ("reservoir", "merge")
 
 
 class PatchScorer(Protocol):

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from fastapi import HTTPException
 
-from anomalyvfm.detector.detector import AnomalyDetector, Prediction
+from anomalyvfm.prediction import Prediction
 
 IN_MEMORY_NAME = re.compile(r"^<image \d+>: ")  # how extraction names an array; the request names its file itself
 RETRY_AFTER = {"Retry-After": "1"}  # seconds; the queue drains a batch in well under that on a GPU
@@ -43,7 +43,8 @@ class Job:
 class InferenceWorker:
     """The thread that calls the detector; jobs queued while it works become its next batch."""
 
-    def __init__(self, detector: AnomalyDetector, max_queue: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(self, detector, max_queue: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
+        # `detector`: an AnomalyDetector or an exported BundlePredictor (both offer predict_iter and runtime)
         self.detector = detector
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
