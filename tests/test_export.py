@@ -113,7 +113,7 @@ import sys
 class NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers", "peft"):
-            raise ImportError(f"{name} is blocked in this test")
+            raise ModuleNotFoundError(f"No module named '{name}' (blocked in this test)", name=name)
 sys.meta_path.insert(0, NoTorch())
 """
 
@@ -127,6 +127,8 @@ def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, d
         from anomalyvfm.cli.main import main
         assert main(["predict", "--model", {str(bundles['openvino', 'fp32'])!r}, {str(_images(data_root)[0])!r},
                      "--out", {str(tmp_path / "cli")!r}]) == 0
+        # a command that needs torch ends in one line (exit 2) on such an install
+        assert main(["fit", "--data", {str(data_root)!r}, "--category", "demo", "--out", {str(tmp_path / "m")!r}]) == 2
         preds = load_predictor({str(bundles['openvino', 'fp32'])!r}).predict({[str(p) for p in _images(data_root)]!r},
                                                                            progress=False)
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft")]

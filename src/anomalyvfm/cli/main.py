@@ -402,6 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         print(f"anomalyvfm: error: {exc.render(flag_name)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("torch", "transformers"):  # a bundle-only install (line PC)
+            print(f"anomalyvfm: error: {args.command} with a model directory needs torch: "
+                  "pip install 'anomalyvfm[torch]' (or export the model and use the bundle)", file=sys.stderr)
+            return 2
+        raise
     except UserInputError as exc:
         print(f"anomalyvfm: error: {exc}", file=sys.stderr)
         return 2
