@@ -9,6 +9,18 @@ Three stages, each a family of defects seen on production lines:
 * ``context``   – misplaced parts: a patch cut from another normal image, optionally rotated and
   scaled, blended in with a soft irregular region.
 
+Three more stages make *global* (logical) anomalies, whose patches each look normal, so that the image
+score's global evidence (`scoring.image_evidence`) can be judged without real defects. Each makes one
+large defect; `min_scale`, `max_scale` and `max_defects` do not apply to them:
+
+* ``colour``    – a colour or brightness shift of the whole image or of a large region.
+* ``missing``   – a large region replaced by surrounding texture (the neighbouring window) or by the
+  background colour (the median of the image border): a part that is not there.
+* ``duplicate`` – a large region copied elsewhere in the image: a part that is there twice.
+
+They are not in the default `SynthesisConfig` (LoRA training and `--auto` use the local stages); name
+them in `stages` (or `ALL_STAGES`) to use them.
+
 Every defect is described by a signed distance to its outline (negative inside). The alpha is a
 linear ramp of that distance, so the softness is a width in pixels, the alpha is exactly zero a few
 pixels outside the outline and ``alpha > 0.5`` is exactly the inside of the shape. The returned mask
@@ -26,6 +38,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
 STAGES = ("texture", "structure", "context")
+GLOBAL_STAGES = ("colour", "missing", "duplicate")
+ALL_STAGES = STAGES + GLOBAL_STAGES
 
 _MIN_SIDE = 8  # smaller images cannot hold a defect with a soft edge around it
 _REFERENCE_SIDE = 512.0  # absolute widths (line width, edge softness) are in pixels at this short side
@@ -51,9 +65,9 @@ class SynthesisConfig:
     max_defects: int = 2  # each image gets 1..max_defects anomalies
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in ALL_STAGES]
         if not self.stages or unknown:
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {self.stages}")
+            raise ValueError(f"stages must be a non-empty subset of {ALL_STAGES}, got {self.stages}")
         if len(self.weights) != len(self.stages):
             raise ValueError(f"give one weight per stage: {len(self.stages)} stages, {len(self.weights)} weights")
         if min(self.weights) < 0 or sum(self.weights) <= 0:
@@ -327,6 +341,66 @@ def _attempt(
     return out, mask
 
 
+def _large_box(rng: Generator, shape: tuple[int, ...], low: float, high: float) -> tuple[int, int, int, int]:
+    """(centre y, centre x, half height, half width) of a box of `low`–`high` x the short side, inside the image."""
+    height, width = shape[:2]
+    short = min(height, width)
+    hy, hx = (max(2, int(rng.uniform(low, high) * short / 2)) for _ in range(2))
+    return int(rng.integers(hy, height - hy + 1)), int(rng.integers(hx, width - hx + 1)), hy, hx
+
+
+def _box_alpha(rng: Generator, shape: tuple[int, ...], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Full-image alpha of a soft-edged `box` (full opacity inside: a global defect is not translucent)."""
+    cy, cx, hy, hx = box
+    y = np.arange(shape[0], dtype=np.float32)[:, None] - cy
+    x = np.arange(shape[1], dtype=np.float32)[None, :] - cx
+    res = max(1.0, min(shape[:2]) / _REFERENCE_SIDE)
+    return np.clip(0.5 - _box_sdf(y, x, hx, hy, 0.0) / (rng.uniform(1.0, _MAX_SOFTNESS) * res), 0, 1)
+
+
+def _shifted(image: np.ndarray, box: tuple[int, int, int, int], dy: int, dx: int) -> np.ndarray:
+    """The image with the window `box` + (dy, dx) moved onto `box` (the rest unchanged)."""
+    cy, cx, hy, hx = box
+    out = image.astype(np.float32)
+    rows, cols = slice(cy - hy, cy + hy), slice(cx - hx, cx + hx)
+    out[rows, cols] = image[cy - hy + dy : cy + hy + dy, cx - hx + dx : cx + hx + dx]
+    return out
+
+
+def _global_attempt(rng: Generator, image: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """One global defect of `stage` (see the module doc) and its honest mask."""
+    height, width = image.shape[:2]
+    gray = bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+    base = image.astype(np.float32)
+    if stage == "colour":
+        whole = rng.random() < 0.5
+        alpha = np.ones((height, width), np.float32) if whole else _box_alpha(rng, image.shape, _large_box(rng, image.shape, 0.4, 0.7))
+        gains = 1 + rng.uniform(0.15, 0.35, 3) * rng.choice([-1.0, 1.0], 3)
+        offset = rng.uniform(15, 35) * rng.choice([-1.0, 1.0])
+        layer = base * (gains[:1] if gray else gains) + offset
+    elif stage == "missing":
+        box = _large_box(rng, image.shape, 0.25, 0.45)
+        cy, cx, hy, hx = box
+        moves = [(dy, dx) for dy, dx in ((-2 * hy, 0), (2 * hy, 0), (0, -2 * hx), (0, 2 * hx))
+                 if hy <= cy + dy <= height - hy and hx <= cx + dx <= width - hx]
+        if moves and rng.random() < 0.5:
+            layer = _shifted(image, box, *moves[int(rng.integers(len(moves)))])
+        else:  # the background: the median colour of the image border, with a little noise
+            border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+            layer = np.median(border, axis=0) + rng.normal(0, 3, base.shape)
+        alpha = _box_alpha(rng, image.shape, box)
+    else:  # duplicate: a same-size window from anywhere (one too close to differ is retried by `synthesize`)
+        box = _large_box(rng, image.shape, 0.2, 0.35)
+        cy, cx, hy, hx = box
+        sy, sx = int(rng.integers(hy, height - hy + 1)), int(rng.integers(hx, width - hx + 1))
+        layer = _shifted(image, box, sy - cy, sx - cx)
+        alpha = _box_alpha(rng, image.shape, box)
+    out = np.clip(np.rint(base + alpha[..., None] * (layer - base)), 0, 255).astype(np.uint8)
+    if gray:
+        out = np.repeat(out.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    return out, _honest_mask(out, image, alpha > 0.5)
+
+
 def _check_image(image: np.ndarray, name: str) -> None:
     """Reject anything but an HxWx3 uint8 array large enough to hold a defect."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -364,12 +438,15 @@ def synthesize(
     if stage is None:
         weights = np.asarray(config.weights, dtype=np.float64)
         stage = config.stages[int(rng.choice(len(config.stages), p=weights / weights.sum()))]
-    elif stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
+    elif stage not in ALL_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {ALL_STAGES}")
     if stage == "context" and donor is None:
         donor = _self_donor(rng, image)
     for _ in range(_MAX_ATTEMPTS):
-        out, mask = _attempt(rng, image, config, _STAGE_FNS[stage], donor)
+        if stage in GLOBAL_STAGES:
+            out, mask = _global_attempt(rng, image, stage)
+        else:
+            out, mask = _attempt(rng, image, config, _STAGE_FNS[stage], donor)
         if mask.any():
             return out, mask
     raise RuntimeError(f"no visible {stage} defect after {_MAX_ATTEMPTS} attempts (seed {seed})")

@@ -5,6 +5,7 @@
     backbone.xml/.bin   OpenVINO IR  (format "openvino")   or   backbone.onnx  (format "onnx")
     scorer.npz       per view `view<i>.bank` (kNN) or `view<i>.mean` + `view<i>.whitener` (Mahalanobis),
                      plus `foreground.mean` / `foreground.component` when the model has a foreground model
+                     and `global.embeddings` (training images' global embeddings, for image_evidence)
 
 The graph maps `(B, 3, H, W)` float32 images in [0, 1] (H, W multiples of the patch size) to `(B, H*W/p², C)`
 patch features: ImageNet normalisation, the truncated DINOv2, and each kept block's L2 normalisation are

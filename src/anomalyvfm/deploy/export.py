@@ -63,6 +63,7 @@ def _settings(detector) -> dict:
         **to_dict(detector.settings), **to_dict(detector.runtime), "score": detector.score_mode,
         "image_threshold": t.image_threshold, "pixel_threshold": t.pixel_threshold,
         "validation_stats": t.validation_stats, "evidence": t.evidence, "view_stats": c.view_stats, "foreground_stats": c.foreground,
+        "image_stats": c.image_stats,
         "train_images": detector.record.train_images, "fitted_at": detector.record.fitted_at,
         "version": detector.record.package_version}))
 
@@ -176,10 +177,12 @@ def export_bundle(detector, out: str | Path, format: str = "openvino", precision
 
 
 def _arrays(detector) -> dict[str, np.ndarray]:
-    """The fitted scorer and foreground state as float32 arrays, keyed as `view<i>.<name>` / `foreground.<name>`."""
+    """The fitted scorer, foreground and image-bank state as float32 arrays, keyed `<part>.<name>`."""
     pipeline = detector.pipeline
     parts = {f"view{i}": scorer.state_dict() for i, scorer in enumerate(pipeline.scorers)}
     if pipeline.foreground_model is not None:
         parts["foreground"] = pipeline.foreground_model.state_dict()
+    if pipeline.image_bank is not None:
+        parts["global"] = pipeline.image_bank.state_dict()
     return {f"{part}.{key}": value.detach().cpu().float().numpy() for part, state in parts.items()
             for key, value in state.items()}

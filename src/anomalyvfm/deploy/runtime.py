@@ -29,6 +29,7 @@ from anomalyvfm.prediction import Prediction
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.scoring.distances import (fuse_views, knn_distance, mahalanobis_distance,
                                           suppress_background)
+from anomalyvfm.scoring.image_evidence import fuse_image_evidence, global_distance, image_embedding
 from anomalyvfm.scoring.pooling import image_score
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantised ops int8, the rest f32
@@ -246,11 +247,21 @@ class BundlePredictor:
             grid = suppress_background(grid, mask)
         processed = item.views[-1][0]
         amap = anomaly_map(grid, processed, item.image_shape, c.sigma)
-        pred = Prediction(source=item.source, score=image_score(grid, c.top_percent), anomaly_map=amap)
+        pred = Prediction(source=item.source, score=self._image_score(grid, ref), anomaly_map=amap)
         if decide:
             pred.is_anomalous = bool(pred.score > c.image_threshold)
             pred.mask = amap > c.pixel_threshold
         return pred
+
+    def _image_score(self, grid: np.ndarray, features: np.ndarray) -> float:
+        """The image score as the pipeline makes it: patch evidence, plus global evidence if the model uses it
+        (bundles exported before image evidence have no `image_evidence` and score "patch")."""
+        c, evidence = self.config, getattr(self.config, "image_evidence", "patch")
+        distance = None
+        if evidence != "patch":
+            blocks = len(self.manifest["backbone"]["layers"])
+            distance = global_distance(image_embedding(features, blocks), self.arrays["global.embeddings"])
+        return fuse_image_evidence(image_score(grid, c.top_percent), distance, getattr(c, "image_stats", {}), evidence)
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:

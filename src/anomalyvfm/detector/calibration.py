@@ -19,6 +19,7 @@ from anomalyvfm.features.extraction import FailedImage
 from anomalyvfm.features.foreground import looks_like_object, mask_stats
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
+from anomalyvfm.scoring.image_evidence import evidence_stats
 from anomalyvfm.scoring.names import SCORE_MODES
 from anomalyvfm.scoring.score_modes import RawScores, combine, standardisation_stats
 from anomalyvfm.scoring.views import view_statistics
@@ -43,6 +44,7 @@ class Calibration:
     head_stats: dict[str, list[float]] = field(default_factory=dict)  # distance/head mean and std (mode fusion)
     view_stats: list[dict[str, float]] = field(default_factory=list)  # per view: patch-score mean and std
     foreground: dict[str, Any] = field(default_factory=dict)  # mask coverage figures and whether it is applied
+    image_stats: dict[str, list[float]] = field(default_factory=dict)  # patch/global image evidence: mean, std
 
     def thresholds(self, mode: str | None = None) -> Thresholds:
         """Thresholds of `mode` (default: the fitted mode); a one-line error if this model has no such mode."""
@@ -89,6 +91,9 @@ def calibrate(pipeline, images: Sequence[ImageLike], mode: str, progress: bool) 
         stats = mask_stats(pipeline.foreground_model, [item.foreground for item in scored])
         active = pipeline.settings.foreground == "on" or looks_like_object(stats)
         calibration.foreground = {**stats, "active": active}
+    if pipeline.image_bank is not None:  # before any fused image score: those are standardised by it
+        patch = [pipeline.raw(item, calibration, "patch").distance_image for item in scored]
+        calibration.image_stats = evidence_stats(patch, [item.global_distance for item in scored])
     raws = [pipeline.raw(item, calibration) for item in scored]
     shapes = [(item.processed_shape, item.image_shape) for item in scored]
     if pipeline.heads is not None:

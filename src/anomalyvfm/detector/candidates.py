@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from anomalyvfm.data.images import ImageLike
-from anomalyvfm.data.synthesis import synthetic_set
+from anomalyvfm.data.synthesis import SynthesisConfig, synthetic_set
 from anomalyvfm.evaluation import metrics as M
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.features.extraction import FailedImage, extract_features
@@ -31,9 +31,11 @@ def block_dims(layers: Sequence[int], loaded: Sequence[int], hidden: int) -> tor
     return torch.cat([torch.arange(loaded.index(b) * hidden, (loaded.index(b) + 1) * hidden) for b in layers])
 
 
-def with_synthetic_anomalies(good: list[np.ndarray], seed: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """The good images followed by as many synthetic anomalies made on them; masks None for the good ones."""
-    synthetic = synthetic_set(good, per_stage=max(1, len(good) // 3), seed=seed)
+def with_synthetic_anomalies(good: list[np.ndarray], seed: int, config: SynthesisConfig = SynthesisConfig()
+                             ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """The good images followed by synthetic anomalies made on them (a third as many per stage of `config`,
+    at least one); masks None for the good ones."""
+    synthetic = synthetic_set(good, per_stage=max(1, len(good) // 3), seed=seed, config=config)
     return good + [image for image, _, _ in synthetic], [None] * len(good) + [mask for _, mask, _ in synthetic]
 
 

@@ -85,6 +85,14 @@ class AnomalyDetector:
                 backbone, images, validation_images, s.lora, s.image_size, s.seed, progress)
         self.record.train_images = self.pipeline.fit_scorers(images, progress)
         self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
+        if self.settings.auto:  # the image evidence is chosen on the fitted model (it needs its calibration)
+            from anomalyvfm.detector.evidence import choose_image_evidence
+
+            choice = choose_image_evidence(self.pipeline, self.calibration, validation_images, self.settings.seed, progress)
+            self.record.auto_choice["image_evidence"] = choice
+            if choice["chosen"] != self.settings.image_evidence:
+                self.pipeline.settings = replace(self.settings, image_evidence=choice["chosen"])
+                self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
         self.record.package_version = __version__
         self.record.fitted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return self

@@ -1,7 +1,8 @@
 """The model directory: the one module that reads and writes a fitted detector's files.
 
     config.json          format version, settings, calibration, fit record, sha256 of every other file
-    scorer.safetensors   fitted tensors: view 0's scorer unprefixed, `view<i>.` further views, `foreground.`
+    scorer.safetensors   fitted tensors: view 0's scorer unprefixed, `view<i>.` further views, `foreground.`,
+                         `global.` (training images' embeddings; absent in models older than image evidence)
     backbone/            the backbone blocks the detector uses (transformers layout), unless saved by reference
     adapter/, heads.safetensors   LoRA adapter (peft) and anomaly heads of an adapted detector
 
@@ -36,7 +37,7 @@ from anomalyvfm.detector.pipeline import Pipeline
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.foreground import ForegroundModel
-from anomalyvfm.scoring.scorers import make_scorer
+from anomalyvfm.scoring.scorers import ImageBank, make_scorer
 
 FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
@@ -114,6 +115,8 @@ def _scorer_state(pipeline: Pipeline) -> dict[str, torch.Tensor]:
     parts = {f"view{i}" if i else "": scorer.state_dict() for i, scorer in enumerate(pipeline.scorers)}
     if pipeline.foreground_model:
         parts["foreground"] = pipeline.foreground_model.state_dict()
+    if pipeline.image_bank is not None:
+        parts["global"] = pipeline.image_bank.state_dict()
     return {f"{part}.{key}" if part else key: v.contiguous() for part, state in parts.items() for key, v in state.items()}
 
 
@@ -274,6 +277,12 @@ def restore(stored: StoredModel, runtime: Runtime, backbone: str | Path | None =
             pipeline.foreground_model.load_state_dict(stored.state["foreground"])
         except KeyError as exc:
             raise UserInputError(f"{stored.directory / SCORER_FILE}: foreground model missing ({exc})") from None
+    if "global" in stored.state:  # models written before image evidence have none: they score "patch"
+        pipeline.image_bank = ImageBank(len(settings.layers))
+        pipeline.image_bank.load_state_dict(stored.state["global"])
+    elif settings.image_evidence != "patch":
+        raise UserInputError(f"{stored.directory / SCORER_FILE}: no global image embeddings for image_evidence "
+                             f"'{settings.image_evidence}'; it does not belong to this config.json")
     adapter_dir = None
     if settings.lora is not None:
         pipeline.heads = AnomalyHeads.load(stored.directory / HEADS_FILE)

@@ -26,8 +26,9 @@ from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_f
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.prediction import Prediction
+from anomalyvfm.scoring.image_evidence import fuse_image_evidence
 from anomalyvfm.scoring.score_modes import RawScores, combine, head_scores, raw_scores
-from anomalyvfm.scoring.scorers import PatchScorer, make_scorer
+from anomalyvfm.scoring.scorers import ImageBank, PatchScorer, make_scorer
 from anomalyvfm.scoring.views import ViewScores, fuse
 
 
@@ -40,6 +41,7 @@ class Pipeline:
         self.backbone_source: str | None = None  # hub id or directory the backbone was loaded from
         self.adapter = None  # peft model wrapping `backbone.model` when adapted
         self.scorers: list[PatchScorer] = []  # one per view
+        self.image_bank: ImageBank | None = None  # training images' global embeddings (reference view)
         self.foreground_model: ForegroundModel | None = None
         self.heads: AnomalyHeads | None = None
 
@@ -81,7 +83,7 @@ class Pipeline:
 
     def finalize_scorers(self) -> None:
         """Turn the accumulated (or merged) streaming states into fitted scorers."""
-        for part in [*self.scorers, self.foreground_model]:
+        for part in [*self.scorers, self.foreground_model, self.image_bank]:
             if part:
                 part.finalize()
 
@@ -98,6 +100,7 @@ class Pipeline:
                         for _ in s.views()]
         self.foreground_model = (None if s.foreground == "off"
                                  else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed))
+        self.image_bank = ImageBank(len(s.layers))
         fitted = 0
         for items in self.view_features(images, "features (train)" if progress else None):
             if isinstance(items, FailedImage):
@@ -106,6 +109,7 @@ class Pipeline:
                 scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
             if self.foreground_model:
                 self.foreground_model.partial_fit(items[-1].features)
+            self.image_bank.partial_fit(items[-1].features)
             fitted += 1
         return fitted
 
@@ -118,12 +122,17 @@ class Pipeline:
         ref = items[-1]
         mask = self.foreground_model.mask(ref.features) if self.foreground_model else None
         head = head_scores(self.heads, ref.features) if self.heads is not None else None
-        return ViewScores(ref.source, grids, mask, ref.processed_shape, ref.image_shape, head)
+        distance = self.image_bank.score(ref.features) if self.image_bank is not None else None
+        return ViewScores(ref.source, grids, mask, ref.processed_shape, ref.image_shape, head, distance)
 
-    def raw(self, scored: ViewScores, calibration) -> RawScores:
-        """Views fused into one distance grid (with `calibration`'s view statistics), plus the head scores."""
+    def raw(self, scored: ViewScores, calibration, evidence: str | None = None) -> RawScores:
+        """Views fused into one distance grid (with `calibration`'s view statistics), plus the head scores;
+        the image score from `evidence` (default the settings' `image_evidence`)."""
         grid = fuse(scored, calibration.view_stats, calibration.suppress_background)
-        return raw_scores(grid, scored.head, self.settings.top_percent)
+        raw = raw_scores(grid, scored.head, self.settings.top_percent)
+        raw.distance_image = fuse_image_evidence(raw.distance_image, scored.global_distance, calibration.image_stats,
+                                                 evidence or self.settings.image_evidence)
+        return raw
 
     def predict(self, images: Sequence[ImageLike], calibration, mode: str, decide: bool,
                 progress: str | None) -> Iterator[Prediction]:

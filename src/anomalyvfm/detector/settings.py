@@ -16,7 +16,7 @@ from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
-from anomalyvfm.scoring.names import MEMORY_BANKS, SCORE_MODES, SCORERS
+from anomalyvfm.scoring.names import IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, SCORERS
 
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001
@@ -38,6 +38,9 @@ class Settings:
                                             "them reduced chunk by chunk (merge) in the same memory",
                                choices=MEMORY_BANKS)
     top_percent: float = setting(1.0, "image score = mean of top %% patches", low=0, low_open=True, high=100)
+    image_evidence: str = setting("patch", "image score from the patch scores alone, or plus the image's global "
+                                           "distance to the training images (both standardised on validation, summed)",
+                                  choices=IMAGE_EVIDENCE)
     sigma: float = setting(4.0, "Gaussian smoothing of maps (px at backbone size)", low=0)
     threshold_rule: str | None = setting(None, "how thresholds are read off validation scores: sigma (mean + N std), "
                                                "quantile, max (+ margin std), gpd (Pareto tail fit); default sigma, "

@@ -28,9 +28,9 @@ class ShardWorker:
         self.pipeline = Pipeline(settings, runtime)
         self.pipeline.load_backbone(backbone_source)
 
-    def accumulate(self, images: list[str], total: int, shard: int) -> tuple[list[Any], Any, int]:
+    def accumulate(self, images: list[str], total: int, shard: int) -> tuple[list[Any], Any, Any, int]:
         count = self.pipeline.accumulate(images, progress=False, total=total, shard=shard)
-        return self.pipeline.scorers, self.pipeline.foreground_model, count
+        return self.pipeline.scorers, self.pipeline.foreground_model, self.pipeline.image_bank, count
 
 
 class RayPipeline(Pipeline):
@@ -59,8 +59,9 @@ class RayPipeline(Pipeline):
         finally:
             for a in actors:
                 self.ray.kill(a)
-        self.scorers, self.foreground_model, fitted = parts[0]
-        for scorers, foreground, count in parts[1:]:
+        self.scorers, self.foreground_model, self.image_bank, fitted = parts[0]
+        for scorers, foreground, bank, count in parts[1:]:
+            self.image_bank.merge(bank)
             for mine, theirs in zip(self.scorers, scorers):
                 mine.merge(theirs)
             if self.foreground_model is not None:

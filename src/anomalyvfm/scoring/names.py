@@ -3,3 +3,4 @@
 SCORERS = ("mahalanobis", "knn")
 MEMORY_BANKS = ("reservoir", "merge")
 SCORE_MODES = ("distance", "head", "fusion")
+IMAGE_EVIDENCE = ("patch", "patch+global")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from anomalyvfm.scoring.names import MEMORY_BANKS, SCORERS
 from anomalyvfm.scoring.coreset import StreamingCoreset, greedy_coreset
 from anomalyvfm.scoring.distances import knn_distance, mahalanobis_distance
+from anomalyvfm.scoring.image_evidence import global_distance, image_embedding
 
 
 
@@ -206,6 +207,44 @@ class KNNScorer:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.bank = state["bank"].float()
+
+
+class ImageBank:
+    """Every training image's global embedding (`scoring.image_evidence`): one vector per image, all kept.
+
+    Fitted with the patch scorers whatever `image_evidence` says (it costs one mean per image), so a
+    model can be scored either way and the two compared on the same fit.
+    """
+
+    def __init__(self, blocks: int) -> None:
+        self.blocks = blocks
+        self._rows: list[np.ndarray] = []
+        self.bank: torch.Tensor | None = None
+
+    def partial_fit(self, features: torch.Tensor) -> None:
+        """Add one image's `(h, w, C)` patch features."""
+        self._rows.append(image_embedding(features.float().numpy(), self.blocks))
+
+    def merge(self, other: "ImageBank") -> None:
+        """Add another unfinalised bank's images (fitted on other images, e.g. on another worker)."""
+        if self.bank is not None or other.bank is not None:
+            raise ValueError("merge unfinalised banks only")
+        self._rows += other._rows
+
+    def finalize(self) -> None:
+        if not self._rows:
+            raise ValueError("image bank needs at least 1 image")
+        self.bank, self._rows = torch.from_numpy(np.stack(self._rows)), []
+
+    def score(self, features: torch.Tensor) -> float:
+        """Global distance of one image's `(h, w, C)` patch features to the training images."""
+        return global_distance(image_embedding(features.float().numpy(), self.blocks), self.bank.numpy())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"embeddings": self.bank}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.bank = state["embeddings"].float()
 
 
 def make_scorer(name: str, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0,

@@ -17,7 +17,7 @@ from anomalyvfm.scoring.moments import RunningMoments
 
 @dataclass
 class ViewScores:
-    """One image's patch-score grid per view (finest last), foreground mask and head scores.
+    """One image's patch-score grid per view (finest last), foreground mask, head scores and global distance.
 
     Small: grids of patch scores, not features, so every validation image's can be kept while calibrating.
     """
@@ -28,6 +28,7 @@ class ViewScores:
     processed_shape: tuple[int, int]
     image_shape: tuple[int, int]
     head: tuple[torch.Tensor, float] | None = None  # patch logits and image logit of the reference view
+    global_distance: float | None = None  # reference view's distance to the training images (image_evidence)
 
 
 def view_statistics(scored: list[ViewScores]) -> list[dict[str, float]]:
