@@ -375,9 +375,11 @@ def _global_attempt(rng: Generator, image: np.ndarray, stage: str) -> tuple[np.n
     if stage == "colour":
         whole = rng.random() < 0.5
         alpha = np.ones((height, width), np.float32) if whole else _box_alpha(rng, image.shape, _large_box(rng, image.shape, 0.4, 0.7))
-        gains = 1 + rng.uniform(0.15, 0.35, 3) * rng.choice([-1.0, 1.0], 3)
-        offset = rng.uniform(15, 35) * rng.choice([-1.0, 1.0])
-        layer = base * (gains[:1] if gray else gains) + offset
+        # a tint: some channels (at least one; all of them on grey parts) pushed one way, away from clipping
+        channels = np.ones(3, bool) if gray else rng.random(3) < 0.5
+        channels[int(rng.integers(3))] = True
+        amount = rng.uniform(_MIN_DELTA / 2, _MIN_DELTA * 1.25, 1 if gray else 3)
+        layer = base + (1.0 if base.mean() < 127.5 else -1.0) * amount * channels
     elif stage == "missing":
         box = _large_box(rng, image.shape, 0.25, 0.45)
         cy, cx, hy, hx = box
