@@ -94,9 +94,9 @@ def test_every_format_and_precision_matches_the_torch_model(bundles, torch_predi
 @pytest.mark.parametrize("extra", [
     ["--scales", "56", "84", "--foreground", "on"],
     ["--tile-size", "56", "--tile-overlap", "14", "--tile-scale", "0.5"],
-    ["--scorer", "mahalanobis"],
+    ["--scorer", "mahalanobis", "--image-evidence", "patch+global"],
     ["--lora", "--lora-steps", "2", "--lora-batch-size", "2", "--lora-image-size", "56"],
-], ids=["multiscale-foreground", "tiles", "mahalanobis", "lora-merged"])
+], ids=["multiscale-foreground", "tiles", "mahalanobis-global", "lora-merged"])
 def test_views_tiles_scorers_and_lora_export_at_fp32_parity(extra, backbone_dir, data_root, tmp_path):
     model = tmp_path / "model"
     assert main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),

@@ -105,6 +105,10 @@ def test_auto_records_its_choice_and_never_reads_test_splits(backbone_dir, data_
     assert choice["chosen"] == best["settings"]
     for key, value in choice["chosen"].items():
         assert config["settings"][key] == value
+    evidence = choice["image_evidence"]  # chosen after the fit, on validation + local and global synthetic anomalies
+    assert evidence["validation_images"] == 5 and evidence["synthetic_images"] == 6 * 1
+    assert config["settings"]["image_evidence"] == evidence["chosen"] == max(
+        evidence["figures"], key=lambda e: (evidence["figures"][e]["val_image_auroc"], e == "patch"))
     assert AnomalyDetector.load(tmp_path / "m").predict(_split(data_root, "validation")[:1], progress=False)[0].error is None
 
 
