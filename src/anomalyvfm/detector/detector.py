@@ -137,7 +137,9 @@ class AnomalyDetector:
         foreground = s.foreground
         if self.calibration is not None and self.calibration.foreground:
             foreground += f" ({'applied' if self.calibration.suppress_background else 'not applied'})"
-        return f"{s.view_summary()}, layers {layers}, {s.scorer}, foreground {foreground}" + (", auto" if s.auto else "")
+        evidence = f", image evidence {s.image_evidence}" if s.image_evidence != "patch" else ""
+        return (f"{s.view_summary()}, layers {layers}, {s.scorer}, foreground {foreground}{evidence}"
+                + (", auto" if s.auto else ""))
 
     # -- files ----------------------------------------------------------------------------------------
     def save(self, directory: str | Path, store_backbone: bool = True) -> Path:
