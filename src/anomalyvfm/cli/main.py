@@ -137,15 +137,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_preview(args: argparse.Namespace) -> int:
-    from anomalyvfm.data.synthesis import preview_grid, synthetic_set
+    from anomalyvfm.data.synthesis import ALL_STAGES, GLOBAL_STAGES, STAGES, SynthesisConfig, preview_grid, synthetic_set
 
     dataset = load_dataset(args.data, args.category, args.layout)
     samples = dataset.split(args.split)[: max(2, args.count)]
     images = [load_rgb(s.path) for s in samples]
-    grid = preview_grid(synthetic_set(images, per_stage=args.per_stage, seed=args.seed), columns=args.per_stage)
+    stages = {"local": STAGES, "global": GLOBAL_STAGES, "all": ALL_STAGES}[args.stages]
+    config = SynthesisConfig(stages=stages, weights=(1.0,) * len(stages))
+    grid = preview_grid(synthetic_set(images, per_stage=args.per_stage, seed=args.seed, config=config),
+                        columns=args.per_stage)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
-    print(f"wrote {args.out} ({3 * args.per_stage} synthetic anomalies, mask outlined in red)")
+    print(f"wrote {args.out} ({len(stages) * args.per_stage} synthetic anomalies, mask outlined in red)")
     return 0
 
 
@@ -362,7 +365,9 @@ def _add_synth_preview(sub) -> None:
     _dataset_options(synth)
     synth.add_argument("--split", default="train", help="split whose images are used (default: train)")
     synth.add_argument("--count", type=int, default=12, help="source images to draw from")
-    synth.add_argument("--per-stage", type=int, default=6, help="examples per stage (texture, structure, context)")
+    synth.add_argument("--per-stage", type=int, default=6, help="examples per stage")
+    synth.add_argument("--stages", choices=("local", "global", "all"), default="local",
+                       help="local (texture, structure, context), global (colour, missing, duplicate) or all")
     synth.add_argument("--seed", type=int, default=0, help="random seed")
     synth.add_argument("--out", required=True, help="PNG file to write")
     synth.set_defaults(func=cmd_synth_preview)
