@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
-from anomalyvfm.data.resample import resize
+from anomalyvfm.data.resample import block_means, resize
 from anomalyvfm.deploy import runtime
 from anomalyvfm.deploy.bundle import MANIFEST, SCORER
 from anomalyvfm.deploy.export import export_bundle
@@ -127,6 +127,8 @@ def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, d
         from anomalyvfm.cli.main import main
         assert main(["predict", "--model", {str(bundles['openvino', 'fp32'])!r}, {str(_images(data_root)[0])!r},
                      "--out", {str(tmp_path / "cli")!r}]) == 0
+        assert main(["evaluate", "--model", {str(bundles['openvino', 'fp32'])!r}, "--data", {str(data_root)!r},
+                     "--category", "demo", "--out", {str(tmp_path / "eval")!r}]) == 0
         # a command that needs torch ends in one line (exit 2) on such an install
         assert main(["fit", "--data", {str(data_root)!r}, "--category", "demo", "--out", {str(tmp_path / "m")!r}]) == 2
         preds = load_predictor({str(bundles['openvino', 'fp32'])!r}).predict({[str(p) for p in _images(data_root)]!r},
@@ -226,3 +228,11 @@ def test_shared_resize_matches_torch_interpolate(shape, size):
         ours = resize(image, size, antialias)
         theirs = F.interpolate(tensor, size=size, mode="bilinear", antialias=antialias, align_corners=False)
         assert np.abs(ours - theirs[0].permute(1, 2, 0).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("shape,size", [((448, 546), (32, 39)), ((100, 37), (7, 5)), ((14, 14), (1, 1))])
+def test_block_means_match_torch_adaptive_pooling(shape, size):
+    """The torch-free mask coverage per feature patch (evaluation's PCA picture) equals adaptive average pooling."""
+    mask = np.random.default_rng(1).random(shape) > 0.7
+    theirs = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], size)[0, 0].numpy()
+    assert np.abs(block_means(mask, size) - theirs).max() < 1e-6

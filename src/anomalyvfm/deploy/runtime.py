@@ -1,8 +1,7 @@
 """Run an inference bundle without torch: OpenVINO or ONNX Runtime for the backbone, numpy for the rest.
 
 `BundlePredictor` has the surface the CLI, the evaluation and the service use on `AnomalyDetector`:
-`predict_iter(images, progress, decide)` → `Prediction`, `config.<setting>` and the thresholds, `backbone`
-(loads the engine). Pre-processing, scoring, view fusion, foreground suppression, maps and the image score
+`predict_iter(images, progress, decide)` → `Prediction`, `settings` and the thresholds (`prediction.Predictor`). Pre-processing, scoring, view fusion, foreground suppression, maps and the image score
 are the numpy functions the torch pipeline itself calls (`data.transforms`, `scoring.distances`,
 `maps.anomaly_maps`, `scoring.pooling`), so the only difference from the fitted model is the engine's
 arithmetic. Only tile stitching is re-stated here (a sum and a renormalisation, as `extraction._Stitch`).
@@ -188,9 +187,8 @@ class BundlePredictor:
         return SimpleNamespace(image_threshold=c.image_threshold, pixel_threshold=c.pixel_threshold,
                                validation_stats=c.validation_stats, evidence=getattr(c, "evidence", {}))
 
-    @property
-    def backbone(self) -> Engine:
-        """The compiled graph, compiled on first use (seconds)."""
+    def load_engine(self) -> Engine:
+        """The compiled graph, compiled (seconds) on the first call; later calls return it."""
         if self._engine is None:
             self._engine = Engine(self.directory, self.manifest)
             if self._engine.format == "openvino" and self.config.scorer == "knn":
@@ -210,7 +208,8 @@ class BundlePredictor:
 
     def _features(self, processed: tuple[int, int], pieces: list) -> np.ndarray:
         """`(h, w, C)` features of one view: crops run in batches, stitched, each block renormalised."""
-        engine, patch = self.backbone, self.backbone.patch_size
+        engine = self.load_engine()
+        patch = engine.patch_size
         grid = np.zeros((processed[0] // patch, processed[1] // patch, engine.feature_dim), np.float32)
         for start in range(0, len(pieces), self.config.batch_size):
             chunk = pieces[start : start + self.config.batch_size]
@@ -255,7 +254,7 @@ class BundlePredictor:
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:
         """Yield a `Prediction` per image, in order; unreadable images yield one with `error` set."""
-        self.backbone  # compile before the progress bar starts
+        self.load_engine()  # compile before the progress bar starts
         bar = tqdm(total=len(images), desc=progress, disable=progress is None, unit="img")
         for item in prefetch(self._prepare, enumerate(images)):
             if isinstance(item, tuple):
