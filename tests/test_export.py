@@ -20,7 +20,7 @@ from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
 from anomalyvfm.data.resample import block_means, resize
 from anomalyvfm.deploy import runtime
-from anomalyvfm.deploy.bundle import MANIFEST, SCORER
+from anomalyvfm.deploy.bundle import MANIFEST, SCORER, read_manifest
 from anomalyvfm.deploy.export import export_bundle
 from anomalyvfm.deploy.load import load_predictor
 
@@ -145,9 +145,11 @@ def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, d
 
 def test_cli_export_then_predict_evaluate_and_submission(fitted_model, data_root, tmp_path, capsys):
     bundle = tmp_path / "bundle"
-    assert main(["export", "--model", str(fitted_model), "--out", str(bundle), "--precision", "int8",
+    # the default precision is auto: with calibration images (and NNCF installed) that is int8
+    assert main(["export", "--model", str(fitted_model), "--out", str(bundle),
                  "--data", str(data_root), "--category", "demo", "--calibration-images", "8"]) == 0
-    assert "int8 calibrated on 8 good images" in capsys.readouterr().out
+    assert "openvino int8 (auto)" in capsys.readouterr().out
+    assert read_manifest(bundle)["precision"] == "int8"
     for model, out in ((fitted_model, tmp_path / "torch"), (bundle, tmp_path / "bundle_out")):
         assert main(["predict", "--model", str(model), str(data_root / "demo" / "test_public" / "bad"),
                      "--out", str(out)]) == 0
@@ -236,3 +238,10 @@ def test_block_means_match_torch_adaptive_pooling(shape, size):
     mask = np.random.default_rng(1).random(shape) > 0.7
     theirs = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], size)[0, 0].numpy()
     assert np.abs(block_means(mask, size) - theirs).max() < 1e-6
+
+
+def test_auto_precision_without_calibration_images_is_bf16_where_the_cpu_has_it(fitted_model, tmp_path, capsys):
+    assert main(["export", "--model", str(fitted_model), "--out", str(tmp_path / "bundle")]) == 0
+    expected = "bf16" if "BF16" in runtime.cpu_capabilities() else "fp32"
+    assert read_manifest(tmp_path / "bundle")["precision"] == expected
+    assert f"openvino {expected} (auto)" in capsys.readouterr().out
