@@ -69,7 +69,7 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
         prepared = []
         resize = _timed(lambda: prepared.extend(view_crops(rgb, size, tiling, patch) for rgb in decoded))
         grids = []
-        backbone = _timed(lambda: grids.extend(predictor._features(*p) for p in prepared))
+        backbone = _timed(lambda: grids.extend(predictor._features([p])[0] for p in prepared))
         scores = []
         scoring = _timed(lambda: scores.extend(predictor._score(len(predictor.views) - 1, g) for g in grids))
         shapes = [(p[0], rgb.shape[:2]) for p, rgb in zip(prepared, decoded)]

@@ -245,3 +245,17 @@ def test_auto_precision_without_calibration_images_is_bf16_where_the_cpu_has_it(
     expected = "bf16" if "BF16" in runtime.cpu_capabilities() else "fp32"
     assert read_manifest(tmp_path / "bundle")["precision"] == expected
     assert f"openvino {expected} (auto)" in capsys.readouterr().out
+
+
+def test_images_batched_across_the_engine_score_as_one_at_a_time(bundles, data_root, tmp_path):
+    """Crops of several images share engine calls; an unreadable image keeps its place in the output."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    images = _images(data_root)
+    images = [*images[:3], broken, *images[3:]]
+    one = load_predictor(bundles["openvino", "fp32"], batch_size=1).predict(images, progress=False)
+    many = load_predictor(bundles["openvino", "fp32"], batch_size=4).predict(images, progress=False)
+    assert [p.source for p in many] == [p.source for p in one] == [str(p) for p in images]
+    assert many[3].error and not any(p.error for i, p in enumerate(many) if i != 3)
+    good = [i for i in range(len(images)) if i != 3]
+    assert _differences([many[i] for i in good], [one[i] for i in good])["map"] <= 1e-5
