@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,9 +35,9 @@ def _timed(fn) -> float:
 def worker(variant: str, model: str, images: list[str]) -> dict:
     """Time one variant in this process; return its figures."""
     from anomalyvfm.deploy.load import load_predictor
+    from anomalyvfm.evaluation.evaluate import peak_rss_mb
 
-    predictor = load_predictor(model)
-    predictor.backbone  # load / compile outside the timed part
+    predictor = load_predictor(model)  # a bundle compiles its graph in the warm-up call below
     autocast = contextlib.nullcontext()
     if variant == "torch-bf16":
         import torch
@@ -49,7 +48,7 @@ def worker(variant: str, model: str, images: list[str]) -> dict:
         total = _timed(lambda: [p for p in predictor.predict_iter(images, progress=None)])
         stages = _stages(predictor, images)
     result = {"variant": variant, "images": len(images), "seconds": total, "images_per_s": len(images) / total,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **stages}
+              "peak_rss_mb": peak_rss_mb(), **stages}
     if (Path(model) / "manifest.json").is_file():
         result["bundle_mb"] = sum(p.stat().st_size for p in Path(model).iterdir()) / 2**20
     return result
@@ -65,12 +64,12 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
     if hasattr(predictor, "manifest"):  # exported bundle
         from anomalyvfm.deploy.runtime import view_crops
 
-        patch = predictor.backbone.patch_size
+        patch = predictor.load_engine().patch_size
         size, tiling = predictor.views[-1]
         prepared = []
         resize = _timed(lambda: prepared.extend(view_crops(rgb, size, tiling, patch) for rgb in decoded))
         grids = []
-        backbone = _timed(lambda: grids.extend(predictor._features(*p) for p in prepared))
+        backbone = _timed(lambda: grids.extend(predictor._features([p])[0] for p in prepared))
         scores = []
         scoring = _timed(lambda: scores.extend(predictor._score(len(predictor.views) - 1, g) for g in grids))
         shapes = [(p[0], rgb.shape[:2]) for p, rgb in zip(prepared, decoded)]
@@ -80,25 +79,29 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
         from anomalyvfm.data.transforms import to_tensor
         from anomalyvfm.features.tiles import view_size
 
-        det = predictor
-        size, tiling = det.config.views()[-1]
-        patch = det.backbone.patch_size
+        pipe = predictor.pipeline
+        size, tiling = pipe.settings.views()[-1]
+        patch = pipe.backbone.patch_size
         tensors = []
         resize = _timed(lambda: tensors.extend(to_tensor(rgb, view_size(*rgb.shape[:2], size, tiling, patch))
                                                for rgb in decoded))
         grids = []
         with torch.inference_mode():
-            backbone = _timed(lambda: grids.extend(det.backbone(t[None])[0] for t in tensors))
+            backbone = _timed(lambda: grids.extend(pipe.backbone(t[None])[0] for t in tensors))
         scores = []
-        scoring = _timed(lambda: scores.extend(det.scorers[-1].score(g.reshape(-1, g.shape[-1])).reshape(g.shape[:2])
+        scoring = _timed(lambda: scores.extend(pipe.scorers[-1].score(g.reshape(-1, g.shape[-1])).reshape(g.shape[:2])
                                                for g in grids))
         shapes = [(tuple(t.shape[1:]), rgb.shape[:2]) for t, rgb in zip(tensors, decoded)]
-    sigma = predictor.config.sigma
+    sigma = predictor.settings.sigma
     maps = _timed(lambda: [anomaly_map(s, p, i, sigma) for s, (p, i) in zip(scores, shapes)])
     return {"decode_s": decode, "resize_s": resize, "backbone_s": backbone, "scoring_s": scoring, "maps_s": maps}
 
 
-def export_all(model: str, data: str, category: str | None, folder: Path) -> dict[str, str]:
+VARIANTS = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "openvino-int8", "onnx-fp32", "onnx-int8")
+
+
+def export_all(model: str, data: str, category: str | None, folder: Path, names: list[str]) -> dict[str, str]:
+    """Export `model` to every bundle variant among `names` (`FORMAT-PRECISION`) under `folder`."""
     from anomalyvfm import AnomalyDetector
     from anomalyvfm.data import load_dataset
     from anomalyvfm.deploy.export import export_bundle
@@ -106,9 +109,10 @@ def export_all(model: str, data: str, category: str | None, folder: Path) -> dic
     detector = AnomalyDetector.load(model, device="cpu")
     calibration = [s.path for s in load_dataset(data, category).split("validation")][:64]
     out = {}
-    for fmt, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("onnx", "fp32")):
-        name = f"{fmt}-{precision}"
-        out[name] = str(export_bundle(detector, folder / name, fmt, precision, calibration))
+    for name in names:
+        fmt, precision = name.split("-")
+        if fmt != "torch":
+            out[name] = str(export_bundle(detector, folder / name, fmt, precision, calibration))
     return out
 
 
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--category")
     parser.add_argument("--split", default="test_public")
     parser.add_argument("--images", type=int, default=40, help="images scored per variant (evenly spaced)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (torch-fp32 always runs: the base)")
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=DIR", help="reuse an exported bundle")
     parser.add_argument("--out", help="write the table (markdown) and raw figures (json) next to it")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
@@ -142,9 +148,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], images)))
         return
+    names = ["torch-fp32", *(v for v in args.variants.split(",") if v != "torch-fp32")]
+    if unknown := set(names) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)} (choose from {', '.join(VARIANTS)})")
     with tempfile.TemporaryDirectory() as tmp:
-        bundles = dict(b.split("=", 1) for b in args.bundle) or export_all(args.model, args.data, args.category, Path(tmp))
-        variants = {"torch-fp32": args.model, "torch-bf16": args.model, **bundles}
+        bundles = (dict(b.split("=", 1) for b in args.bundle)
+                   or export_all(args.model, args.data, args.category, Path(tmp), names))
+        variants = {**{n: args.model for n in names if n.startswith("torch")}, **bundles}
         load = os.getloadavg()[0]
         rows = []
         for name, model in variants.items():

@@ -18,9 +18,9 @@ from scipy.stats import spearmanr
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
-from anomalyvfm.data.resample import resize
+from anomalyvfm.data.resample import block_means, resize
 from anomalyvfm.deploy import runtime
-from anomalyvfm.deploy.bundle import MANIFEST, SCORER
+from anomalyvfm.deploy.bundle import MANIFEST, SCORER, read_manifest
 from anomalyvfm.deploy.export import export_bundle
 from anomalyvfm.deploy.load import load_predictor
 
@@ -127,6 +127,8 @@ def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, d
         from anomalyvfm.cli.main import main
         assert main(["predict", "--model", {str(bundles['openvino', 'fp32'])!r}, {str(_images(data_root)[0])!r},
                      "--out", {str(tmp_path / "cli")!r}]) == 0
+        assert main(["evaluate", "--model", {str(bundles['openvino', 'fp32'])!r}, "--data", {str(data_root)!r},
+                     "--category", "demo", "--out", {str(tmp_path / "eval")!r}]) == 0
         # a command that needs torch ends in one line (exit 2) on such an install
         assert main(["fit", "--data", {str(data_root)!r}, "--category", "demo", "--out", {str(tmp_path / "m")!r}]) == 2
         preds = load_predictor({str(bundles['openvino', 'fp32'])!r}).predict({[str(p) for p in _images(data_root)]!r},
@@ -143,9 +145,11 @@ def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, d
 
 def test_cli_export_then_predict_evaluate_and_submission(fitted_model, data_root, tmp_path, capsys):
     bundle = tmp_path / "bundle"
-    assert main(["export", "--model", str(fitted_model), "--out", str(bundle), "--precision", "int8",
+    # the default precision is auto: with calibration images (and NNCF installed) that is int8
+    assert main(["export", "--model", str(fitted_model), "--out", str(bundle),
                  "--data", str(data_root), "--category", "demo", "--calibration-images", "8"]) == 0
-    assert "int8 calibrated on 8 good images" in capsys.readouterr().out
+    assert "openvino int8 (auto)" in capsys.readouterr().out
+    assert read_manifest(bundle)["precision"] == "int8"
     for model, out in ((fitted_model, tmp_path / "torch"), (bundle, tmp_path / "bundle_out")):
         assert main(["predict", "--model", str(model), str(data_root / "demo" / "test_public" / "bad"),
                      "--out", str(out)]) == 0
@@ -226,3 +230,32 @@ def test_shared_resize_matches_torch_interpolate(shape, size):
         ours = resize(image, size, antialias)
         theirs = F.interpolate(tensor, size=size, mode="bilinear", antialias=antialias, align_corners=False)
         assert np.abs(ours - theirs[0].permute(1, 2, 0).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("shape,size", [((448, 546), (32, 39)), ((100, 37), (7, 5)), ((14, 14), (1, 1))])
+def test_block_means_match_torch_adaptive_pooling(shape, size):
+    """The torch-free mask coverage per feature patch (evaluation's PCA picture) equals adaptive average pooling."""
+    mask = np.random.default_rng(1).random(shape) > 0.7
+    theirs = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], size)[0, 0].numpy()
+    assert np.abs(block_means(mask, size) - theirs).max() < 1e-6
+
+
+def test_auto_precision_without_calibration_images_is_bf16_where_the_cpu_has_it(fitted_model, tmp_path, capsys):
+    assert main(["export", "--model", str(fitted_model), "--out", str(tmp_path / "bundle")]) == 0
+    expected = "bf16" if "BF16" in runtime.cpu_capabilities() else "fp32"
+    assert read_manifest(tmp_path / "bundle")["precision"] == expected
+    assert f"openvino {expected} (auto)" in capsys.readouterr().out
+
+
+def test_images_batched_across_the_engine_score_as_one_at_a_time(bundles, data_root, tmp_path):
+    """Crops of several images share engine calls; an unreadable image keeps its place in the output."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    images = _images(data_root)
+    images = [*images[:3], broken, *images[3:]]
+    one = load_predictor(bundles["openvino", "fp32"], batch_size=1).predict(images, progress=False)
+    many = load_predictor(bundles["openvino", "fp32"], batch_size=4).predict(images, progress=False)
+    assert [p.source for p in many] == [p.source for p in one] == [str(p) for p in images]
+    assert many[3].error and not any(p.error for i, p in enumerate(many) if i != 3)
+    good = [i for i in range(len(images)) if i != 3]
+    assert _differences([many[i] for i in good], [one[i] for i in good])["map"] <= 1e-5

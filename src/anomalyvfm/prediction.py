@@ -1,10 +1,12 @@
-"""`Prediction`: what every predictor (the torch detector, an exported bundle) returns for one image.
+"""`Prediction`: what every predictor (the torch detector, an exported bundle) returns for one image, and
+`Predictor`: the surface both offer to the front ends and to evaluation.
 
 Kept free of torch so that a runtime without torch can produce and consume it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -19,3 +21,19 @@ class Prediction:
     anomaly_map: np.ndarray | None = None
     mask: np.ndarray | None = None
     error: str | None = None
+
+
+class Predictor(Protocol):
+    """What `evaluate`, `predict` and the service need of a model: `AnomalyDetector` and the exported
+    `BundlePredictor` both satisfy it, so those front ends run either without knowing which one they hold."""
+
+    settings: Any
+    record: Any
+    score_mode: str
+
+    def thresholds(self) -> Any: ...
+
+    def predict_iter(self, images: Sequence[Any], progress: str | None = "predict",
+                     decide: bool = True) -> Iterator[Prediction]: ...
+
+    def features(self, images: Sequence[Any]) -> Iterator[Any]: ...

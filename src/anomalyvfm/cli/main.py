@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
-from anomalyvfm.deploy.bundle import FORMATS as BUNDLE_FORMATS, PRECISIONS as BUNDLE_PRECISIONS
+from anomalyvfm.deploy.bundle import AUTO, EXPORT_PRECISIONS, FORMATS as BUNDLE_FORMATS, read_manifest
 from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
                                         predict_on_ray_command)
@@ -263,8 +263,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         calibration = calibration[: args.calibration_images]
     out = export_bundle(detector, args.out, args.format, args.precision, calibration)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    print(f"exported {out} ({args.format} {args.precision}, {size:.1f} MB"
-          + (f", int8 calibrated on {len(calibration)} good images" if args.precision == "int8" else "") + ")")
+    precision = read_manifest(out, verify=False)["precision"]
+    print(f"exported {out} ({args.format} {precision}{' (auto)' if args.precision == AUTO else ''}, {size:.1f} MB"
+          + (f", int8 calibrated on {len(calibration)} good images" if precision == "int8" else "") + ")")
     return 0
 
 
@@ -351,8 +352,10 @@ def _add_export(sub) -> None:
     exp.add_argument("--model", required=True, help="model directory written by fit")
     exp.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     exp.add_argument("--format", choices=BUNDLE_FORMATS, default="openvino", help="engine (default openvino)")
-    exp.add_argument("--precision", choices=BUNDLE_PRECISIONS, default="fp32",
-                     help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs) or int8 (NNCF, needs --data)")
+    exp.add_argument("--precision", choices=EXPORT_PRECISIONS, default=AUTO,
+                     help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs), int8 (NNCF, needs --data) or auto (default): "
+                          "the fastest that met parity and is possible here — int8 with --data, else bf16 where the "
+                          "CPU has it, else fp32")
     _dataset_options(exp, required=False)
     exp.add_argument("--calibration-images", type=int, default=64, help="good images for int8 calibration "
                      "(validation first, then evenly spaced training images; default 64)")

@@ -51,3 +51,16 @@ def resize(array: np.ndarray, size: tuple[int, int], antialias: bool = False) ->
         moved = np.moveaxis(out, 1, 0).reshape(width, -1)
         out = np.moveaxis((bilinear_weights(width, size[1], antialias) @ moved).reshape(size[1], size[0], *rest), 0, 1)
     return np.ascontiguousarray(out)
+
+
+def block_means(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Mean of `array` `(H, W)` over each cell of a `size` grid, cells as in adaptive average pooling
+    (rows `floor(i·H/h)` to `ceil((i+1)·H/h)`): the fraction of a mask inside each feature patch, without torch."""
+    height, width = array.shape
+    total = np.zeros((height + 1, width + 1))
+    total[1:, 1:] = np.asarray(array, dtype=np.float64).cumsum(0).cumsum(1)
+    rows = [np.arange(n) * length // n for n, length in ((size[0], height), (size[1], width))]
+    ends = [-(-(np.arange(n) + 1) * length // n) for n, length in ((size[0], height), (size[1], width))]
+    (r0, c0), (r1, c1) = (np.ix_(rows[0], rows[1])), (np.ix_(ends[0], ends[1]))
+    sums = total[r1, c1] - total[r0, c1] - total[r1, c0] + total[r0, c0]
+    return (sums / ((ends[0] - rows[0])[:, None] * (ends[1] - rows[1])[None, :])).astype(np.float32)

@@ -25,6 +25,8 @@ MANIFEST = "manifest.json"
 SCORER = "scorer.npz"
 FORMATS = ("openvino", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
+AUTO = "auto"  # export's choice: the fastest precision meeting parity that this machine can write
+EXPORT_PRECISIONS = (AUTO, *PRECISIONS)
 GRAPH_FILES = {"openvino": ("backbone.xml", "backbone.bin"), "onnx": ("backbone.onnx",)}
 
 

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from anomalyvfm.evaluation import metrics as M
 from anomalyvfm.evaluation import html_report, report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
-from anomalyvfm.detector.detector import AnomalyDetector
+from anomalyvfm.data.resample import block_means
+from anomalyvfm.prediction import Predictor
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.maps.render import display_range
 
@@ -33,13 +32,25 @@ PCA_PATCHES = 3000
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KB)."""
+    """Peak resident memory of this process so far, in MB.
+
+    Linux's `VmHWM` is the peak of this process's own memory (reset by `reset_peak_rss`); `ru_maxrss`
+    is the fallback elsewhere, but on Linux it also carries the parent's peak across fork + exec and never
+    resets, so a benchmark worker would report its launcher's size.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_rss() -> None:
-    """Restart the peak-memory count (Linux `clear_refs`), so that each benchmark variant reports its own
-    peak rather than the largest so far; elsewhere the count simply keeps running."""
+    """Restart the peak-memory count (Linux `clear_refs` resets `VmHWM`), so that each benchmark variant
+    reports its own peak rather than the largest so far; elsewhere the count simply keeps running."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -53,7 +64,7 @@ def _labelled(samples: list[Sample], split: str) -> list[Sample]:
     return samples
 
 
-def evaluate(detector: AnomalyDetector, dataset: Dataset, split: str, out: str | Path, progress: bool = True) -> dict:
+def evaluate(detector: Predictor, dataset: Dataset, split: str, out: str | Path, progress: bool = True) -> dict:
     """Score every image of `split`, compute all metrics and write `metrics.json` plus the report files."""
     samples = _labelled(dataset.split(split), split)
     out = Path(out)
@@ -101,10 +112,11 @@ def _write_pictures(detector, samples, labels, scores, maps, masks, result, data
     bad = sorted(((s, m) for s, m in zip(samples, masks) if m.any()), key=lambda sm: -int(sm[1].sum()))[:PCA_IMAGES]
     normal = _patch_sample(detector, [s.path for s in dataset.split("train")[:PCA_IMAGES]], None)
     defect = _patch_sample(detector, [s.path for s, _ in bad], [m for _, m in bad])
-    report.plot_feature_pca(normal, defect, out / "feature_analysis.png")
+    if len(normal) > 1:  # every training image unreadable: no cloud to draw
+        report.plot_feature_pca(normal, defect, out / "feature_analysis.png")
 
 
-def _patch_sample(detector: AnomalyDetector, paths: list, masks: list | None, seed: int = 0) -> np.ndarray:
+def _patch_sample(detector: Predictor, paths: list, masks: list | None, seed: int = 0) -> np.ndarray:
     """Patch features of `paths` (only patches at least half inside `masks`, when given), subsampled."""
     picked = []
     for i, item in enumerate(detector.features(paths)):
@@ -113,17 +125,16 @@ def _patch_sample(detector: AnomalyDetector, paths: list, masks: list | None, se
         h, w, dim = item.features.shape
         features = np.asarray(item.features).reshape(h * w, dim)
         if masks is not None:
-            cover = F.adaptive_avg_pool2d(torch.from_numpy(masks[i]).float()[None, None], (h, w)).reshape(-1)
-            features = features[cover.numpy() >= 0.5]
+            features = features[block_means(masks[i], (h, w)).reshape(-1) >= 0.5]
         picked.append(features)
     if not picked:
-        return np.zeros((0, detector.pipeline.backbone.feature_dim), np.float32)
+        return np.zeros((0, 0), np.float32)
     allf = np.concatenate(picked)
     rng = np.random.default_rng(seed)
     return allf[rng.choice(len(allf), size=min(PCA_PATCHES, len(allf)), replace=False)]
 
 
-def export_submission(detector: AnomalyDetector, dataset: Dataset, out: str | Path, progress: bool = True) -> dict[str, int]:
+def export_submission(detector: Predictor, dataset: Dataset, out: str | Path, progress: bool = True) -> dict[str, int]:
     """Write MVTec AD 2 server files for `test_private` and `test_private_mixed` (those present).
 
     `anomaly_images/<cat>/<split>/<stem>.tiff` holds the float16 map at full image size and
