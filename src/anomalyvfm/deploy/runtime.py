@@ -259,7 +259,7 @@ class BundlePredictor:
             grid = suppress_background(grid, mask)
         processed = item.views[-1][0]
         amap = anomaly_map(grid, processed, item.image_shape, c.sigma)
-        pred = Prediction(source=item.source, score=self._image_score(grid, ref), anomaly_map=amap)
+        pred = Prediction(source=item.source, score=self._image_score(grid, features[-1]), anomaly_map=amap)
         if decide:
             pred.is_anomalous = bool(pred.score > c.image_threshold)
             pred.mask = amap > c.pixel_threshold
