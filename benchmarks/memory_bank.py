@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ def run_one(data: str, category: str, backbone: str, bank: str, max_train: int |
     from anomalyvfm.data.datasets import evenly_spaced
     from anomalyvfm.detector.detector import AnomalyDetector
     from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm.evaluation.evaluate import peak_rss_mb
 
     dataset = load_dataset(data, category)
     train = [s.path for s in dataset.split("train")]
@@ -47,7 +47,7 @@ def run_one(data: str, category: str, backbone: str, bank: str, max_train: int |
     return {"category": category, "bank": bank, **{k: round(result[k], 4) for k in KEYS},
             "bank_rows": len(detector.pipeline.scorers[0].bank), "train_images": len(train),
             "fit_seconds": round(fit_seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mb": round(peak_rss_mb())}
 
 
 def main() -> None:
