@@ -145,10 +145,10 @@ def test_runtime_service_and_cli_run_without_torch(bundles, torch_predictions, d
 
 def test_cli_export_then_predict_evaluate_and_submission(fitted_model, data_root, tmp_path, capsys):
     bundle = tmp_path / "bundle"
-    # the default precision is auto: with calibration images (and NNCF installed) that is int8
-    assert main(["export", "--model", str(fitted_model), "--out", str(bundle),
+    # ONNX has no bf16: there the default precision (auto) is int8 when calibration images are given
+    assert main(["export", "--model", str(fitted_model), "--out", str(bundle), "--format", "onnx",
                  "--data", str(data_root), "--category", "demo", "--calibration-images", "8"]) == 0
-    assert "openvino int8 (auto)" in capsys.readouterr().out
+    assert "onnx int8 (auto)" in capsys.readouterr().out
     assert read_manifest(bundle)["precision"] == "int8"
     for model, out in ((fitted_model, tmp_path / "torch"), (bundle, tmp_path / "bundle_out")):
         assert main(["predict", "--model", str(model), str(data_root / "demo" / "test_public" / "bad"),
@@ -240,9 +240,9 @@ def test_block_means_match_torch_adaptive_pooling(shape, size):
     assert np.abs(block_means(mask, size) - theirs).max() < 1e-6
 
 
-def test_auto_precision_without_calibration_images_is_bf16_where_the_cpu_has_it(fitted_model, tmp_path, capsys):
+def test_auto_precision_is_bf16_where_the_cpu_has_it(fitted_model, tmp_path, capsys):
     assert main(["export", "--model", str(fitted_model), "--out", str(tmp_path / "bundle")]) == 0
-    expected = "bf16" if "BF16" in runtime.cpu_capabilities() else "fp32"
+    expected = "bf16" if "BF16" in runtime.cpu_capabilities() else "fp32"  # no calibration images: no int8
     assert read_manifest(tmp_path / "bundle")["precision"] == expected
     assert f"openvino {expected} (auto)" in capsys.readouterr().out
 

@@ -354,8 +354,8 @@ def _add_export(sub) -> None:
     exp.add_argument("--format", choices=BUNDLE_FORMATS, default="openvino", help="engine (default openvino)")
     exp.add_argument("--precision", choices=EXPORT_PRECISIONS, default=AUTO,
                      help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs), int8 (NNCF, needs --data) or auto (default): "
-                          "the fastest that met parity and is possible here — int8 with --data, else bf16 where the "
-                          "CPU has it, else fp32")
+                          "the fastest that met parity and is possible here — bf16 where the CPU has it (OpenVINO), "
+                          "else int8 with --data, else fp32")
     _dataset_options(exp, required=False)
     exp.add_argument("--calibration-images", type=int, default=64, help="good images for int8 calibration "
                      "(validation first, then evenly spaced training images; default 64)")
