@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.ndimage import binary_dilation, center_of_mass, gaussian_filter
+from scipy.ndimage import binary_dilation, binary_erosion, center_of_mass, gaussian_filter
 
-from anomalyvfm.data.synthesis import STAGES, SynthesisConfig, preview_grid, synthesize, synthetic_set
+from anomalyvfm.data.synthesis import HELD_OUT_STAGES, STAGES, TRAINING_STAGES, SynthesisConfig, preview_grid, synthesize, synthetic_set
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_synthetic_set_has_per_stage_samples_of_every_stage_and_is_deterministic
     images = [IMAGE, textured(96, 128, seed=5), DONOR]
     samples = synthetic_set(images, per_stage=4, seed=3)
     assert len(samples) == 3 * 4
-    assert [name for _, _, name in samples] == [stage for stage in STAGES for _ in range(4)]
+    assert [name for _, _, name in samples] == [stage for stage in TRAINING_STAGES for _ in range(4)]
     again = synthetic_set(images, per_stage=4, seed=3)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(samples, again))
     assert all(mask.any() and mask.shape == image.shape[:2] for image, mask, _ in samples)
@@ -151,3 +151,17 @@ def test_invalid_inputs_are_rejected() -> None:
         synthesize(IMAGE, 0, stage="paint")
     with pytest.raises(ValueError):
         preview_grid([])
+
+
+def test_held_out_perlin_family_is_not_drawn_by_default_and_paints_donor_texture() -> None:
+    assert set(HELD_OUT_STAGES) == {"perlin"} and not set(HELD_OUT_STAGES) & set(TRAINING_STAGES)
+    assert SynthesisConfig().stages == TRAINING_STAGES
+    assert "perlin" not in {name for _, _, name in synthetic_set([IMAGE, DONOR], per_stage=2)}
+    flat = np.full((192, 256, 3), 90, dtype=np.uint8)  # a flat part: any texture inside the mask came from the donor
+    config = SynthesisConfig(min_scale=0.2, max_scale=0.3, max_defects=1)
+    spreads = []
+    for seed in range(8):
+        out, mask = synthesize(flat, seed, config, donor=DONOR, stage="perlin")
+        assert 0 < mask.mean() < 0.5
+        spreads.append(out[binary_erosion(mask, iterations=2)].std())
+    assert np.median(spreads) > 3, "the defect should carry the donor's texture, not a flat colour"
