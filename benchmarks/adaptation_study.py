@@ -77,7 +77,7 @@ def adapter_bytes(model: Path) -> int:
 
 def run_one(args, name: str, config: AdaptationConfig | None, category: str, seed: int, done: set) -> list[dict]:
     """Fit one variant on one category with one seed, evaluate every mode not yet done; return the rows."""
-    modes = ("distance", *EXTRA_MODES.get(name, ()))
+    modes = ("distance", *(() if args.distance_only else EXTRA_MODES.get(name, ())))
     if all((name, mode, category, seed) in done for mode in modes):
         return []
     if config is not None and args.lora_steps:
@@ -215,6 +215,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"among {', '.join(VARIANTS)}")
     parser.add_argument("--lora-steps", type=int, default=0, help="override the LoRA steps (0: the default)")
     parser.add_argument("--split", default="test_public")
+    parser.add_argument("--distance-only", action="store_true", help="skip the extra head-mode evaluation of lora-heads")
     parser.add_argument("--keep-models", action="store_true", help="keep each fitted model directory")
     args = parser.parse_args(argv)
     args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]
