@@ -119,12 +119,11 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float((max(values) - min(values)) / 2)
 
 
-def _fmt(values: list) -> str:
+def _fmt(values: list, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     mean, spread = _mean_spread(values)
-    digits = 0 if mean >= 100 else 3
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
@@ -154,7 +153,7 @@ def table(rows: list[dict]) -> str:
                          if got[0]["held_out_kept"] is not None else "–")
             steps = ", ".join(str(r["best_step"]) for r in got) if got[0]["best_step"] is not None else "–"
             lines.append(f"| {variant} | {mode} | {category} | " + " | ".join(_fmt([r[m] for r in got]) for m in METRICS)
-                         + f" | {_fmt([r['fit_seconds'] for r in got])} | {_fmt([r['adapter_bytes'] for r in got])} "
+                         + f" | {_fmt([r['fit_seconds'] for r in got], 0)} | {_fmt([r['adapter_bytes'] for r in got], 0)} "
                            f"| {criterion} | {steps} |")
     lines += ["", "Mean over categories (± half the difference between the seeds' means); Δ against frozen, "
               "worst category Δ (image AUROC / AU-PRO(0.05)):", "",
@@ -216,6 +215,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-steps", type=int, default=0, help="override the LoRA steps (0: the default)")
     parser.add_argument("--split", default="test_public")
     parser.add_argument("--distance-only", action="store_true", help="skip the extra head-mode evaluation of lora-heads")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md from OUT/rows.jsonl")
     parser.add_argument("--keep-models", action="store_true", help="keep each fitted model directory")
     args = parser.parse_args(argv)
     args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_rows(args.out / "rows.jsonl")
     done = {row_key(r) for r in rows}
     # seeds outermost: a study stopped early still has every variant on every category for seed 0
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         for category in args.categories:
             for name in args.variants:
                 new = run_one(args, name, VARIANTS[name], category, seed, done)
