@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from anomalyvfm.features.backbone import load_backbone
 from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.adaptation.losses import confidence_weights, patch_loss, patch_targets
+from anomalyvfm.adaptation.losses import compactness_loss, confidence_weights, nearest_normal_distance, patch_loss, patch_targets
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.adaptation.training import make_batch, train_adapter
 
@@ -173,3 +174,65 @@ def test_head_scores_need_a_lora_model(fitted_model, data_root, tmp_path, capsys
     argv = ["fit", "--data", str(data_root), "--category", "demo", "--out", str(tmp_path / "m"), "--lora", "--temperature", "0"]
     assert main(argv) == 2
     assert "--temperature" in capsys.readouterr().err
+
+
+def test_nearest_normal_distance_uses_only_other_normal_crops():
+    features = torch.tensor([[[[0.0, 0.0]]], [[[3.0, 4.0]]], [[[0.0, 1.0]]]])  # (3 crops, 1x1 patch, 2 dims)
+    distance = nearest_normal_distance(features, torch.tensor([True, True, False]))
+    # crop 0's only other normal crop is crop 1 (distance 5), crop 2 is anomalous and not memory
+    assert distance.flatten().tolist() == pytest.approx([5.0, 5.0, 1.0])
+
+
+def test_compactness_loss_pulls_normal_patches_together_and_pushes_defects_out():
+    torch.manual_seed(0)
+    start = F.normalize(torch.randn(4, 3, 3, 8), dim=-1)
+    targets = torch.zeros(4, 3, 3)
+    targets[3, 1, 1] = 1.0  # one synthetic-defect patch in the last crop
+    targets[3, 0, 1] = 0.3  # a border patch: neither pulled nor pushed
+    normal_crops = torch.tensor([True, True, True, False])
+    start[3, 1, 1] = start[0, 0, 0]  # the defect starts on top of a normal patch
+    features = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([features], lr=0.05)
+    before = nearest_normal_distance(start, normal_crops)
+    for _ in range(60):
+        loss, parts = compactness_loss(features, start, targets, normal_crops, margin=0.1, distill=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = nearest_normal_distance(features.detach(), normal_crops)
+    normal = targets == 0
+    assert after[normal].mean() < 0.8 * before[normal].mean()
+    assert after[3, 1, 1] > after[normal].max() and before[3, 1, 1] < before[normal].max()
+    assert set(parts) == {"pull", "push", "distill"} and parts["distill"] > 0
+    assert torch.isfinite(features).all()
+
+
+def test_compact_objective_selects_on_held_out_defects(backbone_dir, data_root):
+    ds = load_dataset(data_root, "demo")
+    adapted = load_backbone(str(backbone_dir))
+    config = replace(TINY, objective="compact")
+    _, _, record = train_adapter(adapted, [s.path for s in ds.split("train")], [s.path for s in ds.split("validation")],
+                                 config, image_size=112)
+    assert record["objective"] == "compact" and record["validation_history"][0][0] == 0
+    assert record["best_validation_score"] == record["held_out_kept"] >= record["held_out_frozen"]
+    assert 0 <= record["held_out_frozen"] <= 2 and record["best_step"] in (0, 2, 4)
+
+
+def test_cli_fit_lora_compact_round_trip(backbone_dir, data_root, tmp_path):
+    out = tmp_path / "model"
+    argv = ["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir), "--image-size", "112",
+            "--out", str(out), "--lora", "--lora-objective", "compact", "--lora-steps", "4", "--lora-batch-size", "4",
+            "--lora-image-size", "56", "--lora-margin", "0.2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["lora"]["objective"] == "compact" and config["settings"]["lora"]["margin"] == 0.2
+    assert config["record"]["lora"]["objective"] == "compact"
+    ds = load_dataset(data_root, "demo")
+    paths = [s.path for s in ds.split("test_public")][::4]
+    detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, lora=replace(TINY, objective="compact"))
+    detector.fit([s.path for s in ds.split("train")], [s.path for s in ds.split("validation")], progress=False)
+    loaded = AnomalyDetector.load(detector.save(tmp_path / "api"))
+    for a, b in zip(detector.predict(paths, progress=False), loaded.predict(paths, progress=False)):
+        assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-4, atol=1e-5)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.ndimage import binary_dilation, center_of_mass, gaussian_filter
+from scipy.ndimage import binary_dilation, binary_erosion, center_of_mass, gaussian_filter
 
-from anomalyvfm.data.synthesis import ALL_STAGES, GLOBAL_STAGES, STAGES, SynthesisConfig, preview_grid, synthesize, synthetic_set
+from anomalyvfm.data.synthesis import (ALL_STAGES, GLOBAL_STAGES, HELD_OUT_STAGES, STAGES, SynthesisConfig, preview_grid,
+                                      synthesize, synthetic_set)
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -167,3 +168,17 @@ def test_global_stages_are_opt_in() -> None:
     config = SynthesisConfig(stages=GLOBAL_STAGES, weights=(1.0,) * 3)
     assert [name for *_, name in synthetic_set([IMAGE, DONOR], per_stage=2, config=config)] == [
         stage for stage in GLOBAL_STAGES for _ in range(2)]
+
+
+def test_held_out_perlin_family_is_not_drawn_by_default_and_paints_donor_texture() -> None:
+    assert set(HELD_OUT_STAGES) == {"perlin"} and not set(HELD_OUT_STAGES) & set(STAGES)
+    assert SynthesisConfig().stages == STAGES
+    assert "perlin" not in {name for _, _, name in synthetic_set([IMAGE, DONOR], per_stage=2)}
+    flat = np.full((192, 256, 3), 90, dtype=np.uint8)  # a flat part: any texture inside the mask came from the donor
+    config = SynthesisConfig(min_scale=0.2, max_scale=0.3, max_defects=1)
+    spreads = []
+    for seed in range(8):
+        out, mask = synthesize(flat, seed, config, donor=DONOR, stage="perlin")
+        assert 0 < mask.mean() < 0.5
+        spreads.append(out[binary_erosion(mask, iterations=2)].std())
+    assert np.median(spreads) > 3, "the defect should carry the donor's texture, not a flat colour"

@@ -9,6 +9,10 @@ from anomalyvfm.declare import SettingError, normalise, setting
 # Projection kind → leaf module names it has had across transformers versions.
 PROJECTION_NAMES = {"query": ("query", "q_proj"), "key": ("key", "k_proj"), "value": ("value", "v_proj")}
 LOSSES = ("confidence", "bce")  # patch losses of `adaptation.losses`
+# What the adapter is trained for: "heads" — patch/image classifier heads on synthetic anomalies (the
+# heads' loss flows into the backbone); "compact" — the kNN distance the detector scores with
+# (`losses.compactness_loss`; the heads are then trained on detached features, for head/fusion modes only).
+OBJECTIVES = ("heads", "compact")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,14 @@ class AdaptationConfig:
                                  low=0, low_open=True)
     crop_size: int = setting(224, "side of the square training crops, cut at the detector's scale; 0: the full "
                                   "short side", flag="--lora-image-size", low=0)
+    objective: str = setting("heads", "what LoRA is trained for: heads (classifier heads on synthetic anomalies) or "
+                                      "compact (the kNN distance itself: normal patches near normal, synthetic "
+                                      "defects far; model selection on held-out defect types)",
+                             flag="--lora-objective", choices=OBJECTIVES)
+    margin: float = setting(0.1, "compact objective: synthetic-defect patches must lie this fraction beyond the "
+                                 "farthest normal patch of the batch", flag="--lora-margin", low=0)
+    distill: float = setting(1.0, "compact objective: weight of keeping normal features near the frozen ones",
+                             flag="--lora-distill", low=0)
     eval_every: int = setting(20, "steps between validation scores", flag=None, low=1)
     patience: int = setting(3, "validation scores without improvement before stopping", flag=None, low=1)
     val_images: int = setting(16, "validation images scored for model selection", flag=None, low=1)

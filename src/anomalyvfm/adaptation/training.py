@@ -6,10 +6,21 @@ the detector's scale (short side = `image_size`, the same resize as at inference
 the same surface area in training as in scoring; `AdaptationConfig.crop_size` only sets the crop side,
 which bounds the CPU cost of a step. Synthetic crops always contain part of their defect.
 
-Model selection uses validation/good images only: every `eval_every` steps, the heads are scored on a
-fixed-seed set of validation crops, each once as is and once with a synthetic anomaly (image AUROC of
-the image head + patch average precision of the patch head); the best state is kept and training stops after
-`patience` evaluations without improvement. Test data is never touched.
+Two objectives (`AdaptationConfig.objective`):
+
+* ``heads`` — the backbone is trained through classifier heads (patch + image logits) on the synthetic
+  anomalies. Model selection scores the heads on validation crops with synthetic anomalies of the same
+  families as training (image AUROC of the image head + patch AP of the patch head); it saturates near 2.
+* ``compact`` — the backbone is trained for the kNN distance the detector scores with
+  (`losses.compactness_loss`); the heads learn on detached features, only so head/fusion modes exist.
+  Model selection is `knn_validation_score`: the same distance, on validation crops with anomalies of a
+  family held out from training (`synthesis.HELD_OUT_STAGES`), against a memory of normal training
+  crops. It is also scored before the first step, so an adapter that never beats the frozen features on
+  unseen defect types is returned as the identity (LoRA's B = 0).
+
+For both, the record holds the held-out kNN criterion before training and at the kept state, so a
+study can relate it to test results. Every `eval_every` steps the best state is kept and training
+stops after `patience` evaluations without improvement. Test data is never touched.
 """
 from __future__ import annotations
 
@@ -30,8 +41,10 @@ from anomalyvfm.data.transforms import processed_size, to_tensor
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.tiles import prefetch
 from anomalyvfm.adaptation.heads import AnomalyHeads
-from anomalyvfm.adaptation.losses import patch_loss, patch_targets
-from anomalyvfm.data.synthesis import synthesize
+from anomalyvfm.adaptation.losses import compactness_loss, patch_loss, patch_targets
+from anomalyvfm.data.synthesis import HELD_OUT_STAGES, SynthesisConfig, synthesize
+
+HELD_OUT = SynthesisConfig(stages=HELD_OUT_STAGES, weights=(1.0,) * len(HELD_OUT_STAGES))
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images (B,3,S,S), masks (B,S,S), labels (B,)
 
@@ -46,7 +59,7 @@ def _crop_origin(rng: np.random.Generator, length: int, side: int, must_hold: in
 
 def make_sample(
     images: Sequence[ImageLike], index: int, synthetic: bool, rng: np.random.Generator, image_size: int,
-    crop: int | None, patch_size: int,
+    crop: int | None, patch_size: int, synthesis: SynthesisConfig = SynthesisConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One square training crop `(3, S, S)` and its mask coverage `(S, S)` in [0, 1].
 
@@ -57,7 +70,7 @@ def make_sample(
     mask = np.zeros(image.shape[:2], dtype=bool)
     if synthetic:
         donor = load_rgb(images[(index + int(rng.integers(1, len(images)))) % len(images)]) if len(images) > 1 else None
-        image, mask = synthesize(image, int(rng.integers(2**31)), donor=donor)
+        image, mask = synthesize(image, int(rng.integers(2**31)), synthesis, donor=donor)
     size = processed_size(*image.shape[:2], image_size, patch_size)
     pixels = to_tensor(image, size)
     cover = F.interpolate(torch.from_numpy(mask).float()[None, None], size=size, mode="bilinear", antialias=True,
@@ -71,10 +84,12 @@ def make_sample(
 
 
 def make_batch(images: Sequence[ImageLike], picks: Sequence[int], rng: np.random.Generator, image_size: int,
-               crop: int | None, patch_size: int) -> Batch:
-    """Crops of `picks`: the first half normal, the second half with a synthetic anomaly."""
-    synthetic = [i >= len(picks) // 2 for i in range(len(picks))]
-    samples = [make_sample(images, k, s, rng, image_size, crop, patch_size) for k, s in zip(picks, synthetic)]
+               crop: int | None, patch_size: int, synthesis: SynthesisConfig = SynthesisConfig(),
+               synthetic_share: float = 0.5) -> Batch:
+    """Crops of `picks`: the first part normal, the last `synthetic_share` with a synthetic anomaly."""
+    first = len(picks) - round(len(picks) * synthetic_share)
+    synthetic = [i >= first for i in range(len(picks))]
+    samples = [make_sample(images, k, s, rng, image_size, crop, patch_size, synthesis) for k, s in zip(picks, synthetic)]
     return (torch.stack([x for x, _ in samples]), torch.stack([m for _, m in samples]),
             torch.tensor(synthetic, dtype=torch.float32))
 
@@ -108,14 +123,43 @@ def validation_score(backbone: Backbone, heads: AnomalyHeads, batch: Batch, batc
     return _ranking("auroc", labels, image_logits) + _ranking("ap", (targets[keep] >= 0.5).float(), patch_logits[keep])
 
 
+def _features(backbone: Backbone, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([backbone(x.to(backbone.device)) for x in images.split(batch_size)])
+
+
+@torch.inference_mode()
+def knn_validation_score(backbone: Backbone, memory: torch.Tensor, batch: Batch, batch_size: int) -> float:
+    """Image AUROC of the max patch kNN distance + patch AP of the kNN distance, on a validation batch.
+
+    This is the detector's distance scorer in miniature: `memory` holds normal training crops (their
+    patches are the memory bank), `batch` holds validation crops as is and with held-out synthetic
+    defects, so the criterion counts false alarms on normal validation images and misses on defect
+    types the adapter was not trained on. Border patches are left out as in `validation_score`.
+    """
+    backbone.eval()
+    images, masks, labels = batch
+    bank = _features(backbone, memory, batch_size)
+    bank = bank.reshape(-1, bank.shape[-1])
+    distances = []
+    for x in images.split(batch_size):
+        query = backbone(x.to(backbone.device))
+        nearest = torch.cdist(query.reshape(-1, bank.shape[-1]), bank).min(dim=-1).values
+        distances.append(nearest.reshape(query.shape[:3]).cpu())
+    distance = torch.cat(distances)
+    targets = patch_targets(masks, backbone.patch_size)
+    keep = (targets == 0) | (targets >= 0.5)
+    return (_ranking("auroc", labels, distance.flatten(1).max(dim=1).values)
+            + _ranking("ap", (targets[keep] >= 0.5).float(), distance[keep]))
+
+
 def train_adapter(
     backbone: Backbone, train_images: Sequence[ImageLike], val_images: Sequence[ImageLike], config: AdaptationConfig,
     image_size: int, seed: int = 0, progress: bool = True,
 ):
     """Add LoRA to `backbone` and train it with fresh heads; return `(peft model, heads, record)`.
 
-    On return the backbone holds the best adapter state (by `validation_score`), and both are in eval
-    mode, so dropout is off for feature extraction.
+    On return the backbone holds the best adapter state (by the objective's validation criterion), and
+    both are in eval mode, so dropout is off for feature extraction.
     """
     if not train_images or not val_images:
         raise UserInputError("LoRA training needs training and validation (good) images")
@@ -125,26 +169,53 @@ def train_adapter(
     heads = AnomalyHeads(backbone.feature_dim).to(backbone.device)
     adapter = lora_parameters(backbone)
     optimizer = torch.optim.AdamW([*adapter.values(), *heads.parameters()], lr=config.lr, weight_decay=config.weight_decay)
-    patch = backbone.patch_size
+    patch, crop, compact = backbone.patch_size, config.crop_size or None, config.objective == "compact"
 
     val_picks = np.linspace(0, len(val_images) - 1, min(config.val_images, len(val_images))).round().astype(int)
-    val_rng = np.random.default_rng([seed, 1])
-    val_batch = make_batch(val_images, np.concatenate([val_picks, val_picks]), val_rng, image_size, config.crop_size or None, patch)
+    val_batch = make_batch(val_images, np.concatenate([val_picks, val_picks]), np.random.default_rng([seed, 1]),
+                           image_size, crop, patch)
+    # Held-out criterion: validation crops as is and with unseen defect types, against normal training crops.
+    held_out = make_batch(val_images, np.concatenate([val_picks, val_picks]), np.random.default_rng([seed, 3]),
+                          image_size, crop, patch, HELD_OUT)
+    memory_picks = np.linspace(0, len(train_images) - 1, min(config.val_images, len(train_images))).round().astype(int)
+    memory = make_batch(train_images, memory_picks, np.random.default_rng([seed, 4]), image_size, crop, patch,
+                        synthetic_share=0.0)[0]
+
+    def held_out_score() -> float:
+        return knn_validation_score(backbone, memory, held_out, config.batch_size)
+
+    def criterion() -> float:
+        return held_out_score() if compact else validation_score(backbone, heads, val_batch, config.batch_size)
 
     def batch_for(step: int) -> Batch:
         rng = np.random.default_rng([seed, 2, step])  # per step: the same batches whatever the thread timing
         return make_batch(train_images, rng.integers(len(train_images), size=config.batch_size), rng, image_size,
-                          config.crop_size or None, patch)
+                          crop, patch)
 
-    best: tuple[float, int, tuple] = (-np.inf, 0, ())
+    def snapshot() -> tuple:
+        return {k: v.detach().clone() for k, v in adapter.items()}, copy.deepcopy(heads.state_dict())
+
+    frozen_held_out = held_out_score()  # LoRA starts as the identity: this is the frozen features' criterion
+    best: tuple[float, int, tuple] = (frozen_held_out, 0, snapshot()) if compact else (-np.inf, 0, ())
+    history = [(0, round(frozen_held_out, 4))] if compact else []
     stale = 0
     bar = tqdm(total=config.steps, desc="LoRA training", disable=not progress, unit="step")
     for step, (x, masks, labels) in enumerate(prefetch(batch_for, range(config.steps), depth=2), start=1):
         backbone.train()
         heads.train()
-        patch_logits, image_logits = heads(backbone(x.to(backbone.device)))
-        targets = patch_targets(masks, patch).to(patch_logits.device)
-        loss = (patch_loss(patch_logits, targets, config.loss, config.temperature)
+        x = x.to(backbone.device)
+        features = backbone(x)
+        targets = patch_targets(masks, patch).to(features.device)
+        if compact:
+            with torch.no_grad(), peft_model.disable_adapter():
+                frozen = backbone(x)
+            loss, _ = compactness_loss(features, frozen, targets, labels.to(features.device) == 0, config.margin,
+                                       config.distill)
+            features = features.detach()  # the heads learn on the adapted features without steering them
+        else:
+            loss = features.new_zeros(())
+        patch_logits, image_logits = heads(features)
+        loss = (loss + patch_loss(patch_logits, targets, config.loss, config.temperature)
                 + F.binary_cross_entropy_with_logits(image_logits, labels.to(image_logits.device)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,10 +224,10 @@ def train_adapter(
         bar.set_postfix(loss=f"{loss.item():.3f}", best_val=f"{best[0]:.3f}@{best[1]}")
         if step % config.eval_every and step != config.steps:
             continue
-        score = validation_score(backbone, heads, val_batch, config.batch_size)
+        score = criterion()
+        history.append((step, round(score, 4)))
         if score > best[0]:
-            snapshot = ({k: v.detach().clone() for k, v in adapter.items()}, copy.deepcopy(heads.state_dict()))
-            best, stale = (score, step, snapshot), 0
+            best, stale = (score, step, snapshot()), 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -167,6 +238,10 @@ def train_adapter(
             adapter[name].copy_(value)
     heads.load_state_dict(best[2][1])
     backbone.eval()
-    record = {"steps_run": step, "best_step": best[1], "best_validation_score": round(best[0], 4),
-              "seconds": round(time.perf_counter() - start, 1), "trainable_parameters": sum(p.numel() for p in adapter.values())}
+    record = {"objective": config.objective, "steps_run": step, "best_step": best[1],
+              "best_validation_score": round(best[0], 4), "validation_history": history,
+              "held_out_frozen": round(frozen_held_out, 4),
+              "held_out_kept": round(best[0] if compact else held_out_score(), 4),
+              "seconds": round(time.perf_counter() - start, 1),
+              "trainable_parameters": sum(p.numel() for p in adapter.values())}
     return peft_model, heads.cpu().eval(), record

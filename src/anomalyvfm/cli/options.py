@@ -55,8 +55,9 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
     _add(parser, Settings)
     add_runtime_options(parser)
     parser.add_argument("--max-train-images", type=int, help="use at most N evenly spaced training images (quick runs)")
-    lora = parser.add_argument_group("LoRA adaptation (experimental: not better than frozen features so far)")
-    lora.add_argument("--lora", action="store_true", help="adapt the backbone with LoRA and train anomaly heads")
+    lora = parser.add_argument_group("LoRA adaptation (EXPERIMENTAL: not better than frozen features, docs/adaptation.md)")
+    lora.add_argument("--lora", action="store_true", help="EXPERIMENTAL: adapt the backbone with LoRA (and train anomaly "
+                                                          "heads); it did not beat frozen features (docs/adaptation.md)")
     _add(lora, AdaptationConfig)
 
 

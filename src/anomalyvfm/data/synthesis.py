@@ -8,6 +8,12 @@ Three stages, each a family of defects seen on production lines:
   polylines with varied colour, opacity and edge softness.
 * ``context``   – misplaced parts: a patch cut from another normal image, optionally rotated and
   scaled, blended in with a soft irregular region.
+* ``perlin``    – DRAEM-style (Zavrtanik et al., "DRAEM – A discriminatively trained reconstruction
+  embedding for surface anomaly detection", ICCV 2021): a region of thresholded smooth noise, often
+  several lobes, filled with texture from another normal image of the product passed through one of
+  DRAEM's photometric augmentations (inversion, solarisation, posterisation, extreme gamma). It is
+  not among the default (training) stages: LoRA model selection holds it out, so the validation
+  criterion measures defects of a kind the adapter never saw (`STAGES`, `HELD_OUT_STAGES`).
 
 Three more stages make *global* (logical) anomalies, whose patches each look normal, so that the image
 score's global evidence (`scoring.image_evidence`) can be judged without real defects. Each makes one
@@ -37,9 +43,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
-STAGES = ("texture", "structure", "context")
+STAGES = ("texture", "structure", "context")  # what `SynthesisConfig()` draws: the families adapters are trained on
+HELD_OUT_STAGES = ("perlin",)  # kept for validation only, so model selection sees unseen defect types
 GLOBAL_STAGES = ("colour", "missing", "duplicate")
-ALL_STAGES = STAGES + GLOBAL_STAGES
+ALL_STAGES = STAGES + HELD_OUT_STAGES + GLOBAL_STAGES
 
 _MIN_SIDE = 8  # smaller images cannot hold a defect with a soft edge around it
 _REFERENCE_SIDE = 512.0  # absolute widths (line width, edge softness) are in pixels at this short side
@@ -268,8 +275,40 @@ def _context(rng: Generator, base: np.ndarray, site: _Site, donor: np.ndarray | 
     return _irregular_sdf(rng, site), layer
 
 
+def _augment_texture(rng: Generator, patch: np.ndarray) -> np.ndarray:
+    """One of DRAEM's photometric augmentations of a texture source, so the fill is the product's own
+    surface made unfamiliar: inverted, solarised, posterised or through an extreme gamma curve."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return 255.0 - patch
+    if kind == 1:
+        level = rng.uniform(64, 192)
+        return np.where(patch > level, 255.0 - patch, patch)
+    if kind == 2:
+        step = 256.0 / 2 ** int(rng.integers(1, 3))  # 2 or 4 levels per channel
+        return np.floor(patch / step) * step + step / 2
+    gamma = rng.uniform(0.25, 0.5) if rng.random() < 0.5 else rng.uniform(2.0, 4.0)
+    return 255.0 * (patch / 255.0) ** gamma
+
+
+def _perlin(rng: Generator, base: np.ndarray, site: _Site, donor: np.ndarray | None) -> _Defect:
+    """A DRAEM-style defect: lobes of thresholded smooth noise filled with augmented donor texture.
+
+    The noise cell is a fraction of the radius, so one site holds one to several lobes (DRAEM's Perlin
+    masks); a gentle radial falloff only keeps the lobes off the window's straight edges.
+    """
+    assert donor is not None, "synthesize() supplies a donor for the perlin stage"
+    falloff = np.clip(1.0 - (site.y**2 + site.x**2) / site.radius**2, 0, None) ** 0.25
+    noise = _fractal_noise(rng, falloff.shape, site.radius * rng.uniform(0.25, 0.6), octaves=2)
+    field = noise * falloff
+    sdf = _implicit_sdf(rng.uniform(0.35, 0.55) * field.max() - field, site.radius)
+    patch = _donor_patch(rng, donor, 2 * site.half + 1, site.short)
+    top, left = int(site.y[0, 0]) + site.half, int(site.x[0, 0]) + site.half
+    return sdf, _augment_texture(rng, patch[top : top + base.shape[0], left : left + base.shape[1]])
+
+
 _StageFn = Callable[[Generator, np.ndarray, _Site, np.ndarray | None], _Defect]
-_STAGE_FNS: dict[str, _StageFn] = {"texture": _texture, "structure": _structure, "context": _context}
+_STAGE_FNS: dict[str, _StageFn] = {"texture": _texture, "structure": _structure, "context": _context, "perlin": _perlin}
 
 
 # ------------------------------------------------------------------------------------------------ blending
@@ -430,7 +469,8 @@ def synthesize(
     """Return `(anomalous image, mask)` made from a normal `HxWx3 uint8` image, deterministic per seed.
 
     `stage` None draws one of `config.stages` by `config.weights`. The context stage cuts its patches
-    from `donor` (any size); without one it uses the image itself rotated or mirrored. The mask is a
+    (and the perlin stage its texture) from `donor` (any size); without one it uses the image itself
+    rotated or mirrored. The mask is a
     non-empty `HxW` bool array of the pixels the defects materially changed.
     """
     _check_image(image, "image")
@@ -442,7 +482,7 @@ def synthesize(
         stage = config.stages[int(rng.choice(len(config.stages), p=weights / weights.sum()))]
     elif stage not in ALL_STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {ALL_STAGES}")
-    if stage == "context" and donor is None:
+    if stage in ("context", "perlin") and donor is None:
         donor = _self_donor(rng, image)
     for _ in range(_MAX_ATTEMPTS):
         if stage in GLOBAL_STAGES:

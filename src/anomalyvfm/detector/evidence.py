@@ -16,7 +16,7 @@ import numpy as np
 
 from anomalyvfm.data import evenly_spaced, load_rgb
 from anomalyvfm.data.images import ImageLike
-from anomalyvfm.data.synthesis import ALL_STAGES, GLOBAL_STAGES, SynthesisConfig
+from anomalyvfm.data.synthesis import GLOBAL_STAGES, STAGES, SynthesisConfig
 from anomalyvfm.detector.candidates import with_synthetic_anomalies
 from anomalyvfm.evaluation import metrics as M
 from anomalyvfm.features.extraction import FailedImage
@@ -24,7 +24,7 @@ from anomalyvfm.scoring.image_evidence import fuse_image_evidence
 from anomalyvfm.scoring.names import IMAGE_EVIDENCE
 
 CHOICE_VALIDATION = 24  # good validation images used (as `--auto`); twice as many synthetic anomalies are made
-CHOICE_STAGES = SynthesisConfig(stages=ALL_STAGES, weights=(1.0,) * len(ALL_STAGES))
+CHOICE_STAGES = SynthesisConfig(stages=STAGES + GLOBAL_STAGES, weights=(1.0,) * len(STAGES + GLOBAL_STAGES))
 
 
 def evidence_scores(pipeline, calibration, images: Sequence[ImageLike], progress: str | None = None

@@ -63,7 +63,9 @@ class Settings:
     foreground: str = setting("off", "suppress background patch scores: off, on, auto (decided on validation)", choices=FOREGROUND_MODES)
     auto: bool = setting(False, "choose image size, tiling, layers and scorer on validation + synthetic anomalies")
     seed: int = setting(0, "random seed")
-    lora: AdaptationConfig | None = setting(None, "LoRA adaptation on synthetic anomalies (None: frozen backbone)",
+    lora: AdaptationConfig | None = setting(None, "EXPERIMENTAL LoRA adaptation on synthetic anomalies, not better "
+                                                  "than frozen features on the four test categories (docs/adaptation.md; "
+                                                  "None: frozen backbone)",
                                             flag="--lora")
 
     def __post_init__(self) -> None:
