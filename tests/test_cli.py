@@ -86,8 +86,8 @@ def test_synth_preview_draws_a_grid(data_root, tmp_path, capsys):
     assert grid.size[0] >= 2 * 100 and grid.size[1] >= 3 * 100
     code = main(["synth-preview", "--data", str(data_root), "--category", "demo", "--per-stage", "2", "--stages", "all",
                  "--out", str(out)])
-    assert code == 0 and "12 synthetic anomalies" in capsys.readouterr().out
-    assert Image.open(out).size[1] >= 6 * 100  # one row per stage: three local, three global
+    assert code == 0 and "14 synthetic anomalies" in capsys.readouterr().out
+    assert Image.open(out).size[1] >= 7 * 100  # one row per stage: three local, the held-out perlin, three global
 
 
 def test_max_train_images_limits_fit(backbone_dir, data_root, tmp_path, capsys):
