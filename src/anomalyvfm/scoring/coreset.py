@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 
 def greedy_coreset(features: torch.Tensor, size: int, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
@@ -42,7 +43,8 @@ def _greedy_select(x: torch.Tensor, size: int, first: int) -> torch.Tensor:
     selected = [first]
     # ||x - c||² = ||x||² - 2·x·c + ||c||²: one matrix-vector product per step, no (n, dim) temporary
     min_dist = norms - 2 * (x @ x[selected[0]]) + norms[selected[0]]
-    for _ in range(size - 1):
+    # a bar on a terminal only (tens of seconds for a 10 000-row bank from 100 000 patches); silent in logs
+    for _ in tqdm(range(size - 1), desc="coreset", unit="row", leave=False, disable=None, mininterval=1.0):
         nxt = int(torch.argmax(min_dist))
         selected.append(nxt)
         torch.minimum(min_dist, norms - 2 * (x @ x[nxt]) + norms[nxt], out=min_dist)
