@@ -142,3 +142,52 @@ def test_adaptive_binarisation_finds_each_blob_and_never_goes_below_the_floor() 
     assert ndimage.label(mask)[1] == 2 and mask[20, 20] and mask[40, 60]
     assert not mask[amap <= 0.3].any() and mask.sum() < 0.2 * mask.size
     assert not adaptive_mask(amap, floor=5.0).any()
+
+
+def test_defect_mask_methods_and_pooled_mask_f1() -> None:
+    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm.maps.binarize import adaptive_mask, defect_mask
+
+    rng = np.random.default_rng(3)
+    maps = [rng.random((20, 30)).astype(np.float16) for _ in range(4)]
+    truths = [m > 0.8 for m in (rng.random((20, 30)) for _ in range(4))]
+    assert np.array_equal(defect_mask(maps[0], 0.5), maps[0] > 0.5)
+    assert np.array_equal(defect_mask(maps[0], 0.5, "mebin"), adaptive_mask(maps[0], 0.5))
+    with pytest.raises(ValueError, match="binarisation"):
+        defect_mask(maps[0], 0.5, "otsu")
+    # the masks of a global threshold give exactly the threshold's SegF1 (one definition of pooling)
+    assert M.seg_f1_masks(truths, (defect_mask(m, 0.6) for m in maps)) == pytest.approx(M.seg_f1(truths, maps, 0.6))
+
+
+def test_mebin_masks_are_a_stored_setting_used_by_predict_evaluate_and_bundles(fitted_model, data_root, tmp_path,
+                                                                              one_thread) -> None:
+    from anomalyvfm.data import load_dataset, load_mask
+    from anomalyvfm.deploy.export import export_bundle
+    from anomalyvfm.deploy.runtime import BundlePredictor
+    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm.evaluation.evaluate import evaluate
+    from anomalyvfm.maps.binarize import adaptive_mask
+
+    detector = AnomalyDetector.load(fitted_model)
+    detector.pipeline.settings = replace(detector.settings, binarize="mebin")
+    detector.save(tmp_path / "m")
+    detector = AnomalyDetector.load(tmp_path / "m")
+    assert detector.settings.binarize == "mebin"
+    dataset = load_dataset(data_root, "demo")
+    samples = dataset.split("test_public")
+    preds = detector.predict([s.path for s in samples], progress=False)
+    threshold = detector.thresholds().pixel_threshold
+    for pred in preds:
+        assert np.array_equal(pred.mask, adaptive_mask(pred.anomaly_map, threshold))
+    assert any((pred.mask != (pred.anomaly_map > threshold)).any() for pred in preds)  # not the global cut
+    metrics = evaluate(detector, dataset, "test_public", tmp_path / "eval", progress=False)
+    truths = [load_mask(s.mask_path, p.mask.shape) if s.label else np.zeros(p.mask.shape, bool)
+              for s, p in zip(samples, preds)]
+    maps16 = [p.anomaly_map.astype(np.float16) for p in preds]  # evaluate keeps float16 maps
+    expected = M.seg_f1_masks(truths, (adaptive_mask(m, threshold) for m in maps16))
+    assert metrics["seg_f1"] == pytest.approx(expected)
+    bundle = BundlePredictor(export_bundle(detector, tmp_path / "bundle"))
+    assert bundle.settings.binarize == "mebin"
+    for b, t in zip(bundle.predict([s.path for s in samples], progress=False), preds):
+        assert np.array_equal(b.mask, adaptive_mask(b.anomaly_map, threshold))
+        assert (b.mask != t.mask).mean() < 0.01  # fp32 maps agree to 1e-5: at most a few pixels at the cut

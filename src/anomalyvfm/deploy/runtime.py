@@ -26,6 +26,7 @@ from anomalyvfm.deploy.bundle import GRAPH_FILES, SCORER, read_manifest
 from anomalyvfm.errors import ImageReadError, UserInputError
 from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_size
 from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.maps.binarize import defect_mask
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.scoring.distances import (fuse_views, knn_distance, mahalanobis_distance,
@@ -37,6 +38,8 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantised
 CPU_NEEDS = {"bf16": "BF16", "int8": "INT8"}  # OpenVINO CPU optimisation capability each precision needs
 SHORTLIST = 8  # bank candidates per patch kept by the bf16 search, then re-ranked exactly in fp32
 SEARCH_ROWS = 2048  # patches searched at once: bounds the (rows x bank) similarity matrix
+# config keys added after the first bundles were exported, with what those bundles did
+BUNDLE_DEFAULTS = {"evidence": {}, "image_evidence": "patch", "image_stats": {}, "binarize": "global"}
 
 
 def views(config: SimpleNamespace) -> list[tuple[int, Tiling | None]]:
@@ -157,7 +160,7 @@ class BundlePredictor:
                  device: str = "cpu", max_aspect_ratio: float | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self.config = SimpleNamespace(**self.manifest["config"])
+        self.config = SimpleNamespace(**{**BUNDLE_DEFAULTS, **self.manifest["config"]})
         if batch_size is not None:
             if batch_size < 1:
                 raise UserInputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -188,7 +191,7 @@ class BundlePredictor:
         """The exported score mode's thresholds and the validation statistics behind them."""
         c = self.config
         return SimpleNamespace(image_threshold=c.image_threshold, pixel_threshold=c.pixel_threshold,
-                               validation_stats=c.validation_stats, evidence=getattr(c, "evidence", {}))
+                               validation_stats=c.validation_stats, evidence=c.evidence)
 
     def load_engine(self) -> Engine:
         """The compiled graph, compiled (seconds) on the first call; later calls return it."""
@@ -262,18 +265,18 @@ class BundlePredictor:
         pred = Prediction(source=item.source, score=self._image_score(grid, features[-1]), anomaly_map=amap)
         if decide:
             pred.is_anomalous = bool(pred.score > c.image_threshold)
-            pred.mask = amap > c.pixel_threshold
+            pred.mask = defect_mask(amap, c.pixel_threshold, c.binarize)
         return pred
 
     def _image_score(self, grid: np.ndarray, features: np.ndarray) -> float:
         """The image score as the pipeline makes it: patch evidence, plus global evidence if the model uses it
-        (bundles exported before image evidence have no `image_evidence` and score "patch")."""
-        c, evidence = self.config, getattr(self.config, "image_evidence", "patch")
+        (bundles exported before image evidence score "patch", `BUNDLE_DEFAULTS`)."""
+        c = self.config
         distance = None
-        if evidence != "patch":
+        if c.image_evidence != "patch":
             blocks = len(self.manifest["backbone"]["layers"])
             distance = global_distance(image_embedding(features, blocks), self.arrays["global.embeddings"])
-        return fuse_image_evidence(image_score(grid, c.top_percent), distance, getattr(c, "image_stats", {}), evidence)
+        return fuse_image_evidence(image_score(grid, c.top_percent), distance, c.image_stats, c.image_evidence)
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:

@@ -28,6 +28,7 @@ from anomalyvfm.version import __version__
 from anomalyvfm.data import Dataset, Sample, load_rgb
 from anomalyvfm.declare import to_dict
 from anomalyvfm.evaluation.report import METRIC_LABELS
+from anomalyvfm.maps.binarize import defect_mask
 from anomalyvfm.maps.render import display_range, overlay
 
 REPORT_NAME = "report.html"
@@ -106,6 +107,7 @@ def calibration(detector: Any) -> dict:
     t = detector.thresholds()
     return {"image_threshold": float(t.image_threshold), "pixel_threshold": float(t.pixel_threshold),
             "threshold_sigma": detector.settings.threshold_sigma, "validation_stats": dict(t.validation_stats),
+            "binarize": detector.settings.binarize,
             "evidence": dict(t.evidence),
             "train_images": detector.record.train_images}
 
@@ -153,8 +155,7 @@ def _worst_cases(detector: Any, dataset: Dataset, samples: Sequence[Sample], lab
         note = (f"{errors} {name} image(s) scored {side} the image threshold {threshold:.4g}. "
                 f"The {len(idx)} {who}-scoring {name} images are shown"
                 + (", the closest to being mistaken." if errors == 0 else "."))
-        rows = [_case_row(dataset, samples[i], scores[i], threshold, maps[i], masks[i], calib["pixel_threshold"], span)
-                for i in idx]
+        rows = [_case_row(dataset, samples[i], scores[i], threshold, maps[i], masks[i], calib, span) for i in idx]
         header = "<tr><th>image</th><th>heat map and predicted outline</th><th>ground truth</th><th>file and score</th></tr>"
         parts.append(f'<h3>{kind}</h3><p class="muted">{html.escape(note)}</p>'
                      f'<table class="cases">{header}{"".join(rows)}</table>')
@@ -162,10 +163,11 @@ def _worst_cases(detector: Any, dataset: Dataset, samples: Sequence[Sample], lab
 
 
 def _case_row(dataset: Dataset, sample: Sample, score: float, threshold: float, amap: np.ndarray, gt: np.ndarray,
-              pixel_threshold: float, span: tuple[float, float]) -> str:
+              calib: dict, span: tuple[float, float]) -> str:
     image = load_rgb(sample.path)
     amap = amap.astype(np.float32)
-    heat = overlay(image, amap, *span, mask=amap > pixel_threshold)
+    predicted = defect_mask(amap, calib["pixel_threshold"], calib["binarize"])
+    heat = overlay(image, amap, *span, mask=predicted)
     truth = image.copy()
     if gt.any():  # tinted, and ringed thickly enough to survive the shrink to CASE_SIDE: defects can be tiny
         truth[gt] = (0.5 * truth[gt] + 0.5 * np.array([0, 200, 0])).astype(np.uint8)
@@ -176,7 +178,7 @@ def _case_row(dataset: Dataset, sample: Sample, score: float, threshold: float, 
                        for p, alt in ((image, "image"), (heat, "heat map"), (truth, "ground truth")))
     return (f"<tr>{pictures}<td><code>{html.escape(_relative(sample.path, dataset.root))}</code><br>"
             f"score {score:.4g} vs {threshold:.4g}: {verdict}<br>"
-            f"defect area {int(gt.sum())} px, predicted {int((amap > pixel_threshold).sum())} px</td></tr>")
+            f"defect area {int(gt.sum())} px, predicted {int(predicted.sum())} px</td></tr>")
 
 
 def _threshold_text(calib: dict, level: str) -> str | None:
@@ -202,7 +204,9 @@ def _data_table(dataset: Dataset, split: str, samples: Sequence[Sample], labels:
         ("pixel threshold", _threshold_text(calib, "pixel") or
          f"{calib['pixel_threshold']:.6g} = mean {stats.get('pixel_score_mean', float('nan')):.6g} "
          f"+ {calib['threshold_sigma']} × std {stats.get('pixel_score_std', float('nan')):.6g} "
-         "of their map pixels"),
+         "of their map pixels"
+         + ("; each image's mask is cut at its own most stable threshold at or above it (mebin)"
+            if calib["binarize"] == "mebin" else "")),
         ("test labels used for thresholds", "no: both thresholds come from validation images only"),
         ("run time", f"{metrics.get('seconds', '?')} s, peak RSS {metrics.get('peak_rss_mb', '?')} MB"),
         ("written", f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by anomalyvfm {__version__}"),

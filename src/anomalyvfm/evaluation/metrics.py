@@ -26,7 +26,7 @@ float16 (continuous float32 maps of 750 M pixels would need tens of GB).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,6 +263,17 @@ def seg_f1(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: f
     The comparison is exact in float64, so a float16 map is not compared against a rounded threshold.
     """
     return _f1_above(_score_counts(masks, maps, regions=False), threshold)
+
+
+def seg_f1_masks(masks: Iterable[np.ndarray], predicted: Iterable[np.ndarray]) -> float:
+    """SegF1 of predicted binary masks (a per-image binarisation such as MEBin has no single threshold),
+    pooled over all images like `seg_f1`; both arguments may be generators, one image held at a time."""
+    tp = fp = fn = 0
+    for truth, mask in zip(masks, predicted, strict=True):
+        truth, mask = np.asarray(truth, bool), np.asarray(mask, bool)
+        hits = int(np.count_nonzero(truth & mask))
+        tp, fp, fn = tp + hits, fp + int(np.count_nonzero(mask)) - hits, fn + int(np.count_nonzero(truth)) - hits
+    return _f1(tp, fp, fn)
 
 
 def seg_f1_at(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], thresholds: Sequence[float]) -> list[float]:

@@ -17,11 +17,23 @@ import numpy as np
 from scipy import ndimage
 
 STEPS = 32
+BINARIZATIONS = ("global", "mebin")  # how predicted defect masks are cut from a map
+
+
+def defect_mask(amap: np.ndarray, pixel_threshold: float, method: str = "global") -> np.ndarray:
+    """The predicted defect pixels of one map, as every front end and metric cuts them: above the global
+    pixel threshold, or (`mebin`) above this image's own most stable threshold at or over it. Compared in
+    float64 (a float16 map against a Python float would round the threshold to float16), as the metrics do."""
+    if method == "mebin":
+        return adaptive_mask(amap, pixel_threshold)
+    if method != "global":
+        raise ValueError(f"binarisation must be one of {BINARIZATIONS}, got {method!r}")
+    return amap > np.float64(pixel_threshold)
 
 
 def adaptive_mask(amap: np.ndarray, floor: float, steps: int = STEPS) -> np.ndarray:
     """Boolean defect mask of one map: pixels above this image's most stable threshold (>= `floor`)."""
-    top = float(amap.max())
+    top = float(amap.max())  # thresholds below are float64: exact against float16 or float32 maps
     if not top > floor:
         return np.zeros(amap.shape, dtype=bool)
     thresholds = np.linspace(top, floor, steps, endpoint=False)[1:]  # high to low, all above the floor
