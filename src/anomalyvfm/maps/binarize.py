@@ -7,16 +7,23 @@ sweeping thresholds from the image's maximum down, the number of connected compo
 over the longest run of thresholds around the real defect regions and changes quickly in the noise.
 
 Here the sweep runs between the global pixel threshold (a floor learned on normal images, so nothing
-below it is ever flagged) and the image's maximum; the threshold chosen is the lowest of the longest
-run of steps with the same non-zero component count. An image whose maximum does not pass the floor
-gets an empty mask.
+below it is ever flagged) and the image's maximum, in `STEPS` steps; as in the reference implementation,
+each cut is eroded by a 6 x 6 square before its components are counted (specks of noise vanish instead of
+changing the count), runs shorter than `MIN_RUN` steps do not count as stable, and the threshold chosen is
+the lowest of the longest stable run with a non-zero count; the mask is that cut, eroded. An image whose
+maximum does not pass the floor, or with no stable run, gets an empty mask. (Measured against a plainer
+variant — 32 steps, no erosion, any run length — on validation + synthetic anomalies of four categories:
+SegF1 higher on all four, docs/results.md.)
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-STEPS = 32
+STEPS = 64  # thresholds tried between the floor and the image maximum (the reference's 256 / sample rate 4)
+MIN_RUN = 4  # steps a component count must hold to be a stable run
+ERODE = np.ones((6, 6), dtype=bool)  # the reference's erosion kernel
+_EIGHT = np.ones((3, 3), dtype=bool)
 BINARIZATIONS = ("global", "mebin")  # how predicted defect masks are cut from a map
 
 
@@ -32,16 +39,22 @@ def defect_mask(amap: np.ndarray, pixel_threshold: float, method: str = "global"
 
 
 def adaptive_mask(amap: np.ndarray, floor: float, steps: int = STEPS) -> np.ndarray:
-    """Boolean defect mask of one map: pixels above this image's most stable threshold (>= `floor`)."""
+    """Boolean defect mask of one map: pixels above this image's most stable threshold (>= `floor`), eroded."""
     top = float(amap.max())  # thresholds below are float64: exact against float16 or float32 maps
     if not top > floor:
         return np.zeros(amap.shape, dtype=bool)
     thresholds = np.linspace(top, floor, steps, endpoint=False)[1:]  # high to low, all above the floor
-    counts = np.array([ndimage.label(amap > t)[1] for t in thresholds])
+
+    def cut(threshold: float) -> np.ndarray:
+        return ndimage.binary_erosion(amap > threshold, ERODE)
+
+    counts = [ndimage.label(cut(t), structure=_EIGHT)[1] for t in thresholds]
     best_start, best_length, start = 0, 0, 0
     for k in range(1, len(counts) + 1):
         if k == len(counts) or counts[k] != counts[start]:
-            if counts[start] > 0 and k - start > best_length:
+            if counts[start] > 0 and k - start >= MIN_RUN and k - start > best_length:
                 best_start, best_length = start, k - start
             start = k
-    return amap > thresholds[best_start + best_length - 1]
+    if not best_length:
+        return np.zeros(amap.shape, dtype=bool)
+    return cut(thresholds[best_start + best_length - 1])
