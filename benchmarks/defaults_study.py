@@ -283,7 +283,7 @@ def table(out: Path) -> str:
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data")
     parser.add_argument("--backbone")
@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--tiles", default=",".join(TILE_CATEGORIES), help="categories that also get the tiled view")
     parser.add_argument("--table", action="store_true", help="only print the table of OUT/rows.jsonl")
     parser.add_argument("--one", nargs=2, metavar=("CATEGORY", "VIEW"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if args.one:
         print(json.dumps(run_view(args.data, args.backbone, *args.one)))

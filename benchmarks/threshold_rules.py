@@ -11,7 +11,7 @@ over categories. test_public is only reported (SegF1, ClassF1, their oracles, fa
 test images), never used to choose.
 
     nice -n 19 python benchmarks/threshold_rules.py --data ../shared/data --backbone ../dinov2-vits14 \
-        --cache /tmp/threshold_cache [--categories bottle,kolektor] [--markdown]
+        --cache /tmp/threshold_cache [--categories bottle,kolektor]
 """
 from __future__ import annotations
 
