@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -73,6 +72,8 @@ class WorkerMemory:
 
 def run_one(engine: str, model: str, paths: list[str], batch_size: int) -> dict:
     """Score `paths` with one engine in this process; timings, rates and memory as a dict."""
+    from anomalyvfm.evaluation.evaluate import peak_rss_mb
+
     arrivals: list[tuple[float, int]] = []
     start = time.perf_counter()
     result: dict = {"engine": engine, "images": len(paths)}
@@ -116,7 +117,7 @@ def run_one(engine: str, model: str, paths: list[str], batch_size: int) -> dict:
     result.update(wall_s=round(end - start, 2), first_result_s=round(arrivals[0][0] - start, 2),
                   images_per_s_wall=round(len(paths) / (end - start), 3),
                   images_per_s_steady=round(after / (end - t_first), 3) if end > t_first else None,
-                  driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                  driver_peak_rss_mb=round(peak_rss_mb()))  # VmHWM: its own peak, not its launcher's
     return result
 
 
