@@ -1,8 +1,21 @@
-"""Small builders of hostile inputs shared by several test modules."""
+"""Small builders shared by several test modules: hostile inputs, benchmark scripts loaded as modules."""
 from __future__ import annotations
 
+import importlib.util
 import struct
 import zlib
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` as a module (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bomb_png(side: int = 30_000) -> bytes:

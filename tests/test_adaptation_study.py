@@ -1,21 +1,15 @@
 """benchmarks/adaptation_study.py end to end on the generated demo data: rows, resume, table."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptation_study.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("adaptation_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("adaptation_study")
 
 
 def test_study_writes_rows_resumes_and_tabulates(study, backbone_dir, data_root, tmp_path, one_thread, capsys):

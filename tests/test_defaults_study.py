@@ -2,27 +2,21 @@
 shortcut it rests on (smaller kNN banks as prefixes of one greedy coreset)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 
 from anomalyvfm.demo import make_random_backbone
 from anomalyvfm.scoring.coreset import greedy_coreset
 from anomalyvfm.scoring.distances import knn_distance
 
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "defaults_study.py"
-
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("defaults_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("defaults_study")
 
 
 def test_greedy_coreset_is_prefix_consistent_and_prefix_search_matches_each_bank(study):
