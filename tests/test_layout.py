@@ -15,9 +15,10 @@ STAGES = {
     "features": 2,
     "scoring": 3, "adaptation": 3,  # adaptation trains heads that score modes use: one stage
     "maps": 4, "evaluation.metrics": 4,  # the metrics are pure array code below the detector
-    "detector": 5,
-    "deploy": 6, "evaluation": 6, "distributed": 6,
-    "cli": 7, "service": 7, "": 7,  # "" is the package's __init__ (the public API)
+    "head": 5,  # everything after the backbone, torch-free: the detector and the exported runtime call it
+    "detector": 6,
+    "deploy": 7, "evaluation": 7, "distributed": 7,
+    "cli": 8, "service": 8, "": 8,  # "" is the package's __init__ (the public API)
 }
 
 

@@ -11,7 +11,6 @@ from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.demo import textured_image
 from anomalyvfm.scoring.distances import suppress_background
-from anomalyvfm.scoring.views import fuse
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +56,7 @@ def test_multiscale_standardises_views_before_averaging(backbone_dir, data_root)
     assert abs(detector.thresholds().validation_stats["pixel_score_mean"]) < 0.5  # z-scores, not raw distances
     items = next(iter(detector.pipeline.view_features(_split(data_root, "test_public")[:1], None)))
     scored = detector.pipeline.score_views(items)
-    fused = fuse(scored, detector.calibration.view_stats, suppress=False)
+    fused = detector.pipeline.head.fuse(scored, detector.calibration).distance
     assert fused.shape == items[-1].features.shape[:2] and scored.grids[0].shape != fused.shape
 
 

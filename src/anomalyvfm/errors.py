@@ -11,6 +11,10 @@ class UserInputError(Exception):
     """A mistake in what the user asked for: a missing folder, a bad option, an unreadable model."""
 
 
+class NotFittedError(UserInputError):
+    """A model asked to score, save or export before it was fitted or loaded (one place raises it)."""
+
+
 class ImageReadError(UserInputError):
     """One image file could not be decoded (missing, empty, truncated or not an image)."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -55,3 +56,11 @@ class AnomalyHeads(nn.Module):
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise UserInputError(f"{path}: unreadable anomaly heads ({str(exc).splitlines()[0][:160]})") from None
         return heads.eval()
+
+
+def head_scores(heads: AnomalyHeads, features: torch.Tensor) -> tuple[np.ndarray, float]:
+    """`(h, w)` patch logits and the image logit of one image's `(h, w, C)` features (the reference view's),
+    as the numpy the scoring head takes."""
+    with torch.inference_mode():
+        logits, image_logit = heads(features[None].float())
+    return logits[0].float().numpy(), float(image_logit[0])

@@ -40,9 +40,10 @@ from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from anomalyvfm.deploy.bundle import AUTO, FORMAT_VERSION, FORMATS, GRAPH_FILES, MANIFEST, PRECISIONS, SCORER, sha256
 from anomalyvfm.declare import to_dict
-from anomalyvfm.deploy.runtime import cpu_capabilities, view_crops
-from anomalyvfm.errors import ImageReadError, UserInputError
+from anomalyvfm.deploy.runtime import view_crops
+from anomalyvfm.errors import ImageReadError, NotFittedError, UserInputError
 from anomalyvfm.features.backbone import Backbone
+from anomalyvfm.head.search import cpu_capabilities
 from anomalyvfm.version import __version__
 
 CALIBRATION_SAMPLES = 300  # NNCF's default subset size; crops beyond it add time, not accuracy
@@ -101,8 +102,8 @@ def _check_exportable(detector, fmt: str, precision: str) -> None:
         raise UserInputError(f"unknown export precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if fmt == "onnx" and precision == "bf16":
         raise UserInputError("--precision bf16 needs --format openvino (ONNX Runtime has no bf16 CPU kernels for it)")
-    if not detector.pipeline.scorers:
-        raise UserInputError("cannot export an unfitted detector")
+    if detector.pipeline.head is None:
+        raise NotFittedError("cannot export an unfitted detector")
     if detector.score_mode != "distance":
         raise UserInputError(f"cannot export score mode '{detector.score_mode}': the LoRA heads are not exported; "
                              "export with --score distance")
@@ -176,7 +177,7 @@ def export_bundle(detector, out: str | Path, format: str = "openvino", precision
         with torch.inference_mode(False), torch.no_grad():
             writer = _write_openvino if format == "openvino" else _write_onnx
             writer(FeatureGraph(backbone).eval(), example, precision, calibration, graph_path)
-        np.savez(tmp / SCORER, **_arrays(detector))
+        np.savez(tmp / SCORER, **detector.pipeline.head.state_dict())
         manifest = {
             "format_version": FORMAT_VERSION, "format": format, "precision": precision,
             "exported_with": __version__, "calibration_samples": len(calibration),
@@ -194,14 +195,3 @@ def export_bundle(detector, out: str | Path, format: str = "openvino", precision
         raise
     return out
 
-
-def _arrays(detector) -> dict[str, np.ndarray]:
-    """The fitted scorer, foreground and image-bank state as float32 arrays, keyed `<part>.<name>`."""
-    pipeline = detector.pipeline
-    parts = {f"view{i}": scorer.state_dict() for i, scorer in enumerate(pipeline.scorers)}
-    if pipeline.foreground_model is not None:
-        parts["foreground"] = pipeline.foreground_model.state_dict()
-    if pipeline.image_bank is not None:
-        parts["global"] = pipeline.image_bank.state_dict()
-    return {f"{part}.{key}": value.detach().cpu().float().numpy() for part, state in parts.items()
-            for key, value in state.items()}

@@ -1,10 +1,10 @@
 """Run an inference bundle without torch: OpenVINO or ONNX Runtime for the backbone, numpy for the rest.
 
 `BundlePredictor` has the surface the CLI, the evaluation and the service use on `AnomalyDetector`:
-`predict_iter(images, progress, decide)` → `Prediction`, `settings` and the thresholds (`prediction.Predictor`). Pre-processing, scoring, view fusion, foreground suppression, maps and the image score
-are the numpy functions the torch pipeline itself calls (`data.transforms`, `scoring.distances`,
-`maps.anomaly_maps`, `scoring.pooling`), so the only difference from the fitted model is the engine's
-arithmetic. Only tile stitching is re-stated here (a sum and a renormalisation, as `extraction._Stitch`).
+`predict_iter(images, progress, decide)` → `Prediction`, `settings` and the thresholds (`prediction.Predictor`).
+Pre-processing is `data.transforms`, and everything after the backbone is the `head.ScoringHead` the
+torch pipeline itself scores with, so the only difference from the fitted model is the engine's arithmetic.
+Only tile stitching is re-stated here (a sum and a renormalisation, as `extraction._Stitch`).
 
 Decoding and resizing run one thread ahead of inference (`prefetch`); the engine itself uses every core and
 takes the crops of `batch_size` images at a time.
@@ -25,19 +25,13 @@ from anomalyvfm.data.transforms import resized_unit
 from anomalyvfm.deploy.bundle import GRAPH_FILES, SCORER, read_manifest
 from anomalyvfm.errors import ImageReadError, UserInputError
 from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_size
-from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.head.calibration import Calibration, Thresholds
+from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.head.search import cpu_capabilities
 from anomalyvfm.prediction import Prediction
-from anomalyvfm.features.masks import foreground_mask
-from anomalyvfm.scoring.distances import (fuse_views, knn_distance, mahalanobis_distance,
-                                          suppress_background)
-from anomalyvfm.scoring.image_evidence import fuse_image_evidence, global_distance, image_embedding
-from anomalyvfm.scoring.pooling import image_score
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantised ops int8, the rest f32
 CPU_NEEDS = {"bf16": "BF16", "int8": "INT8"}  # OpenVINO CPU optimisation capability each precision needs
-SHORTLIST = 8  # bank candidates per patch kept by the bf16 search, then re-ranked exactly in fp32
-SEARCH_ROWS = 2048  # patches searched at once: bounds the (rows x bank) similarity matrix
 # config keys added after the first bundles were exported, with what those bundles did
 BUNDLE_DEFAULTS = {"evidence": {}, "image_evidence": "patch", "image_stats": {}, "binarize": "global"}
 
@@ -53,13 +47,6 @@ def view_crops(image: np.ndarray, image_size: int, tiling: Tiling | None, patch:
     """(processed shape, [(top, left, `3xhxw` [0, 1] crop)]) of one view of an `HxWx3 uint8` image."""
     size = view_size(*image.shape[:2], image_size, tiling, patch)
     return size, crops(resized_unit(image, size), tiling)
-
-
-def cpu_capabilities() -> list[str]:
-    """What OpenVINO's CPU plugin can run here (FP32, BF16, INT8 …)."""
-    import openvino as ov
-
-    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 class Engine:
@@ -105,45 +92,6 @@ class Engine:
         return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
 
-class BankSearch:
-    """kNN cosine distances to the bank on OpenVINO, equal to `scoring.distances.knn_distance`.
-
-    On a CPU with bf16 units the bank product runs in bf16 (AMX) and keeps only the `SHORTLIST` most
-    similar entries per patch; those are re-scored exactly in fp32 with numpy. bf16 similarities are off
-    by ~2^-9, far less than the gap to the 8th neighbour, so the nearest entry is virtually always in the
-    shortlist and the distances match fp32 (measured ≤ 1e-6 relative on magnetic_tile's 9280-entry bank,
-    4x faster than numpy's fp32 product). Without bf16 units the fp32 product and max run in OpenVINO.
-    """
-
-    def __init__(self, bank: np.ndarray) -> None:
-        import openvino as ov
-        import openvino.opset13 as ops
-
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self.shortlist = "BF16" in cpu_capabilities() and len(self.bank) > SHORTLIST
-        rows = ops.parameter([-1, self.bank.shape[1]], np.float32)
-        similarity = ops.matmul(rows, ops.constant(self.bank), False, True)
-        if self.shortlist:
-            output = ops.topk(similarity, SHORTLIST, 1, "max", "none", "i32").output(1)
-        else:
-            output = ops.reduce_max(similarity, np.array([1]), False).output(0)
-        compiled = ov.Core().compile_model(ov.Model([output], [rows]), "CPU", {
-            "INFERENCE_PRECISION_HINT": "bf16" if self.shortlist else "f32", "PERFORMANCE_HINT": "LATENCY"})
-        self._request = compiled.create_infer_request()
-
-    def __call__(self, features: np.ndarray) -> np.ndarray:
-        x = features.reshape(-1, features.shape[-1]).astype(np.float32)
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
-        out = []
-        for start in range(0, len(x), SEARCH_ROWS):
-            rows = np.ascontiguousarray(x[start : start + SEARCH_ROWS])
-            found = self._request.infer([rows])[0]
-            if self.shortlist:
-                found = np.einsum("nc,nkc->nk", rows, self.bank[found]).max(axis=1)
-            out.append(1 - found)
-        return np.concatenate(out)
-
-
 @dataclass
 class _Prepared:
     """One decoded image cut into each view's crops (built in the prefetch thread)."""
@@ -184,21 +132,26 @@ class BundlePredictor:
         except (OSError, ValueError) as exc:
             raise UserInputError(f"{self.directory / SCORER}: unreadable scorer arrays ({exc})") from None
         self.views = views(self.config)
-        self._engine: Engine | None = None
-        self._search: list[BankSearch] = []  # per view, with the engine, for OpenVINO kNN bundles
-
-    def thresholds(self) -> SimpleNamespace:
-        """The exported score mode's thresholds and the validation statistics behind them."""
         c = self.config
-        return SimpleNamespace(image_threshold=c.image_threshold, pixel_threshold=c.pixel_threshold,
-                               validation_stats=c.validation_stats, evidence=c.evidence)
+        self.calibration = Calibration(c.score, {c.score: Thresholds(c.image_threshold, c.pixel_threshold,
+                                                                     c.validation_stats, c.evidence)},
+                                       view_stats=c.view_stats, foreground=c.foreground_stats, image_stats=c.image_stats)
+        self.head_config = HeadConfig(c.scorer, len(self.views), len(self.manifest["backbone"]["layers"]),
+                                      c.top_percent, c.sigma, c.image_evidence, c.binarize)
+        self._engine: Engine | None = None
+        self._head: ScoringHead | None = None
+
+    def thresholds(self) -> Thresholds:
+        """The exported score mode's thresholds and the validation statistics behind them."""
+        return self.calibration.thresholds()
 
     def load_engine(self) -> Engine:
-        """The compiled graph, compiled (seconds) on the first call; later calls return it."""
+        """The compiled graph, compiled (seconds) on the first call, with the scoring head (its kNN search
+        compiled on OpenVINO for OpenVINO bundles); later calls return it."""
         if self._engine is None:
             self._engine = Engine(self.directory, self.manifest)
-            if self._engine.format == "openvino" and self.config.scorer == "knn":
-                self._search = [BankSearch(self.arrays[f"view{i}.bank"]) for i in range(len(self.views))]
+            search = "openvino" if self._engine.format == "openvino" else "numpy"
+            self._head = ScoringHead(self.head_config, self.arrays, search)
         return self._engine
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -236,16 +189,6 @@ class BundlePredictor:
                 blocks /= np.maximum(np.linalg.norm(blocks, axis=-1, keepdims=True), 1e-12)
         return grids
 
-    def _score(self, view: int, features: np.ndarray) -> np.ndarray:
-        a, prefix = self.arrays, f"view{view}."
-        if self._search:
-            flat = self._search[view](features)
-        elif self.config.scorer == "knn":
-            flat = knn_distance(features, a[prefix + "bank"])
-        else:
-            flat = mahalanobis_distance(features, a[prefix + "mean"], a[prefix + "whitener"])
-        return flat.reshape(features.shape[:2])
-
     def _predict_batch(self, items: list[_Prepared], decide: bool) -> list[Prediction]:
         """Predictions of several decoded images, their backbone work batched (`_features`)."""
         per_view = [self._features([item.views[v] for item in items]) for v in range(len(self.views))]
@@ -253,30 +196,8 @@ class BundlePredictor:
 
     def _finish(self, item: _Prepared, features: list[np.ndarray], decide: bool) -> Prediction:
         """Scores, fused map and verdict of one image from each view's features."""
-        c = self.config
-        grids = [self._score(view, f) for view, f in enumerate(features)]
-        grid = fuse_views(grids, c.view_stats) if len(grids) > 1 else grids[0]
-        if c.foreground_stats.get("active") and "foreground.mean" in self.arrays:
-            mask = foreground_mask(features[-1], self.arrays["foreground.mean"], self.arrays["foreground.component"],
-                                   float(self.arrays["foreground.threshold"][0]))
-            grid = suppress_background(grid, mask)
-        processed = item.views[-1][0]
-        amap = anomaly_map(grid, processed, item.image_shape, c.sigma)
-        pred = Prediction(source=item.source, score=self._image_score(grid, features[-1]), anomaly_map=amap)
-        if decide:
-            pred.is_anomalous = bool(pred.score > c.image_threshold)
-            pred.mask = defect_mask(amap, c.pixel_threshold, c.binarize)
-        return pred
-
-    def _image_score(self, grid: np.ndarray, features: np.ndarray) -> float:
-        """The image score as the pipeline makes it: patch evidence, plus global evidence if the model uses it
-        (bundles exported before image evidence score "patch", `BUNDLE_DEFAULTS`)."""
-        c = self.config
-        distance = None
-        if c.image_evidence != "patch":
-            blocks = len(self.manifest["backbone"]["layers"])
-            distance = global_distance(image_embedding(features, blocks), self.arrays["global.embeddings"])
-        return fuse_image_evidence(image_score(grid, c.top_percent), distance, c.image_stats, c.image_evidence)
+        return self._head.predict(features, item.source, item.views[-1][0], item.image_shape, self.calibration,
+                                  self.config.score, self.thresholds() if decide else None)
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:

@@ -20,11 +20,12 @@ from anomalyvfm.data.datasets import hold_out
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector import model_dir
-from anomalyvfm.detector.calibration import Calibration, Thresholds, calibrate
+from anomalyvfm.detector.calibration import calibrate
 from anomalyvfm.detector.pipeline import Pipeline
 from anomalyvfm.detector.settings import Runtime, Settings
-from anomalyvfm.errors import UserInputError
+from anomalyvfm.errors import NotFittedError, UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
+from anomalyvfm.head.calibration import Calibration, Thresholds
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.version import __version__
 
@@ -100,7 +101,7 @@ class AnomalyDetector:
     # -- predict --------------------------------------------------------------------------------------
     def _calibrated(self) -> Calibration:
         if self.calibration is None:
-            raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
+            raise NotFittedError("detector is not fitted: call fit() or AnomalyDetector.load()")
         return self.calibration
 
     @property
@@ -145,8 +146,8 @@ class AnomalyDetector:
     def save(self, directory: str | Path, store_backbone: bool = True) -> Path:
         """Write the model directory (atomically; see `model_dir`). With `store_backbone=False` it only
         references the backbone (hub id or path), as models of anomalyvfm 0.1 did."""
-        if not self.pipeline.scorers:
-            raise RuntimeError("nothing to save: detector is not fitted")
+        if self.pipeline.head is None:
+            raise NotFittedError("nothing to save: detector is not fitted")
         return model_dir.write(directory, self.pipeline, self._calibrated(), self.record, store_backbone)
 
     @classmethod

@@ -35,7 +35,7 @@ def evidence_scores(pipeline, calibration, images: Sequence[ImageLike], progress
         if isinstance(items, FailedImage):
             raise ValueError(f"evidence images must be readable: {items.error}")
         scored = pipeline.score_views(items)
-        patch.append(pipeline.raw(scored, calibration, "patch").distance_image)
+        patch.append(pipeline.head.fuse(scored, calibration, "patch").distance_image)
         distance.append(scored.global_distance)
     return patch, distance
 

@@ -32,11 +32,11 @@ from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.checksums import sha256
 from anomalyvfm.declare import from_dict, to_dict
-from anomalyvfm.detector.calibration import Calibration
 from anomalyvfm.detector.pipeline import Pipeline
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.foreground import ForegroundModel
+from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.scoring.scorers import ImageBank, make_scorer
 
 FORMAT_VERSION = 2
@@ -288,4 +288,5 @@ def restore(stored: StoredModel, runtime: Runtime, backbone: str | Path | None =
         pipeline.heads = AnomalyHeads.load(stored.directory / HEADS_FILE)
         adapter_dir = stored.directory / ADAPTER_DIR
     pipeline.load_backbone(stored.backbone_dir or backbone, adapter_dir)
+    pipeline.build_head()
     return pipeline

@@ -5,8 +5,10 @@ several short sides (multi-scale), or overlapping tiles (high resolution). Each 
 with several views the patch scores are standardised by their validation statistics and averaged on the
 finest view's grid (`scoring.views`), so one map and one image score come out whatever the views.
 
-`Pipeline` owns the settings and the fitted parts (backbone, scorers, foreground model, heads); the
-thresholds it is judged against live in `calibration.Calibration`.
+`Pipeline` owns the settings, the backbone and the fitting of the parts (scorers, foreground model, image
+bank, LoRA heads); once they are fitted, everything after the backbone is the torch-free
+`head.ScoringHead` (`self.head`), the same object the exported runtime scores with. The thresholds it is
+judged against live in `head.calibration.Calibration`.
 """
 from __future__ import annotations
 
@@ -16,21 +18,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-from anomalyvfm.adaptation.heads import AnomalyHeads
+from anomalyvfm.adaptation.heads import AnomalyHeads, head_scores
 from anomalyvfm.adaptation.lora import load_lora
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.detector.settings import Runtime, Settings
-from anomalyvfm.errors import UserInputError, failure
+from anomalyvfm.errors import NotFittedError, UserInputError, failure
 from anomalyvfm.features.backbone import Backbone, load_backbone
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
-from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.head.calibration import Calibration
+from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.prediction import Prediction
-from anomalyvfm.scoring.image_evidence import fuse_image_evidence
-from anomalyvfm.scoring.score_modes import RawScores, combine, head_scores, raw_scores
 from anomalyvfm.scoring.scorers import ImageBank, PatchScorer, make_scorer
-from anomalyvfm.scoring.views import ViewScores, fuse
 
 
 class Pipeline:
@@ -45,6 +45,7 @@ class Pipeline:
         self.image_bank: ImageBank | None = None  # training images' global embeddings (reference view)
         self.foreground_model: ForegroundModel | None = None
         self.heads: AnomalyHeads | None = None
+        self.head: ScoringHead | None = None  # everything after the backbone, built from the fitted parts
 
     def load_backbone(self, source: str | Path | None = None, adapter_dir: Path | None = None) -> Backbone:
         """Load the backbone (from `source`, default the settings' reference) and, if given, its LoRA adapter.
@@ -62,7 +63,7 @@ class Pipeline:
                  view: int = -1) -> Iterator[ImageFeatures | FailedImage]:
         """Patch features of each image at one view (default: the reference view), in order."""
         if self.backbone is None:
-            raise RuntimeError("no backbone loaded: call load_backbone() first")
+            raise NotFittedError("no backbone loaded: call load_backbone() first")
         image_size, tiling = self.settings.views()[view]
         return extract_features(self.backbone, images, image_size, self.runtime.batch_size, progress, tiling,
                                 self.runtime.max_aspect_ratio)
@@ -83,10 +84,26 @@ class Pipeline:
         return fitted
 
     def finalize_scorers(self) -> None:
-        """Turn the accumulated (or merged) streaming states into fitted scorers."""
+        """Turn the accumulated (or merged) streaming states into fitted scorers, and those into the head."""
         for part in [*self.scorers, self.foreground_model, self.image_bank]:
             if part:
                 part.finalize()
+        self.build_head()
+
+    def build_head(self) -> ScoringHead:
+        """The scoring head of the fitted parts: their state as float32 arrays, keyed `<part>.<name>`."""
+        parts = {f"view{i}": scorer.state_dict() for i, scorer in enumerate(self.scorers)}
+        if self.foreground_model is not None:
+            parts["foreground"] = self.foreground_model.state_dict()
+        if self.image_bank is not None:
+            parts["global"] = self.image_bank.state_dict()
+        arrays = {f"{part}.{key}": value.detach().cpu().float().numpy() for part, state in parts.items()
+                  for key, value in state.items()}
+        s, device = self.settings, self.runtime.device
+        config = HeadConfig(s.scorer, len(s.views()), len(s.layers), s.top_percent, s.sigma, s.image_evidence,
+                            s.binarize)
+        self.head = ScoringHead(config, arrays, "numpy" if device == "cpu" else "torch", device)
+        return self.head
 
     def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None, shard: int = 0) -> int:
         """Stream `images` into fresh, unfinalised scorers (and foreground model); return how many were used.
@@ -114,46 +131,27 @@ class Pipeline:
             fitted += 1
         return fitted
 
+    def _fitted_head(self) -> ScoringHead:
+        if self.head is None:
+            raise NotFittedError("detector is not fitted: call fit() or AnomalyDetector.load()")
+        return self.head
+
     def score_views(self, items: list[ImageFeatures]) -> ViewScores:
         """Patch scores of every view, the foreground mask and the head scores of one image's features."""
-        if not self.scorers:
-            raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
-        grids = [scorer.score(item.features.reshape(-1, item.features.shape[-1])).reshape(item.features.shape[:2])
-                 for scorer, item in zip(self.scorers, items)]
         ref = items[-1]
-        mask = self.foreground_model.mask(ref.features) if self.foreground_model else None
         head = head_scores(self.heads, ref.features) if self.heads is not None else None
-        distance = self.image_bank.score(ref.features) if self.image_bank is not None else None
-        return ViewScores(ref.source, grids, mask, ref.processed_shape, ref.image_shape, head, distance)
+        return self._fitted_head().score_views([item.features.numpy() for item in items], ref.source,
+                                               ref.processed_shape, ref.image_shape, head)
 
-    def raw(self, scored: ViewScores, calibration, evidence: str | None = None) -> RawScores:
-        """Views fused into one distance grid (with `calibration`'s view statistics), plus the head scores;
-        the image score from `evidence` (default the settings' `image_evidence`)."""
-        grid = fuse(scored, calibration.view_stats, calibration.suppress_background)
-        raw = raw_scores(grid, scored.head, self.settings.top_percent)
-        raw.distance_image = fuse_image_evidence(raw.distance_image, scored.global_distance, calibration.image_stats,
-                                                 evidence or self.settings.image_evidence)
-        return raw
-
-    def predict(self, images: Sequence[ImageLike], calibration, mode: str, decide: bool,
+    def predict(self, images: Sequence[ImageLike], calibration: Calibration, mode: str, decide: bool,
                 progress: str | None) -> Iterator[Prediction]:
         """A `Prediction` per image, in order, in score `mode`; unreadable images yield one with `error` set."""
-        thresholds = calibration.thresholds(mode)
+        head, thresholds = self._fitted_head(), calibration.thresholds(mode) if decide else None
         for items in self.view_features(images, progress):
             if isinstance(items, FailedImage):
                 yield Prediction(source=items.source, error=items.error)
                 continue
             try:
-                yield self._predict_one(items, calibration, mode, thresholds if decide else None)
+                yield head.judge(self.score_views(items), calibration, mode, thresholds)
             except Exception as exc:  # e.g. out of memory for one huge map: that image fails, the run goes on
                 yield Prediction(source=items[-1].source, error=failure(items[-1].source, exc))
-
-    def _predict_one(self, items: list[ImageFeatures], calibration, mode: str, thresholds) -> Prediction:
-        scored = self.score_views(items)
-        grid, score = combine(self.raw(scored, calibration), mode, calibration.head_stats)
-        amap = anomaly_map(grid, scored.processed_shape, scored.image_shape, self.settings.sigma)
-        pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
-        if thresholds is not None:
-            pred.is_anomalous = bool(pred.score > thresholds.image_threshold)
-            pred.mask = defect_mask(amap, thresholds.pixel_threshold, self.settings.binarize)
-        return pred

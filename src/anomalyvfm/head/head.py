@@ -1,0 +1,130 @@
+"""`ScoringHead`: each view's patch features → patch scores → fused grid → map → verdict and mask.
+
+The fitted state is a flat dict of float32 arrays (`state_dict`), keyed `<part>.<name>`: `view<i>.bank`
+(kNN) or `view<i>.mean` / `view<i>.whitener` (Mahalanobis) per view, `foreground.mean` /
+`foreground.component` / `foreground.threshold` when the model has a foreground model, and
+`global.embeddings` (the training images' global embeddings, for image evidence). The torch fit produces
+it (`detector.pipeline`), the model directory and the exported bundle store it; the head reads nothing else.
+
+The calibration (thresholds and validation statistics) is passed in, not held: it is fitted *through* the
+head (`detector.calibration.calibrate` scores validation images with it), and owned by the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from anomalyvfm.errors import NotFittedError
+from anomalyvfm.features.masks import foreground_mask
+from anomalyvfm.head.calibration import Calibration, Thresholds
+from anomalyvfm.head.scores import HeadLogits, RawScores, ViewScores, combine
+from anomalyvfm.head.search import BankSearch, make_search
+from anomalyvfm.maps.anomaly_maps import anomaly_map
+from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.prediction import Prediction
+from anomalyvfm.scoring.distances import fuse_views, mahalanobis_distance, suppress_background
+from anomalyvfm.scoring.image_evidence import fuse_image_evidence, global_distance, image_embedding
+from anomalyvfm.scoring.pooling import image_score
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The settings the head applies (a subset of `Settings`, so the runtime needs no torch to build one)."""
+
+    scorer: str  # "knn" | "mahalanobis"
+    views: int
+    blocks: int  # backbone blocks concatenated in each feature (for the global embedding)
+    top_percent: float = 1.0
+    sigma: float = 4.0
+    image_evidence: str = "patch"
+    binarize: str = "global"
+
+
+class ScoringHead:
+    """Everything after the backbone, for one fitted model; see the module docstring.
+
+    `search` picks the kNN backend (`head.search`): "numpy" (default), "torch" (with `device`, e.g. a GPU)
+    or "openvino"; all give the same distances.
+    """
+
+    def __init__(self, config: HeadConfig, arrays: Mapping[str, np.ndarray], search: str = "numpy",
+                 device: str = "cpu") -> None:
+        self.config = config
+        self._arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in arrays.items()}
+        missing = [key for key in self._required() if key not in self._arrays]
+        if missing:
+            raise NotFittedError(f"the fitted state has no {', '.join(missing)}")
+        self._search: list[BankSearch] = ([make_search(self._arrays[f"view{i}.bank"], search, device)
+                                           for i in range(config.views)] if config.scorer == "knn" else [])
+
+    def _required(self) -> list[str]:
+        names = ("bank",) if self.config.scorer == "knn" else ("mean", "whitener")
+        required = [f"view{i}.{name}" for i in range(self.config.views) for name in names]
+        return required + (["global.embeddings"] if self.config.image_evidence != "patch" else [])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The fitted arrays (a copy of the dict; the arrays themselves are shared and not to be written)."""
+        return dict(self._arrays)
+
+    @property
+    def has_foreground(self) -> bool:
+        return "foreground.mean" in self._arrays
+
+    @property
+    def has_global(self) -> bool:
+        return "global.embeddings" in self._arrays
+
+    # -- per image ------------------------------------------------------------------------------------
+    def score_views(self, features: Sequence[np.ndarray], source: str, processed_shape: tuple[int, int],
+                    image_shape: tuple[int, int], head: HeadLogits | None = None) -> ViewScores:
+        """Patch scores of every view's `(h, w, C)` features (finest last), the foreground mask and the global
+        distance of the reference (last) view; `head` carries a LoRA head's logits through."""
+        features = [np.asarray(f, np.float32) for f in features]
+        grids = [self._patch_scores(view, f).reshape(f.shape[:2]) for view, f in enumerate(features)]
+        ref, a = features[-1], self._arrays
+        mask = (foreground_mask(ref, a["foreground.mean"], a["foreground.component"], float(a["foreground.threshold"][0]))
+                if self.has_foreground else None)
+        distance = (global_distance(image_embedding(ref, self.config.blocks), a["global.embeddings"])
+                    if self.has_global else None)
+        return ViewScores(source, grids, mask, tuple(processed_shape), tuple(image_shape), head, distance)
+
+    def _patch_scores(self, view: int, features: np.ndarray) -> np.ndarray:
+        if self._search:
+            return self._search[view](features)
+        return mahalanobis_distance(features, self._arrays[f"view{view}.mean"], self._arrays[f"view{view}.whitener"])
+
+    def fuse(self, scored: ViewScores, calibration: Calibration, evidence: str | None = None) -> RawScores:
+        """Views fused into one distance grid (standardised by `calibration`'s view statistics, background
+        capped when its foreground decision says so); the image score from `evidence` (default the config's)."""
+        grid = scored.grids[-1]
+        if len(scored.grids) > 1:
+            grid = fuse_views(scored.grids, calibration.view_stats)
+        if calibration.suppress_background and scored.foreground is not None:
+            grid = suppress_background(grid, scored.foreground)
+        patch = image_score(grid, self.config.top_percent)
+        score = fuse_image_evidence(patch, scored.global_distance, calibration.image_stats,
+                                    evidence or self.config.image_evidence)
+        raw = RawScores(grid, score)
+        if scored.head is not None:
+            raw.head, raw.head_image = scored.head
+        return raw
+
+    def predict(self, features: Sequence[np.ndarray], source: str, processed_shape: tuple[int, int],
+                image_shape: tuple[int, int], calibration: Calibration, mode: str = "distance",
+                thresholds: Thresholds | None = None, head: HeadLogits | None = None) -> Prediction:
+        """The `Prediction` of one image in score `mode`; with `thresholds`, also its verdict and defect mask."""
+        scored = self.score_views(features, source, processed_shape, image_shape, head)
+        return self.judge(scored, calibration, mode, thresholds)
+
+    def judge(self, scored: ViewScores, calibration: Calibration, mode: str = "distance",
+              thresholds: Thresholds | None = None) -> Prediction:
+        """`predict` from an image's already scored views."""
+        grid, score = combine(self.fuse(scored, calibration), mode, calibration.head_stats)
+        amap = anomaly_map(grid, scored.processed_shape, scored.image_shape, self.config.sigma)
+        pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
+        if thresholds is not None:
+            pred.is_anomalous = bool(score > thresholds.image_threshold)
+            pred.mask = defect_mask(amap, thresholds.pixel_threshold, self.config.binarize)
+        return pred
