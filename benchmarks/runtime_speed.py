@@ -71,7 +71,8 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
         grids = []
         backbone = _timed(lambda: grids.extend(predictor._features([p])[0] for p in prepared))
         scores = []
-        scoring = _timed(lambda: scores.extend(predictor._score(len(predictor.views) - 1, g) for g in grids))
+        view = len(predictor.views) - 1
+        scoring = _timed(lambda: scores.extend(predictor.head.patch_scores(view, g).reshape(g.shape[:2]) for g in grids))
         shapes = [(p[0], rgb.shape[:2]) for p, rgb in zip(prepared, decoded)]
     else:  # torch detector: the backbone on the same pre-processed tensors
         import torch
@@ -89,8 +90,8 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
         with torch.inference_mode():
             backbone = _timed(lambda: grids.extend(pipe.backbone(t[None])[0] for t in tensors))
         scores = []
-        scoring = _timed(lambda: scores.extend(pipe.scorers[-1].score(g.reshape(-1, g.shape[-1])).reshape(g.shape[:2])
-                                               for g in grids))
+        view = len(pipe.settings.views()) - 1
+        scoring = _timed(lambda: scores.extend(pipe.head.patch_scores(view, g.numpy()).reshape(g.shape[:2]) for g in grids))
         shapes = [(tuple(t.shape[1:]), rgb.shape[:2]) for t, rgb in zip(tensors, decoded)]
     sigma = predictor.settings.sigma
     maps = _timed(lambda: [anomaly_map(s, p, i, sigma) for s, (p, i) in zip(scores, shapes)])

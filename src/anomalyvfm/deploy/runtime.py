@@ -139,7 +139,7 @@ class BundlePredictor:
         self.head_config = HeadConfig(c.scorer, len(self.views), len(self.manifest["backbone"]["layers"]),
                                       c.top_percent, c.sigma, c.image_evidence, c.binarize)
         self._engine: Engine | None = None
-        self._head: ScoringHead | None = None
+        self.head: ScoringHead | None = None
 
     def thresholds(self) -> Thresholds:
         """The exported score mode's thresholds and the validation statistics behind them."""
@@ -151,7 +151,7 @@ class BundlePredictor:
         if self._engine is None:
             self._engine = Engine(self.directory, self.manifest)
             search = "openvino" if self._engine.format == "openvino" else "numpy"
-            self._head = ScoringHead(self.head_config, self.arrays, search)
+            self.head = ScoringHead(self.head_config, self.arrays, search)
         return self._engine
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class BundlePredictor:
 
     def _finish(self, item: _Prepared, features: list[np.ndarray], decide: bool) -> Prediction:
         """Scores, fused map and verdict of one image from each view's features."""
-        return self._head.predict(features, item.source, item.views[-1][0], item.image_shape, self.calibration,
+        return self.head.predict(features, item.source, item.views[-1][0], item.image_shape, self.calibration,
                                   self.config.score, self.thresholds() if decide else None)
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",

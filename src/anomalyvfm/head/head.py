@@ -82,7 +82,7 @@ class ScoringHead:
         """Patch scores of every view's `(h, w, C)` features (finest last), the foreground mask and the global
         distance of the reference (last) view; `head` carries a LoRA head's logits through."""
         features = [np.asarray(f, np.float32) for f in features]
-        grids = [self._patch_scores(view, f).reshape(f.shape[:2]) for view, f in enumerate(features)]
+        grids = [self.patch_scores(view, f).reshape(f.shape[:2]) for view, f in enumerate(features)]
         ref, a = features[-1], self._arrays
         mask = (foreground_mask(ref, a["foreground.mean"], a["foreground.component"], float(a["foreground.threshold"][0]))
                 if self.has_foreground else None)
@@ -90,7 +90,8 @@ class ScoringHead:
                     if self.has_global else None)
         return ViewScores(source, grids, mask, tuple(processed_shape), tuple(image_shape), head, distance)
 
-    def _patch_scores(self, view: int, features: np.ndarray) -> np.ndarray:
+    def patch_scores(self, view: int, features: np.ndarray) -> np.ndarray:
+        """Flat patch scores of one view's features against that view's scorer."""
         if self._search:
             return self._search[view](features)
         return mahalanobis_distance(features, self._arrays[f"view{view}.mean"], self._arrays[f"view{view}.whitener"])
