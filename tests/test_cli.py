@@ -70,7 +70,7 @@ def test_user_mistakes_give_one_line_and_exit_2(argv, fragment, fitted_model, da
     bad_model = tmp_path / "badmodel"
     bad_model.mkdir()
     (bad_model / "config.json").write_text("{not json")
-    (bad_model / "scorer.safetensors").write_bytes(b"")
+    (bad_model / "head.safetensors").write_bytes(b"")
     values = {"missing": tmp_path / "missing", "data": data_root, "tmp": tmp_path, "model": fitted_model,
               "empty": tmp_path / "empty", "badmodel": bad_model}
     code, out, err = _run(capsys, [a.format(**values) for a in argv])

@@ -71,16 +71,15 @@ def test_setting_round_trips_and_old_directories_score_patch(fitted_model, backb
     # a directory written before image evidence: no setting, no statistics, no embeddings → "patch", same scores
     old = tmp_path / "old"
     old.mkdir()
-    for name in ("config.json", "scorer.safetensors"):
-        (old / name).write_bytes((fitted_model / name).read_bytes())
-    tensors = {k: v for k, v in load_file(str(old / "scorer.safetensors")).items() if not k.startswith("global.")}
-    save_file(tensors, str(old / "scorer.safetensors"))
+    (old / "config.json").write_bytes((fitted_model / "config.json").read_bytes())
+    tensors = {k: v for k, v in load_file(str(fitted_model / "head.safetensors")).items() if not k.startswith("global.")}
+    save_file(tensors, str(old / "head.safetensors"))
     config = json.loads((old / "config.json").read_text())
     del config["settings"]["image_evidence"], config["calibration"]["image_stats"]
-    config["files"] = {"scorer.safetensors": sha256(old / "scorer.safetensors")}
+    config["files"] = {"head.safetensors": sha256(old / "head.safetensors")}
     (old / "config.json").write_text(json.dumps(config))
     restored = AnomalyDetector.load(old)  # its backbone by the settings' reference
-    assert restored.settings.image_evidence == "patch" and restored.pipeline.image_bank is None
+    assert restored.settings.image_evidence == "patch" and not restored.pipeline.head.has_global
     assert [p.score for p in restored.predict(paths, progress=False)] == patch
 
     # claiming patch+global without the embeddings is one line, exit 2
@@ -89,4 +88,4 @@ def test_setting_round_trips_and_old_directories_score_patch(fitted_model, backb
     capsys.readouterr()
     code = main(["predict", "--model", str(old), str(paths[0]), "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err
-    assert code == 2 and "no global image embeddings" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and "no global.embeddings" in err and len(err.strip().splitlines()) == 1, err

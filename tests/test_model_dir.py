@@ -18,6 +18,7 @@ from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.demo import make_random_backbone
 from anomalyvfm.detector import model_dir
+from anomalyvfm.detector.pipeline import Pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -42,7 +43,7 @@ def test_format_1_directories_load_and_score_as_version_0_1_did(name, modes, bac
     assert AnomalyDetector.load(FIXTURES / name, backbone=backbone_dir).score_mode == modes[0]
 
 
-def test_format_1_is_written_back_as_format_2(backbone_dir, data_root, tmp_path, one_thread):
+def test_format_1_is_written_back_as_format_3(backbone_dir, data_root, tmp_path, one_thread):
     old = AnomalyDetector.load(FIXTURES / "lora_v1", backbone=backbone_dir)
     config = json.loads(old.save(tmp_path / "m").joinpath("config.json").read_text())
     assert config["format_version"] == model_dir.FORMAT_VERSION and config["settings"]["lora"]["crop_size"] == 56
@@ -89,8 +90,9 @@ def test_reference_only_directories_need_their_backbone(fitted_model, backbone_d
     assert stored.pipeline.backbone_source == str(fitted_model / model_dir.BACKBONE_DIR)
 
 
-@pytest.mark.parametrize("step", ["save_file", "_save_backbone", "_checksums", "_sync", "_swap_into_place"])
-def test_a_failure_at_any_step_leaves_the_old_model_intact(step, fitted_model, data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("owner, step", [(model_dir, "save_file"), (Pipeline, "_save_backbone"), (model_dir, "_checksums"),
+                                         (model_dir, "_sync"), (model_dir, "_swap_into_place")])
+def test_a_failure_at_any_step_leaves_the_old_model_intact(owner, step, fitted_model, data_root, tmp_path, monkeypatch):
     target = shutil.copytree(fitted_model, tmp_path / "model")
     paths = _test_paths(data_root)[:2]
     before = [p.score for p in AnomalyDetector.load(target).predict(paths, progress=False)]
@@ -99,7 +101,7 @@ def test_a_failure_at_any_step_leaves_the_old_model_intact(step, fitted_model, d
     def fail(*args, **kwargs):
         raise OSError(f"disk full during {step}")
 
-    monkeypatch.setattr(model_dir, step, fail)
+    monkeypatch.setattr(owner, step, fail)
     with pytest.raises(OSError, match="disk full"):
         detector.save(target)
     assert [p.score for p in AnomalyDetector.load(target).predict(paths, progress=False)] == before
@@ -124,7 +126,7 @@ def test_a_kill_between_steps_never_leaves_a_mix(fitted_model, tmp_path):
 
 def _damage(model: Path, case: str) -> None:
     config = json.loads((model / "config.json").read_text())
-    scorer = model / "scorer.safetensors"
+    scorer = model / model_dir.HEAD_FILE
     if case == "truncated scorer":
         scorer.write_bytes(scorer.read_bytes()[: scorer.stat().st_size // 2])
     elif case == "empty scorer":
@@ -144,9 +146,9 @@ def _damage(model: Path, case: str) -> None:
     elif case == "newer format":
         config["format_version"] = 99
     elif case == "swapped scorer (checksum)":
-        save_file({"mean": load_file(scorer)["bank"][0].contiguous(), "whitener": load_file(scorer)["bank"]}, str(scorer))
+        save_file({"view0.mean": load_file(scorer)["view0.bank"][0].contiguous(), "view0.whitener": load_file(scorer)["view0.bank"]}, str(scorer))
     elif case == "swapped scorer (no manifest)":
-        save_file({"mean": load_file(scorer)["bank"][0].contiguous()}, str(scorer))
+        save_file({"view0.mean": load_file(scorer)["view0.bank"][0].contiguous()}, str(scorer))
         del config["files"]
     elif case == "missing backbone weights":
         (model / "backbone" / "model.safetensors").unlink()
@@ -194,3 +196,22 @@ def test_an_unusable_out_fails_before_the_fit(kind, fragment, data_root, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
     assert out.is_file() or (out / "holiday.jpg").read_bytes() == b"not to be deleted"
+
+
+@pytest.mark.parametrize("name", ["knn_v2", "bundle_v1"])
+def test_format_2_models_and_earlier_bundles_score_as_they_did(name, backbone_dir, data_root, one_thread):
+    """Fixtures written by the code before format 3 (tests/fixtures/README.md) give the scores they gave then."""
+    expected = json.loads((FIXTURES / "expected_v2.json").read_text())[name]
+    if name == "bundle_v1":
+        pytest.importorskip("onnxruntime")
+        from anomalyvfm.deploy.load import load_predictor
+
+        predictor = load_predictor(FIXTURES / name)
+    else:
+        predictor = AnomalyDetector.load(FIXTURES / name, backbone=backbone_dir)
+    paths = _test_paths(data_root)
+    for path, pred in zip(paths, predictor.predict(paths, progress=False)):
+        score, map_sum, mask_pixels, anomalous = expected[f"{path.parent.name}/{path.name}"]
+        assert pred.score == pytest.approx(score, rel=1e-6)
+        assert float(pred.anomaly_map.sum(dtype=np.float64)) == pytest.approx(map_sum, rel=1e-6)
+        assert int(pred.mask.sum()) == mask_pixels and pred.is_anomalous == anomalous

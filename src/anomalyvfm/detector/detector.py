@@ -148,7 +148,9 @@ class AnomalyDetector:
         references the backbone (hub id or path), as models of anomalyvfm 0.1 did."""
         if self.pipeline.head is None:
             raise NotFittedError("nothing to save: detector is not fitted")
-        return model_dir.write(directory, self.pipeline, self._calibrated(), self.record, store_backbone)
+        stored = model_dir.StoredModel(Path(directory), self.settings, self._calibrated(), self.record,
+                                       self.pipeline.head.state_dict())
+        return model_dir.write(directory, stored, lambda folder: self.pipeline.save_parts(folder, store_backbone))
 
     @classmethod
     def load(cls, directory: str | Path, backbone: str | Path | None = None, **runtime: Any) -> "AnomalyDetector":
@@ -158,6 +160,6 @@ class AnomalyDetector:
         runtime = Runtime(**runtime)
         stored.calibration.thresholds(runtime.score)  # a mode this model was not fitted for fails here, in one line
         detector = cls(stored.settings, runtime)
-        detector.pipeline = model_dir.restore(stored, detector.runtime, backbone)
+        detector.pipeline = Pipeline.restore(stored, detector.runtime, backbone)
         detector.calibration, detector.record = stored.calibration, stored.record
         return detector

@@ -1,18 +1,23 @@
-"""The model directory: the one module that reads and writes a fitted detector's files.
+"""The model directory: the one module that reads and writes a fitted model's files (torch-free).
 
-    config.json          format version, settings, calibration, fit record, sha256 of every other file
-    scorer.safetensors   fitted tensors: view 0's scorer unprefixed, `view<i>.` further views, `foreground.`,
-                         `global.` (training images' embeddings; absent in models older than image evidence)
+    config.json          format version, settings, calibration, fit record, backbone forms, sha256 of every other file
+    head.safetensors     the scoring head's arrays (`head.head`): `view<i>.bank` or `view<i>.mean`/`whitener`,
+                         `foreground.*`, `global.embeddings`
     backbone/            the backbone blocks the detector uses (transformers layout), unless saved by reference
+    openvino-bf16/, onnx-fp32/ …   exported backbone graphs (`anomalyvfm export`), one folder per form
     adapter/, heads.safetensors   LoRA adapter (peft) and anomaly heads of an adapted detector
+
+A model is one format whatever runs it: the torch detector reads `backbone/`, the torch-free runtime a graph
+form, and both score with the same head arrays, settings and calibration read here.
 
 Writing is atomic: the directory is built in a temporary sibling and swapped into place in one rename,
 so a crash or kill at any step leaves either the old model or the new one, never a mix. Reading checks
 the format version, every setting's type and range, unknown keys and each file's checksum, and turns
 every problem into one `UserInputError` line naming the directory.
 
-Format 1 (anomalyvfm 0.1, a flat `config.json` with thresholds copied per mode and no checksums) is
-still read; it is converted on load and written back as format 2.
+Formats 1 (anomalyvfm 0.1, a flat `config.json` with thresholds copied per mode and no checksums) and 2
+(`scorer.safetensors` with view 0 unprefixed, no forms) are still read, and written back as format 3.
+Bundles of the earlier separate format (manifest.json + scorer.npz) are read by `deploy.bundle`.
 """
 from __future__ import annotations
 
@@ -23,25 +28,22 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.checksums import sha256
 from anomalyvfm.declare import from_dict, to_dict
-from anomalyvfm.detector.pipeline import Pipeline
-from anomalyvfm.detector.settings import Runtime, Settings
+from anomalyvfm.detector.settings import Settings
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.features.foreground import ForegroundModel
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.scoring.scorers import ImageBank, make_scorer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
-SCORER_FILE = "scorer.safetensors"
+HEAD_FILE = "head.safetensors"
+SCORER_FILE = "scorer.safetensors"  # format 2's name for the head's arrays
 BACKBONE_DIR = "backbone"
 ADAPTER_DIR = "adapter"
 HEADS_FILE = "heads.safetensors"
@@ -66,7 +68,8 @@ class StoredModel:
     settings: Settings
     calibration: Calibration
     record: FitRecord
-    state: dict[str, dict[str, torch.Tensor]]  # scorer tensors by part ("", "view1", "foreground")
+    head: dict[str, np.ndarray]  # the scoring head's arrays, keyed `<part>.<name>`
+    forms: dict[str, dict[str, Any]] = field(default_factory=dict)  # exported backbone graphs, by folder name
 
     @property
     def backbone_dir(self) -> Path | None:
@@ -85,9 +88,13 @@ def check_writable(directory: str | Path) -> Path:
     return directory
 
 
-def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, record: FitRecord,
-          store_backbone: bool = True) -> Path:
-    """Write a fitted detector to `directory` atomically (see module doc); return the directory."""
+def write(directory: str | Path, stored: StoredModel, write_parts: Callable[[Path], None] | None = None,
+          copy_from: Path | None = None) -> Path:
+    """Write a model to `directory` atomically (see module doc); return the directory.
+
+    `write_parts(folder)` adds what only torch can write (backbone weights, LoRA adapter and heads);
+    `copy_from` first copies every other file of a model directory (a model gaining a backbone form).
+    """
     directory = check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -95,47 +102,21 @@ def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, r
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model should be as readable as any new folder
     try:
-        save_file(_scorer_state(pipeline), str(tmp / SCORER_FILE))
-        if store_backbone:
-            _save_backbone(pipeline, tmp / BACKBONE_DIR)
-        if pipeline.settings.lora is not None:
-            pipeline.adapter.save_pretrained(str(tmp / ADAPTER_DIR))
-            pipeline.heads.save(tmp / HEADS_FILE)
-        config = {"format_version": FORMAT_VERSION, "settings": to_dict(pipeline.settings),
-                  "calibration": calibration.to_dict(), "record": asdict(record), "files": _checksums(tmp)}
+        if copy_from is not None:
+            shutil.copytree(copy_from, tmp, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(CONFIG_FILE, SCORER_FILE, HEAD_FILE))
+        save_file({key: np.ascontiguousarray(value) for key, value in stored.head.items()}, str(tmp / HEAD_FILE))
+        if write_parts is not None:
+            write_parts(tmp)
+        config = {"format_version": FORMAT_VERSION, "settings": to_dict(stored.settings),
+                  "calibration": stored.calibration.to_dict(), "record": asdict(stored.record),
+                  "forms": stored.forms, "files": _checksums(tmp)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         _sync(tmp)
         _swap_into_place(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap this is the old model; after a failure, the new one
     return directory
-
-
-def _scorer_state(pipeline: Pipeline) -> dict[str, torch.Tensor]:
-    parts = {f"view{i}" if i else "": scorer.state_dict() for i, scorer in enumerate(pipeline.scorers)}
-    if pipeline.foreground_model:
-        parts["foreground"] = pipeline.foreground_model.state_dict()
-    if pipeline.image_bank is not None:
-        parts["global"] = pipeline.image_bank.state_dict()
-    return {f"{part}.{key}" if part else key: v.contiguous() for part, state in parts.items() for key, v in state.items()}
-
-
-def _save_backbone(pipeline: Pipeline, out: Path) -> None:
-    """The pretrained blocks up to the deepest one used, re-read from where the backbone came from.
-
-    Re-reading (rather than saving the loaded module) keeps LoRA weights out of the base weights: an
-    adapted detector stores its adapter beside them, exactly as it is trained.
-    """
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(pipeline.backbone_source)
-    depth = max(pipeline.settings.layers)
-    model.encoder.layer = model.encoder.layer[:depth]
-    config = model.config.to_dict()
-    for derived in ("out_features", "out_indices", "stage_names"):  # recomputed from the depth
-        config.pop(derived, None)
-    model.config = type(model.config)(**{**config, "num_hidden_layers": depth})
-    model.save_pretrained(str(out))
 
 
 def _checksums(directory: Path) -> dict[str, str]:
@@ -176,9 +157,9 @@ def _swap_into_place(new: Path, target: Path) -> None:
 def read(directory: str | Path) -> StoredModel:
     """Read and check a model directory; every problem is one `UserInputError` line naming it."""
     directory = Path(directory)
-    config_path, scorer_path = directory / CONFIG_FILE, directory / SCORER_FILE
-    if not config_path.is_file() or not scorer_path.is_file():
-        raise UserInputError(f"{directory}: not a model directory (needs {CONFIG_FILE} and {SCORER_FILE})")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserInputError(f"{directory}: not a model directory (needs {CONFIG_FILE})")
     try:
         raw = json.loads(config_path.read_text())
     except (ValueError, OSError) as exc:
@@ -191,9 +172,9 @@ def read(directory: str | Path) -> StoredModel:
     if version > FORMAT_VERSION:
         raise UserInputError(f"{directory}: written by a newer anomalyvfm (model format {version}; this one reads up "
                              f"to {FORMAT_VERSION}): upgrade with pip install -U anomalyvfm")
-    config = raw if version == FORMAT_VERSION else _from_format_1(raw, config_path)
+    config = _from_format_1(raw, config_path) if version == 1 else raw
     try:
-        unknown = sorted(set(config) - {"format_version", "settings", "calibration", "record", "files"})
+        unknown = sorted(set(config) - {"format_version", "settings", "calibration", "record", "forms", "files"})
         if unknown:
             raise UserInputError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
         settings = from_dict(Settings, config["settings"], "settings")
@@ -203,16 +184,23 @@ def read(directory: str | Path) -> StoredModel:
         raise UserInputError(f"{config_path}: missing {exc}") from None
     except (UserInputError, TypeError) as exc:
         raise UserInputError(f"{config_path}: {exc}") from None
+    forms = config.get("forms", {})
+    if not isinstance(forms, dict) or not all(isinstance(f, dict) for f in forms.values()):
+        raise UserInputError(f"{config_path}: 'forms' must map folder names to their descriptions")
     _verify(directory, config.get("files"))
+    head_path = directory / (HEAD_FILE if version >= 3 else SCORER_FILE)
     try:
-        tensors = load_file(str(scorer_path))
-    except Exception as exc:  # the safetensors parser raises its own error types for damaged files
-        raise UserInputError(f"{scorer_path}: unreadable ({str(exc).splitlines()[0][:160]})") from None
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        part, _, name = key.rpartition(".")
-        state.setdefault(part, {})[name] = value
-    return StoredModel(directory, settings, calibration, record, state)
+        arrays = load_file(str(head_path))
+    except Exception as exc:  # a missing file, or the safetensors parser's own error types for damaged ones
+        raise UserInputError(f"{head_path}: unreadable ({str(exc).splitlines()[0][:160]})") from None
+    if version < 3:  # format 2 kept view 0's scorer unprefixed
+        arrays = {key if "." in key else f"view0.{key}": value for key, value in arrays.items()}
+    if settings.layers:  # (format 1 may leave them to the backbone's defaults)
+        missing = [key for key in settings.head_config().required_arrays() if key not in arrays]
+        if missing:
+            raise UserInputError(f"{head_path}: no {', '.join(missing)} for this model's settings; it does not "
+                                 f"belong to this {CONFIG_FILE}")
+    return StoredModel(directory, settings, calibration, record, arrays, forms)
 
 
 def _verify(directory: Path, files: Any) -> None:
@@ -233,7 +221,7 @@ _V1_RUNTIME = ("device", "batch_size", "precision")  # how a model ran; no longe
 
 
 def _from_format_1(raw: dict[str, Any], where: Path) -> dict[str, Any]:
-    """A format-1 (flat) config as format 2."""
+    """A format-1 (flat) config in format 2's shape (format 3 without forms)."""
     raw = dict(raw)
     setting_names = {f.name for f in fields(Settings)}
     record_keys = {"train_images": "train_images", "lora_record": "lora", "auto_choice": "auto_choice",
@@ -254,39 +242,3 @@ def _from_format_1(raw: dict[str, Any], where: Path) -> dict[str, Any]:
                    "view_stats": raw.get("view_stats", []), "foreground": raw.get("foreground_stats", {})}
     record = {new: raw[old] for old, new in record_keys.items() if old in raw}
     return {"format_version": 1, "settings": settings, "calibration": calibration, "record": record}
-
-
-def restore(stored: StoredModel, runtime: Runtime, backbone: str | Path | None = None) -> Pipeline:
-    """A pipeline with the stored parts loaded; the backbone from the directory, else `backbone`, else the
-    settings' reference (models saved by reference)."""
-    settings = stored.settings
-    pipeline = Pipeline(settings, runtime)
-    for i in range(len(settings.views())):
-        part = f"view{i}" if i else ""
-        scorer = make_scorer(settings.scorer, settings.coreset_ratio, settings.max_bank_candidates, settings.seed,
-                             settings.memory_bank)
-        try:
-            scorer.load_state_dict(stored.state[part])
-        except KeyError as exc:
-            raise UserInputError(f"{stored.directory / SCORER_FILE}: no {settings.scorer} scorer for view {i} "
-                                 f"(missing {exc}); it does not belong to this config.json") from None
-        pipeline.scorers.append(scorer)
-    if settings.foreground != "off":
-        pipeline.foreground_model = ForegroundModel()
-        try:
-            pipeline.foreground_model.load_state_dict(stored.state["foreground"])
-        except KeyError as exc:
-            raise UserInputError(f"{stored.directory / SCORER_FILE}: foreground model missing ({exc})") from None
-    if "global" in stored.state:  # models written before image evidence have none: they score "patch"
-        pipeline.image_bank = ImageBank(len(settings.layers))
-        pipeline.image_bank.load_state_dict(stored.state["global"])
-    elif settings.image_evidence != "patch":
-        raise UserInputError(f"{stored.directory / SCORER_FILE}: no global image embeddings for image_evidence "
-                             f"'{settings.image_evidence}'; it does not belong to this config.json")
-    adapter_dir = None
-    if settings.lora is not None:
-        pipeline.heads = AnomalyHeads.load(stored.directory / HEADS_FILE)
-        adapter_dir = stored.directory / ADAPTER_DIR
-    pipeline.load_backbone(stored.backbone_dir or backbone, adapter_dir)
-    pipeline.build_head()
-    return pipeline

@@ -21,13 +21,15 @@ import torch
 from anomalyvfm.adaptation.heads import AnomalyHeads, head_scores
 from anomalyvfm.adaptation.lora import load_lora
 from anomalyvfm.data.images import ImageLike
+from anomalyvfm.detector import model_dir
+from anomalyvfm.detector.model_dir import StoredModel
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError, failure
 from anomalyvfm.features.backbone import Backbone, load_backbone
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.scorers import ImageBank, PatchScorer, make_scorer
@@ -46,6 +48,45 @@ class Pipeline:
         self.foreground_model: ForegroundModel | None = None
         self.heads: AnomalyHeads | None = None
         self.head: ScoringHead | None = None  # everything after the backbone, built from the fitted parts
+
+    @classmethod
+    def restore(cls, stored: StoredModel, runtime: Runtime, backbone: str | Path | None = None) -> "Pipeline":
+        """A fitted pipeline from a read model directory: its head from the stored arrays, the backbone from the
+        directory, else `backbone`, else the settings' reference (models saved by reference)."""
+        pipeline = cls(stored.settings, runtime)
+        adapter_dir = None
+        if stored.settings.lora is not None:
+            pipeline.heads = AnomalyHeads.load(stored.directory / model_dir.HEADS_FILE)
+            adapter_dir = stored.directory / model_dir.ADAPTER_DIR
+        pipeline.load_backbone(stored.backbone_dir or backbone, adapter_dir)
+        pipeline.head = ScoringHead(pipeline.settings.head_config(), stored.head, *pipeline.search())
+        return pipeline
+
+    def save_parts(self, folder: Path, store_backbone: bool) -> None:
+        """Write what only torch can into a model directory being written (`model_dir.write`)."""
+        if store_backbone:
+            self._save_backbone(folder / model_dir.BACKBONE_DIR)
+        if self.settings.lora is not None:
+            self.adapter.save_pretrained(str(folder / model_dir.ADAPTER_DIR))
+            self.heads.save(folder / model_dir.HEADS_FILE)
+
+    def _save_backbone(self, out: Path) -> None:
+        """The pretrained blocks up to the deepest one used, re-read from where the backbone came from.
+
+        Re-reading (rather than saving the loaded module) keeps LoRA weights out of the base weights: an
+        adapted detector stores its adapter beside them, exactly as it is trained.
+        """
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.backbone_source)
+        depth = max(self.settings.layers)
+        model.encoder.layer = model.encoder.layer[:depth]
+        config = model.config.to_dict()
+        for derived in ("out_features", "out_indices", "stage_names"):  # recomputed from the depth
+            config.pop(derived, None)
+        model.config = type(model.config)(**{**config, "num_hidden_layers": depth})
+        model.save_pretrained(str(out))
+
 
     def load_backbone(self, source: str | Path | None = None, adapter_dir: Path | None = None) -> Backbone:
         """Load the backbone (from `source`, default the settings' reference) and, if given, its LoRA adapter.
@@ -99,11 +140,13 @@ class Pipeline:
             parts["global"] = self.image_bank.state_dict()
         arrays = {f"{part}.{key}": value.detach().cpu().float().numpy() for part, state in parts.items()
                   for key, value in state.items()}
-        s, device = self.settings, self.runtime.device
-        config = HeadConfig(s.scorer, len(s.views()), len(s.layers), s.top_percent, s.sigma, s.image_evidence,
-                            s.binarize)
-        self.head = ScoringHead(config, arrays, "numpy" if device == "cpu" else "torch", device)
+        self.head = ScoringHead(self.settings.head_config(), arrays, *self.search())
         return self.head
+
+    def search(self) -> tuple[str, str]:
+        """The kNN backend and its device: numpy on the CPU, torch where the backbone runs on a GPU."""
+        device = self.runtime.device
+        return ("numpy" if device == "cpu" else "torch"), device
 
     def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None, shard: int = 0) -> int:
         """Stream `images` into fresh, unfinalised scorers (and foreground model); return how many were used.

@@ -15,6 +15,7 @@ from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
+from anomalyvfm.head.head import HeadConfig
 from anomalyvfm.maps.binarize import BINARIZATIONS
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
 from anomalyvfm.scoring.names import IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, SCORERS
@@ -96,6 +97,11 @@ class Settings:
             name = self.threshold_rule or ("sigma" if rate is None else "gpd")
             rules[level] = make_rule(name, self.threshold_sigma, default if rate is None else rate, self.threshold_margin)
         return rules
+
+    def head_config(self) -> HeadConfig:
+        """What the scoring head applies of these settings (the layers must be resolved: fitted or loaded)."""
+        return HeadConfig(self.scorer, len(self.views()), len(self.layers), self.top_percent, self.sigma,
+                          self.image_evidence, self.binarize)
 
     def view_summary(self) -> str:
         if self.tile_size:

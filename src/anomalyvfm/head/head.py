@@ -41,6 +41,13 @@ class HeadConfig:
     image_evidence: str = "patch"
     binarize: str = "global"
 
+    def required_arrays(self) -> list[str]:
+        """The fitted arrays a head of this config reads (foreground and global embeddings are optional
+        unless the image evidence needs them: models from before those parts score without them)."""
+        names = ("bank",) if self.scorer == "knn" else ("mean", "whitener")
+        required = [f"view{i}.{name}" for i in range(self.views) for name in names]
+        return required + (["global.embeddings"] if self.image_evidence != "patch" else [])
+
 
 class ScoringHead:
     """Everything after the backbone, for one fitted model; see the module docstring.
@@ -53,16 +60,11 @@ class ScoringHead:
                  device: str = "cpu") -> None:
         self.config = config
         self._arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in arrays.items()}
-        missing = [key for key in self._required() if key not in self._arrays]
+        missing = [key for key in config.required_arrays() if key not in self._arrays]
         if missing:
             raise NotFittedError(f"the fitted state has no {', '.join(missing)}")
         self._search: list[BankSearch] = ([make_search(self._arrays[f"view{i}.bank"], search, device)
                                            for i in range(config.views)] if config.scorer == "knn" else [])
-
-    def _required(self) -> list[str]:
-        names = ("bank",) if self.config.scorer == "knn" else ("mean", "whitener")
-        required = [f"view{i}.{name}" for i in range(self.config.views) for name in names]
-        return required + (["global.embeddings"] if self.config.image_evidence != "patch" else [])
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The fitted arrays (a copy of the dict; the arrays themselves are shared and not to be written)."""
