@@ -1,6 +1,6 @@
 """Does LoRA adaptation beat frozen DINOv2 features? One command for the whole table (issue 15).
 
-Every variant is fitted with the library's own code (`evaluation.benchmark.fit_category`: train split,
+Every variant is fitted with the library's own code (`detector.fit.fit_category`: train split,
 thresholds from validation) and scored on `--split` (test_public) with `evaluation.evaluate`, for each
 category and seed:
 
@@ -36,7 +36,7 @@ from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.data import load_dataset
 from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE
 from anomalyvfm.detector.settings import Runtime, Settings
-from anomalyvfm.evaluation.benchmark import Variant, fit_category
+from anomalyvfm.detector.fit import Variant, fit_category
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 
 CATEGORIES = ("magnetic_tile", "bottle", "kolektor", "ball_screw_drive")

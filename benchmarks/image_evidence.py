@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ def run_category(data: str, category: str, backbone: str, max_train: int | None)
     start = time.perf_counter()
     choice = choose_image_evidence(pipeline, patch_cal, validation, detector.settings.seed)
     choice_seconds = time.perf_counter() - start
-    pipeline.settings = replace(pipeline.settings, image_evidence="patch+global")
+    pipeline.configure(image_evidence="patch+global")
     fused_cal = calibrate(pipeline, validation, "distance", False)
     test = dataset.split("test_public")
     start = time.perf_counter()
@@ -56,7 +55,7 @@ def run_category(data: str, category: str, backbone: str, max_train: int | None)
         if isinstance(items, FailedImage):
             raise SystemExit(items.error)
         scored = pipeline.score_views(items)
-        raw = pipeline.raw(scored, patch_cal, "patch")
+        raw = pipeline.head.fuse(scored, patch_cal, "patch")
         amap = anomaly_map(raw.distance, scored.processed_shape, scored.image_shape, pipeline.settings.sigma)
         patch.append(raw.distance_image)
         distance.append(scored.global_distance)

@@ -45,7 +45,7 @@ def run_one(data: str, category: str, backbone: str, bank: str, max_train: int |
     result = M.evaluate_arrays(np.array([s.label for s in test]), np.array(scores), masks, maps,
                                t.image_threshold, t.pixel_threshold)
     return {"category": category, "bank": bank, **{k: round(result[k], 4) for k in KEYS},
-            "bank_rows": len(detector.pipeline.scorers[0].bank), "train_images": len(train),
+            "bank_rows": len(detector.pipeline.head.state_dict()["view0.bank"]), "train_images": len(train),
             "fit_seconds": round(fit_seconds, 1),
             "peak_rss_mb": round(peak_rss_mb())}
 

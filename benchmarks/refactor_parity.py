@@ -34,7 +34,7 @@ def _predict(predictor, images: list[str]) -> dict[str, np.ndarray]:
 
 
 def record(out: Path) -> None:
-    from anomalyvfm.deploy.export import export_bundle
+    from anomalyvfm.deploy.export import export_model
     from anomalyvfm.deploy.load import load_predictor
     from anomalyvfm.demo import make_demo_dataset, make_random_backbone
     from anomalyvfm.detector.detector import AnomalyDetector
@@ -46,7 +46,7 @@ def record(out: Path) -> None:
         detector = AnomalyDetector(backbone=str(backbone), image_size=112, **options)
         detector.fit(split("train"), split("validation"), progress=False)
         detector.save(out / name / "model")
-        export_bundle(detector, out / name / "bundle", format="onnx", precision="fp32")
+        export_model(out / name / "model", "onnx", "fp32", out=out / name / "bundle")
         for form in FORMS:
             np.savez(out / name / f"{form}.npz", **_predict(load_predictor(out / name / form), split("test_public")))
     (out / "images.json").write_text(json.dumps(split("test_public")))

@@ -37,7 +37,7 @@ def worker(variant: str, model: str, images: list[str]) -> dict:
     from anomalyvfm.deploy.load import load_predictor
     from anomalyvfm.evaluation.evaluate import peak_rss_mb
 
-    predictor = load_predictor(model)  # a bundle compiles its graph in the warm-up call below
+    predictor = load_predictor(model, backend=variant.split("-")[0])  # a graph compiles in the warm-up call below
     autocast = contextlib.nullcontext()
     if variant == "torch-bf16":
         import torch
@@ -49,8 +49,8 @@ def worker(variant: str, model: str, images: list[str]) -> dict:
         stages = _stages(predictor, images)
     result = {"variant": variant, "images": len(images), "seconds": total, "images_per_s": len(images) / total,
               "peak_rss_mb": peak_rss_mb(), **stages}
-    if (Path(model) / "manifest.json").is_file():
-        result["bundle_mb"] = sum(p.stat().st_size for p in Path(model).iterdir()) / 2**20
+    if not variant.startswith("torch"):
+        result["bundle_mb"] = sum(p.stat().st_size for p in (Path(model) / variant).iterdir()) / 2**20
     return result
 
 
@@ -61,7 +61,7 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
 
     decoded = []
     decode = _timed(lambda: decoded.extend(load_rgb(p) for p in images))
-    if hasattr(predictor, "manifest"):  # exported bundle
+    if hasattr(predictor, "form"):  # an exported backbone form
         from anomalyvfm.deploy.runtime import view_crops
 
         patch = predictor.load_engine().patch_size
@@ -103,17 +103,15 @@ VARIANTS = ("torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "openv
 
 def export_all(model: str, data: str, category: str | None, folder: Path, names: list[str]) -> dict[str, str]:
     """Export `model` to every bundle variant among `names` (`FORMAT-PRECISION`) under `folder`."""
-    from anomalyvfm import AnomalyDetector
     from anomalyvfm.data import load_dataset
-    from anomalyvfm.deploy.export import export_bundle
+    from anomalyvfm.deploy.export import export_model
 
-    detector = AnomalyDetector.load(model, device="cpu")
     calibration = [s.path for s in load_dataset(data, category).split("validation")][:64]
     out = {}
     for name in names:
         fmt, precision = name.split("-")
         if fmt != "torch":
-            out[name] = str(export_bundle(detector, folder / name, fmt, precision, calibration))
+            out[name] = str(export_model(model, fmt, precision, calibration, folder / name)[0])
     return out
 
 

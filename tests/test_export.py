@@ -1,4 +1,4 @@
-"""Exported bundles (`anomalyvfm.deploy`): parity with the torch model, the torch-free runtime, bad input.
+"""Exported backbone forms (`anomalyvfm.deploy`): parity with the torch model, the torch-free runtime, bad input.
 
 The engines are real (OpenVINO, ONNX Runtime, NNCF); tests skip only where those extras are not installed.
 """
@@ -20,9 +20,10 @@ from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
 from anomalyvfm.data.resample import block_means, resize
 from anomalyvfm.deploy import runtime
-from anomalyvfm.deploy.bundle import MANIFEST, SCORER, read_manifest
-from anomalyvfm.deploy.export import export_bundle
+from anomalyvfm.deploy.bundle import MANIFEST
+from anomalyvfm.deploy.export import export_model
 from anomalyvfm.deploy.load import load_predictor
+from anomalyvfm.detector import model_dir
 
 pytest.importorskip("openvino", reason="export tests need the [openvino] extra: pip install 'anomalyvfm[openvino]'")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,12 +58,12 @@ def torch_predictions(fitted_model, data_root):
 
 @pytest.fixture(scope="module")
 def bundles(fitted_model, data_root, tmp_path_factory):
-    """The fitted model exported in every format and precision (int8 calibrated on its own good images)."""
+    """Line-PC copies of the fitted model, one per format and precision (int8 calibrated on its own good images)."""
     if not all(_has(m) for m in ("onnx", "onnxruntime", "nncf")):
         pytest.skip("needs the [onnx] and [openvino] extras (onnx, onnxruntime, nncf)")
     root = tmp_path_factory.mktemp("bundles")
     detector = AnomalyDetector.load(fitted_model)
-    return {(fmt, prec): export_bundle(detector, root / f"{fmt}-{prec}", fmt, prec, _calibration(data_root))
+    return {(fmt, prec): export_model(fitted_model, fmt, prec, _calibration(data_root), root / f"{fmt}-{prec}")[0]
             for fmt, prec in COMBOS}
 
 
@@ -79,7 +80,7 @@ def test_every_format_and_precision_matches_the_torch_model(bundles, torch_predi
     if precision == "bf16" and "BF16" not in runtime.cpu_capabilities():
         pytest.skip("this CPU has no bf16 units (OpenVINO reports no BF16): a bf16 bundle is refused here, "
                     "which test_precision_the_cpu_cannot_run_is_one_line checks")
-    preds = load_predictor(bundles[fmt, precision]).predict(_images(data_root), progress=False)
+    preds = load_predictor(bundles[fmt, precision], backend=fmt).predict(_images(data_root), progress=False)
     diff = _differences(preds, torch_predictions)
     if precision == "fp32":  # the same arithmetic up to kernel summation order
         assert diff["map"] <= 1e-3 and diff["score"] <= 1e-3, diff
@@ -106,8 +107,8 @@ def test_views_tiles_scorers_and_lora_export_at_fp32_parity(extra, backbone_dir,
                  "--image-size", "112", "--out", str(model), *extra]) == 0
     detector = AnomalyDetector.load(model)
     expected = detector.predict(_images(data_root), progress=False)
-    bundle = export_bundle(detector, tmp_path / "bundle")
-    diff = _differences(load_predictor(bundle).predict(_images(data_root), progress=False), expected)
+    bundle, _ = export_model(model, out=tmp_path / "bundle")
+    diff = _differences(load_predictor(bundle, backend="openvino").predict(_images(data_root), progress=False), expected)
     assert diff["map"] <= 1e-3 and diff["score"] <= 1e-3, diff
 
 
@@ -152,7 +153,8 @@ def test_cli_export_then_predict_evaluate_and_submission(fitted_model, data_root
     assert main(["export", "--model", str(fitted_model), "--out", str(bundle), "--format", "onnx",
                  "--data", str(data_root), "--category", "demo", "--calibration-images", "8"]) == 0
     assert "onnx int8 (auto)" in capsys.readouterr().out
-    assert read_manifest(bundle)["precision"] == "int8"
+    copy = model_dir.read(bundle)
+    assert list(copy.forms) == ["onnx-int8"] and copy.backbone_dir is None  # no torch weights on the line PC
     for model, out in ((fitted_model, tmp_path / "torch"), (bundle, tmp_path / "bundle_out")):
         assert main(["predict", "--model", str(model), str(data_root / "demo" / "test_public" / "bad"),
                      "--out", str(out)]) == 0
@@ -168,21 +170,37 @@ def test_cli_export_then_predict_evaluate_and_submission(fitted_model, data_root
 
 
 def _break(bundle: Path, how: str) -> str:
-    """Damage a copy of a bundle; return the text the error line must contain."""
+    """Damage a copy of a model with a graph form; return the text the error line must contain."""
     if how == "missing":
-        (bundle / SCORER).unlink()
-        return f"{bundle / SCORER}: missing"
+        (bundle / model_dir.HEAD_FILE).unlink()
+        return f"{bundle / model_dir.HEAD_FILE}: missing"
     if how == "corrupt":
-        data = bytearray((bundle / "backbone.bin").read_bytes())
+        graph = bundle / "openvino-fp32" / "backbone.bin"
+        data = bytearray(graph.read_bytes())
         data[len(data) // 2] ^= 0xFF
-        (bundle / "backbone.bin").write_bytes(bytes(data))
-        return f"{bundle / 'backbone.bin'}: corrupt"
+        graph.write_bytes(bytes(data))
+        return f"{graph}: checksum mismatch"
     if how == "newer":
-        manifest = json.loads((bundle / MANIFEST).read_text())
-        (bundle / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
-        return "bundle format 99 is newer"
-    (bundle / MANIFEST).write_text("{not json")
-    return f"{bundle / MANIFEST}: unreadable"
+        config = json.loads((bundle / "config.json").read_text())
+        (bundle / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+        return "newer anomalyvfm"
+    (bundle / "config.json").write_text("{not json")
+    return f"{bundle}: unreadable model directory"
+
+
+@pytest.mark.parametrize("files", [{}, "scorer.npz only"])
+def test_an_earlier_bundle_must_list_every_file_it_reads(files, tmp_path, capsys):
+    """A manifest stripped of its checksums would let garbage reach the engine: refused in one line."""
+    import shutil
+
+    bundle = Path(shutil.copytree(Path(__file__).parent / "fixtures" / "bundle_v1", tmp_path / "bundle"))
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"] = {} if files == {} else {"scorer.npz": manifest["files"]["scorer.npz"]}
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    (bundle / "backbone.onnx").write_bytes(b"garbage")
+    code = main(["predict", "--model", str(bundle), str(bundle / MANIFEST), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "lists no checksum for" in err and "backbone.onnx" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("how", ["missing", "corrupt", "newer", "garbled"])
@@ -199,7 +217,7 @@ def test_bad_bundles_are_one_line_exit_2(how, bundles, data_root, tmp_path, caps
 def test_precision_the_cpu_cannot_run_is_one_line(bundles, data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "cpu_capabilities", lambda: ["FP32"])  # an older CPU: no BF16 or INT8
     code = main(["predict", "--model", str(bundles["openvino", "bf16"]), str(_images(data_root)[0]),
-                 "--out", str(tmp_path / "out")])
+                 "--out", str(tmp_path / "out"), "--runtime", "openvino"])
     err = capsys.readouterr().err
     assert code == 2 and "this CPU cannot run bf16" in err and len(err.strip().splitlines()) == 1, err
 
@@ -207,7 +225,6 @@ def test_precision_the_cpu_cannot_run_is_one_line(bundles, data_root, tmp_path, 
 @pytest.mark.parametrize("argv,fragment", [
     (["--format", "onnx", "--precision", "bf16"], "needs --format openvino"),
     (["--precision", "int8"], "needs calibration images"),
-    (["--score", "head"], "no 'head' scores"),
 ])
 def test_export_refusals_leave_nothing_behind(argv, fragment, fitted_model, tmp_path, capsys):
     code = main(["export", "--model", str(fitted_model), "--out", str(tmp_path / "bundle"), *argv])
@@ -246,7 +263,7 @@ def test_block_means_match_torch_adaptive_pooling(shape, size):
 def test_auto_precision_is_bf16_where_the_cpu_has_it(fitted_model, tmp_path, capsys):
     assert main(["export", "--model", str(fitted_model), "--out", str(tmp_path / "bundle")]) == 0
     expected = "bf16" if "BF16" in runtime.cpu_capabilities() else "fp32"  # no calibration images: no int8
-    assert read_manifest(tmp_path / "bundle")["precision"] == expected
+    assert list(model_dir.read(tmp_path / "bundle").forms) == [f"openvino-{expected}"]
     assert f"openvino {expected} (auto)" in capsys.readouterr().out
 
 

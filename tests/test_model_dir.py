@@ -18,7 +18,7 @@ from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_dataset
 from anomalyvfm.demo import make_random_backbone
 from anomalyvfm.detector import model_dir
-from anomalyvfm.detector.pipeline import Pipeline
+from anomalyvfm.detector import pipeline as pipeline_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -90,7 +90,7 @@ def test_reference_only_directories_need_their_backbone(fitted_model, backbone_d
     assert stored.pipeline.backbone_source == str(fitted_model / model_dir.BACKBONE_DIR)
 
 
-@pytest.mark.parametrize("owner, step", [(model_dir, "save_file"), (Pipeline, "_save_backbone"), (model_dir, "_checksums"),
+@pytest.mark.parametrize("owner, step", [(model_dir, "save_file"), (pipeline_module, "save_blocks"), (model_dir, "_checksums"),
                                          (model_dir, "_sync"), (model_dir, "_swap_into_place")])
 def test_a_failure_at_any_step_leaves_the_old_model_intact(owner, step, fitted_model, data_root, tmp_path, monkeypatch):
     target = shutil.copytree(fitted_model, tmp_path / "model")
@@ -150,6 +150,9 @@ def _damage(model: Path, case: str) -> None:
     elif case == "swapped scorer (no manifest)":
         save_file({"view0.mean": load_file(scorer)["view0.bank"][0].contiguous()}, str(scorer))
         del config["files"]
+    elif case == "empty file list":
+        config["files"] = {}
+        scorer.write_bytes(b"garbage")
     elif case == "missing backbone weights":
         (model / "backbone" / "model.safetensors").unlink()
     if case not in ("config is a list",):
@@ -158,9 +161,10 @@ def _damage(model: Path, case: str) -> None:
 
 CASES = ["truncated scorer", "empty scorer", "random scorer", "config is a list", "image_size is text",
          "negative sigma", "missing threshold", "unknown key", "newer format", "swapped scorer (checksum)",
-         "swapped scorer (no manifest)", "missing backbone weights"]
+         "swapped scorer (no manifest)", "empty file list", "missing backbone weights"]
 FRAGMENTS = {"newer format": "upgrade", "unknown key": "sigmaa", "negative sigma": "sigma must be at least 0",
-             "image_size is text": "image_size must be int", "missing backbone weights": "missing"}
+             "image_size is text": "image_size must be int", "missing backbone weights": "missing",
+             "empty file list": "lists no checksum for head.safetensors"}
 
 
 @pytest.mark.parametrize("case", CASES)

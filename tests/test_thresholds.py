@@ -1,7 +1,6 @@
 """Threshold rules from defect-free scores: each against a brute-force or closed-form reference."""
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -116,7 +115,7 @@ def test_rule_and_evidence_are_stored_in_the_model(fitted_model, data_root, tmp_
     detector = AnomalyDetector.load(fitted_model)
     assert detector.thresholds().evidence["pixel"]["rule"] == "sigma"
     validation = sorted((data_root / "demo" / "validation" / "good").iterdir())
-    detector.pipeline.settings = replace(detector.settings, threshold_rule="max", false_alarm_rate=0.01)
+    detector.pipeline.configure(threshold_rule="max", false_alarm_rate=0.01)
     detector.calibration = calibrate(detector.pipeline, validation, "distance", progress=False)
     t = detector.thresholds()
     assert t.evidence["image"]["validation_false_alarms"] == 0 and t.evidence["image"]["rule"] == "max"
@@ -162,14 +161,14 @@ def test_defect_mask_methods_and_pooled_mask_f1() -> None:
 def test_mebin_masks_are_a_stored_setting_used_by_predict_evaluate_and_bundles(fitted_model, data_root, tmp_path,
                                                                               one_thread) -> None:
     from anomalyvfm.data import load_dataset, load_mask
-    from anomalyvfm.deploy.export import export_bundle
-    from anomalyvfm.deploy.runtime import BundlePredictor
+    from anomalyvfm.deploy.export import export_model
+    from anomalyvfm.deploy.load import load_predictor
     from anomalyvfm.evaluation import metrics as M
     from anomalyvfm.evaluation.evaluate import evaluate
     from anomalyvfm.maps.binarize import adaptive_mask
 
     detector = AnomalyDetector.load(fitted_model)
-    detector.pipeline.settings = replace(detector.settings, binarize="mebin")
+    detector.pipeline.configure(binarize="mebin")
     detector.save(tmp_path / "m")
     detector = AnomalyDetector.load(tmp_path / "m")
     assert detector.settings.binarize == "mebin"
@@ -186,7 +185,7 @@ def test_mebin_masks_are_a_stored_setting_used_by_predict_evaluate_and_bundles(f
     maps16 = [p.anomaly_map.astype(np.float16) for p in preds]  # evaluate keeps float16 maps
     expected = M.seg_f1_masks(truths, (adaptive_mask(m, threshold) for m in maps16))
     assert metrics["seg_f1"] == pytest.approx(expected)
-    bundle = BundlePredictor(export_bundle(detector, tmp_path / "bundle"))
+    bundle = load_predictor(export_model(tmp_path / "m", out=tmp_path / "bundle")[0], backend="openvino")
     assert bundle.settings.binarize == "mebin"
     for b, t in zip(bundle.predict([s.path for s in samples], progress=False), preds):
         assert np.array_equal(b.mask, adaptive_mask(b.anomaly_map, threshold))

@@ -75,7 +75,7 @@ def test_foreground_auto_on_objects_off_on_textures(backbone_dir, data_root):
     detector.fit(objects[:7], objects[7:9], progress=False)
     stats = detector.calibration.foreground
     assert stats["active"] and stats["centre"] > 0.9 and stats["border"] < 0.1 and stats["separability"] > 0.75
-    mask = detector.pipeline.foreground_model.mask(next(detector.features(objects[9:])).features)
+    mask = detector.pipeline.score_views(next(detector.pipeline.view_features(objects[9:], None))).foreground
     assert mask[3:5, 4:6].all() and not mask[0].any() and not mask[:, 0].any()  # the part, not the background
     spot = objects[9].copy()
     spot[5:20, 5:20] = 150  # smooth clutter on the background, not a defect of the part

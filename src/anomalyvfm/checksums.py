@@ -1,9 +1,12 @@
-"""File checksums for the manifests of model directories and exported bundles (a damaged or swapped file
+"""File checksums for the manifests of model directories and earlier bundles (a damaged or swapped file
 must fail to load, not score wrongly)."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
+
+from anomalyvfm.errors import UserInputError
 
 
 def sha256(path: Path) -> str:
@@ -13,3 +16,20 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def verify(directory: Path, files: Any, required: list[str], manifest: Path) -> None:
+    """Every file `manifest` lists (`files`: name → SHA-256) exists under `directory` with its checksum, and it
+    lists the `required` ones — every file the loader reads — so a manifest stripped of its list cannot switch
+    the checks off. Each problem is one `UserInputError` naming the file."""
+    if not isinstance(files, dict):
+        raise UserInputError(f"{manifest}: 'files' must map file names to checksums")
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise UserInputError(f"{manifest}: lists no checksum for {', '.join(unlisted)}")
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise UserInputError(f"{path}: missing (copy the whole folder again)")
+        if sha256(path) != digest:
+            raise UserInputError(f"{path}: checksum mismatch (the file is damaged or was replaced)")

@@ -110,10 +110,7 @@ def normalise(obj: Any) -> None:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """JSON-ready dict of a settings dataclass (tuples as lists, nested settings as dicts); a plain namespace
-    (an exported bundle's settings) as its attributes."""
-    if not dataclasses.is_dataclass(obj):
-        return dict(vars(obj))
+    """JSON-ready dict of a settings dataclass (tuples as lists, nested settings as dicts)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):

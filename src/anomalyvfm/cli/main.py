@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from anomalyvfm.detector.detector import AnomalyDetector
-    from anomalyvfm.evaluation.benchmark import Variant
+    from anomalyvfm.detector.fit import Variant
 
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
 from anomalyvfm.data import LAYOUTS, IMAGE_SUFFIXES, evenly_spaced, list_images, load_dataset, load_rgb
 from anomalyvfm.declare import SettingError
-from anomalyvfm.deploy.bundle import AUTO, EXPORT_PRECISIONS, FORMATS as BUNDLE_FORMATS, read_manifest
+from anomalyvfm.deploy.bundle import AUTO, EXPORT_PRECISIONS, FORMATS as BUNDLE_FORMATS
 from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
                                         predict_on_ray_command)
@@ -46,7 +46,7 @@ def load_model(args: argparse.Namespace) -> AnomalyDetector:
 
 def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
     """The fit options of a command (or of one benchmark variant) as a `Variant`, validated."""
-    from anomalyvfm.evaluation.benchmark import Variant
+    from anomalyvfm.detector.fit import Variant
 
     return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images)
 
@@ -61,7 +61,7 @@ def output_folder(path: str) -> Path:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
-    from anomalyvfm.evaluation.benchmark import fit_category
+    from anomalyvfm.detector.fit import fit_category
 
     check_writable(args.out)
     if args.engine == "ray":
@@ -250,21 +250,18 @@ def cmd_export_submission(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from anomalyvfm.deploy.export import export_bundle
+    from anomalyvfm.deploy.export import export_model
 
-    from anomalyvfm.detector.detector import AnomalyDetector
-
-    detector = AnomalyDetector.load(args.model, device="cpu", score=args.score)
     calibration = []
     if args.data:  # the model's own good images: validation first, then evenly spaced training images
         dataset = load_dataset(args.data, args.category, args.layout)
         calibration = [s.path for s in dataset.split("validation")]
         calibration += evenly_spaced([s.path for s in dataset.split("train")], max(0, args.calibration_images - len(calibration)))
         calibration = calibration[: args.calibration_images]
-    out = export_bundle(detector, args.out, args.format, args.precision, calibration)
-    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    precision = read_manifest(out, verify=False)["precision"]
-    print(f"exported {out} ({args.format} {precision}{' (auto)' if args.precision == AUTO else ''}, {size:.1f} MB"
+    out, form = export_model(args.model, args.format, args.precision, calibration, args.out)
+    size = sum(p.stat().st_size for p in (out / form).iterdir()) / 2**20
+    precision = form.split("-")[1]
+    print(f"exported {out / form} ({args.format} {precision}{' (auto)' if args.precision == AUTO else ''}, {size:.1f} MB"
           + (f", int8 calibrated on {len(calibration)} good images" if precision == "int8" else "") + ")")
     return 0
 
@@ -348,9 +345,10 @@ def _add_export_submission(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    exp = sub.add_parser("export", help="write an inference bundle (OpenVINO / ONNX) that runs without torch")
+    exp = sub.add_parser("export", help="add an OpenVINO / ONNX form of the backbone to a model: it then runs without torch")
     exp.add_argument("--model", required=True, help="model directory written by fit")
-    exp.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    exp.add_argument("--out", help="write a copy for a line PC here instead (the model without its torch weights, "
+                                   "plus the form; must not exist); default: add the form to --model")
     exp.add_argument("--format", choices=BUNDLE_FORMATS, default="openvino", help="engine (default openvino)")
     exp.add_argument("--precision", choices=EXPORT_PRECISIONS, default=AUTO,
                      help="fp32, bf16 (OpenVINO on AMX/AVX-512 BF16 CPUs), int8 (NNCF, needs --data) or auto (default): "
@@ -359,7 +357,6 @@ def _add_export(sub) -> None:
     _dataset_options(exp, required=False)
     exp.add_argument("--calibration-images", type=int, default=64, help="good images for int8 calibration "
                      "(validation first, then evenly spaced training images; default 64)")
-    exp.add_argument("--score", choices=SCORE_MODES, help="score mode to export (only distance is exportable)")
     exp.set_defaults(func=cmd_export)
 
 

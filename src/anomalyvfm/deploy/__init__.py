@@ -1,2 +1,2 @@
-"""Deployment: export a fitted detector to an inference bundle (`export`, needs torch) and run bundles
-without torch (`runtime`); `load_predictor` opens either a bundle or a model directory."""
+"""Deployment: export a model's backbone to a graph form (`export`, needs torch), run graph forms without
+torch (`runtime`); `load_predictor` opens a model directory with the backend asked for (or an earlier bundle)."""

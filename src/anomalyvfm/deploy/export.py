@@ -1,15 +1,15 @@
-"""Export a fitted `AnomalyDetector` to an inference bundle (format: `bundle`), runnable without torch.
+"""Export a model's backbone to a graph form (`bundle`) in its model directory, runnable without torch.
 
 * The graph is the backbone's `patch_features` with ImageNet normalisation in front: dynamic batch,
   height and width, so one graph serves every image shape and every view (short sides, tiles).
-* The scorer stays outside the graph, as arrays (`scorer.npz`), chosen by measuring on magnetic_tile
+* The head stays outside the graph, as the model's arrays (`head.safetensors`), chosen by measuring on magnetic_tile
   (ViT-S/14, 448 px, 9280-entry bank): the kNN product in the backbone graph would run at the graph's
   precision, and bf16 similarities (≈ 0.9–1.0, 3 significant digits) are too coarse for distances of
   ~0.05–0.3. Instead the runtime searches the bank in its own small OpenVINO graph — a bf16 shortlist
-  re-ranked exactly in fp32 (`runtime.BankSearch`): 2x faster than numpy's fp32 product (0.49 → 0.24 s
+  re-ranked exactly in fp32 (`head.search.OpenVinoSearch`): 2x faster than numpy's fp32 product (0.49 → 0.24 s
   per image under load), distances within 2e-6 relative. Mahalanobis is one 768x768 product: numpy.
 * A LoRA-adapted backbone is exported with the adapter merged into its weights (peft `merge_and_unload`
-  on a copy), so the bundle needs neither peft nor the adapter files; head/fusion score modes need the
+  on a copy), so the form needs neither peft nor the adapter files; head/fusion score modes need the
   torch heads and are refused.
 * `bf16` is the fp32 graph compiled with OpenVINO's bf16 inference precision (AMX/AVX-512 BF16 CPUs);
   `int8` is NNCF post-training quantisation calibrated on the images given (the model's own train or
@@ -19,16 +19,14 @@
   against 394 ms int8 — AMX runs bf16 matrix products faster than NNCF's int8 graph with its
   (de)quantisation steps): bf16 for OpenVINO on a CPU with bf16 units, else int8 when NNCF is installed
   and calibration images are given (int8 units are far more common than bf16 ones), else fp32.
-* The bundle is written to a temporary sibling folder and renamed into place: an interrupted or failed
-  export leaves nothing at `out`.
+* The model directory is rewritten atomically with the new form (`model_dir.write`): an interrupted or
+  failed export leaves the model as it was.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
-import shutil
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,9 +36,9 @@ from torch import nn
 
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from anomalyvfm.deploy.bundle import AUTO, FORMAT_VERSION, FORMATS, GRAPH_FILES, MANIFEST, PRECISIONS, SCORER, sha256
-from anomalyvfm.declare import to_dict
+from anomalyvfm.deploy.bundle import AUTO, FORMATS, GRAPH_FILES, PRECISIONS, form_name
 from anomalyvfm.deploy.runtime import view_crops
+from anomalyvfm.detector import model_dir
 from anomalyvfm.errors import ImageReadError, NotFittedError, UserInputError
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.head.search import cpu_capabilities
@@ -60,19 +58,6 @@ class FeatureGraph(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone.patch_features((pixels - self.mean) / self.std)
-
-
-def _settings(detector) -> dict:
-    """Everything the runtime needs, JSON-ready: the settings, the runtime options, the thresholds and
-    statistics of the exported score mode, and the fit record (for the model card)."""
-    c, t = detector.calibration, detector.thresholds()
-    return json.loads(json.dumps({
-        **to_dict(detector.settings), **to_dict(detector.runtime), "score": detector.score_mode,
-        "image_threshold": t.image_threshold, "pixel_threshold": t.pixel_threshold,
-        "validation_stats": t.validation_stats, "evidence": t.evidence, "view_stats": c.view_stats, "foreground_stats": c.foreground,
-        "image_stats": c.image_stats,
-        "train_images": detector.record.train_images, "fitted_at": detector.record.fitted_at,
-        "version": detector.record.package_version}))
 
 
 def _graph_backbone(detector) -> Backbone:
@@ -104,9 +89,6 @@ def _check_exportable(detector, fmt: str, precision: str) -> None:
         raise UserInputError("--precision bf16 needs --format openvino (ONNX Runtime has no bf16 CPU kernels for it)")
     if detector.pipeline.head is None:
         raise NotFittedError("cannot export an unfitted detector")
-    if detector.score_mode != "distance":
-        raise UserInputError(f"cannot export score mode '{detector.score_mode}': the LoRA heads are not exported; "
-                             "export with --score distance")
 
 
 def _calibration(images: Sequence[ImageLike], settings, patch: int) -> list[np.ndarray]:
@@ -152,46 +134,46 @@ def _write_onnx(graph: FeatureGraph, example: torch.Tensor, precision: str, cali
         onnx.save(model, str(path))
 
 
-def export_bundle(detector, out: str | Path, format: str = "openvino", precision: str = "fp32",
-                  calibration_images: Sequence[ImageLike] = ()) -> Path:
-    """Write `detector` as an inference bundle at `out` (see `bundle`); return `out`.
+def export_model(model: str | Path, format: str = "openvino", precision: str = "fp32",
+                 calibration_images: Sequence[ImageLike] = (), out: str | Path | None = None) -> tuple[Path, str]:
+    """Add a backbone form (`format`-`precision`, see `bundle`) to the model directory `model`; with `out`,
+    write a copy for a line PC instead: the model without its torch files (backbone weights, LoRA adapter and
+    heads), plus the form. Return the directory written and the form's name.
 
     `calibration_images` (good images the model was fitted or validated on) are required for int8;
-    `precision="auto"` picks one (`resolve_precision`); the manifest records the one written.
+    `precision="auto"` picks one (`resolve_precision`). Only the backbone is converted: the head's arrays,
+    settings and calibration stay as the model has them. Written atomically (`model_dir.write`).
     """
+    from anomalyvfm.detector.detector import AnomalyDetector
+
     precision = resolve_precision(precision, format, bool(calibration_images))
+    stored = model_dir.read(model)
+    detector = AnomalyDetector.from_stored(stored, device="cpu")
     _check_exportable(detector, format, precision)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"{out}: already exists; export to a new folder")
+    target = Path(out) if out is not None else stored.directory
+    if out is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserInputError(f"{target}: already exists; export to a new folder")
     backbone = _graph_backbone(detector)
     calibration = _calibration(calibration_images, detector.settings, backbone.patch_size) if precision == "int8" else []
     if precision == "int8" and not calibration:
         raise UserInputError("--precision int8 needs calibration images: the model's train or validation good images")
     side = detector.settings.image_size // backbone.patch_size * backbone.patch_size
     example = torch.from_numpy(calibration[0]) if calibration else torch.rand(1, 3, side, side)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        graph_path = tmp / GRAPH_FILES[format][0]
+    form = form_name(format, precision)
+
+    def write_graph(folder: Path) -> None:
+        (folder / form).mkdir()
         with torch.inference_mode(False), torch.no_grad():
             writer = _write_openvino if format == "openvino" else _write_onnx
-            writer(FeatureGraph(backbone).eval(), example, precision, calibration, graph_path)
-        np.savez(tmp / SCORER, **detector.pipeline.head.state_dict())
-        manifest = {
-            "format_version": FORMAT_VERSION, "format": format, "precision": precision,
-            "exported_with": __version__, "calibration_samples": len(calibration),
-            "backbone": {"patch_size": backbone.patch_size, "hidden_size": backbone.hidden_size,
-                         "layers": list(backbone.layers), "feature_dim": backbone.feature_dim},
-            "config": _settings(detector),
-            "files": {p.name: sha256(p) for p in sorted(tmp.iterdir())},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # an empty folder the user made for it
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            writer(FeatureGraph(backbone).eval(), example, precision, calibration, folder / form / GRAPH_FILES[format][0])
 
+    description = {"format": format, "precision": precision, "exported_with": __version__,
+                   "calibration_samples": len(calibration),
+                   "backbone": {"patch_size": backbone.patch_size, "hidden_size": backbone.hidden_size,
+                                "layers": list(backbone.layers), "feature_dim": backbone.feature_dim}}
+    torch_files = (model_dir.BACKBONE_DIR, model_dir.ADAPTER_DIR, model_dir.HEADS_FILE) if out is not None else ()
+    updated = replace(stored, forms={**stored.forms, form: description})
+    if target.exists() and out is not None:
+        target.rmdir()  # an empty folder the user made for it
+    model_dir.write(target, updated, write_graph, copy_from=stored.directory, leave_out=(form, *torch_files))
+    return target, form

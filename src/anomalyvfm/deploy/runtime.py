@@ -1,6 +1,6 @@
-"""Run an inference bundle without torch: OpenVINO or ONNX Runtime for the backbone, numpy for the rest.
+"""Run a model without torch: OpenVINO or ONNX Runtime for the backbone (a graph form), numpy for the rest.
 
-`BundlePredictor` has the surface the CLI, the evaluation and the service use on `AnomalyDetector`:
+`GraphPredictor` has the surface the CLI, the evaluation and the service use on `AnomalyDetector`:
 `predict_iter(images, progress, decide)` → `Prediction`, `settings` and the thresholds (`prediction.Predictor`).
 Pre-processing is `data.transforms`, and everything after the backbone is the `head.ScoringHead` the
 torch pipeline itself scores with, so the only difference from the fitted model is the engine's arithmetic.
@@ -15,32 +15,25 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import resized_unit
-from anomalyvfm.deploy.bundle import GRAPH_FILES, SCORER, read_manifest
+from anomalyvfm.deploy.bundle import GRAPH_FILES
+from anomalyvfm.detector.model_dir import StoredModel
+from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.errors import ImageReadError, UserInputError
 from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_size
-from anomalyvfm.head.calibration import Calibration, Thresholds
-from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.head.calibration import Thresholds
+from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.head.search import cpu_capabilities
 from anomalyvfm.prediction import Prediction
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantised ops int8, the rest f32
 CPU_NEEDS = {"bf16": "BF16", "int8": "INT8"}  # OpenVINO CPU optimisation capability each precision needs
-# config keys added after the first bundles were exported, with what those bundles did
-BUNDLE_DEFAULTS = {"evidence": {}, "image_evidence": "patch", "image_stats": {}, "binarize": "global"}
-
-
-def views(config: SimpleNamespace) -> list[tuple[int, Tiling | None]]:
-    """(image_size, tiling) of each view, coarsest first (as `DetectorConfig.views`)."""
-    if config.tile_size:
-        return [(config.image_size, Tiling(config.tile_size, config.tile_overlap, config.tile_scale))]
-    return [(size, None) for size in sorted(config.scales or (config.image_size,))]
 
 
 def view_crops(image: np.ndarray, image_size: int, tiling: Tiling | None, patch: int):
@@ -52,17 +45,17 @@ def view_crops(image: np.ndarray, image_size: int, tiling: Tiling | None, patch:
 class Engine:
     """The compiled backbone graph: `(B, 3, H, W)` [0, 1] images → `(B, h*w, C)` patch features."""
 
-    def __init__(self, directory: Path, manifest: dict) -> None:
-        geometry = manifest["backbone"]
+    def __init__(self, directory: Path, form: dict) -> None:
+        geometry = form["backbone"]
         self.patch_size, self.hidden_size = int(geometry["patch_size"]), int(geometry["hidden_size"])
         self.feature_dim = int(geometry["feature_dim"])
-        self.format, self.precision = manifest["format"], manifest["precision"]
+        self.format, self.precision = form["format"], form["precision"]
         graph = directory / GRAPH_FILES[self.format][0]
         try:
             self._run = self._openvino(graph) if self.format == "openvino" else self._onnx(graph)
         except ImportError as exc:
             extra = "openvino" if self.format == "openvino" else "onnx"
-            raise UserInputError(f"{directory}: running a {self.format} bundle needs {exc.name}: "
+            raise UserInputError(f"{directory}: running a {self.format} graph needs {exc.name}: "
                                  f"pip install 'anomalyvfm[{extra}]'") from None
         except RuntimeError as exc:  # the engines' own "cannot read/compile this graph"
             raise UserInputError(f"{graph}: the engine cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
@@ -101,43 +94,23 @@ class _Prepared:
     views: list  # per view: (processed shape, [(top, left, crop)])
 
 
-class BundlePredictor:
-    """A fitted detector loaded from an inference bundle; see the module docstring."""
+class GraphPredictor:
+    """A fitted model whose backbone runs as an exported graph (a form of a model directory, or an earlier
+    bundle); see the module docstring. `runtime` holds `Runtime` options (batch size, score, device …)."""
 
-    def __init__(self, directory: str | Path, batch_size: int | None = None, score: str | None = None,
-                 device: str = "cpu", max_aspect_ratio: float | None = None) -> None:
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        self.config = SimpleNamespace(**{**BUNDLE_DEFAULTS, **self.manifest["config"]})
-        if batch_size is not None:
-            if batch_size < 1:
-                raise UserInputError(f"--batch-size must be at least 1, got {batch_size}")
-            self.config.batch_size = batch_size
-        if score not in (None, self.config.score):
-            raise UserInputError(f"{self.directory}: an exported bundle scores '{self.config.score}' only "
-                                 f"(asked for '{score}')")
-        if device != "cpu":
-            raise UserInputError(f"{self.directory}: an exported bundle runs on the CPU (asked for device '{device}')")
-        self.config.precision = self.manifest["precision"]
-        if max_aspect_ratio is not None:
-            self.config.max_aspect_ratio = max_aspect_ratio
-        # The surface `AnomalyDetector` offers to front ends (service, evaluate, the web page), read-only here.
-        self.settings = self.runtime = self.config
-        self.record = SimpleNamespace(train_images=self.config.train_images, fitted_at=self.config.fitted_at,
-                                      package_version=self.config.version)
-        self.score_mode = self.config.score
-        try:
-            with np.load(self.directory / SCORER, allow_pickle=False) as arrays:
-                self.arrays = {key: arrays[key] for key in arrays.files}
-        except (OSError, ValueError) as exc:
-            raise UserInputError(f"{self.directory / SCORER}: unreadable scorer arrays ({exc})") from None
-        self.views = views(self.config)
-        c = self.config
-        self.calibration = Calibration(c.score, {c.score: Thresholds(c.image_threshold, c.pixel_threshold,
-                                                                     c.validation_stats, c.evidence)},
-                                       view_stats=c.view_stats, foreground=c.foreground_stats, image_stats=c.image_stats)
-        self.head_config = HeadConfig(c.scorer, len(self.views), len(self.manifest["backbone"]["layers"]),
-                                      c.top_percent, c.sigma, c.image_evidence, c.binarize)
+    def __init__(self, stored: StoredModel, graph_dir: Path, form: dict, **runtime: Any) -> None:
+        self.directory, self.form = Path(graph_dir), form
+        self.runtime = Runtime(**runtime)
+        self.settings, self.record, self.calibration = stored.settings, stored.record, stored.calibration
+        self.score_mode = self.runtime.score or self.calibration.mode
+        if self.score_mode != "distance":
+            raise UserInputError(f"{self.directory}: an exported backbone scores 'distance' only (the LoRA heads are "
+                                 f"not exported; asked for '{self.score_mode}'): use --score distance or --runtime torch")
+        if self.runtime.device != "cpu":
+            raise UserInputError(f"{self.directory}: an exported backbone runs on the CPU "
+                                 f"(asked for device '{self.runtime.device}')")
+        self.arrays = stored.head
+        self.views = self.settings.views()
         self._engine: Engine | None = None
         self.head: ScoringHead | None = None
 
@@ -147,11 +120,11 @@ class BundlePredictor:
 
     def load_engine(self) -> Engine:
         """The compiled graph, compiled (seconds) on the first call, with the scoring head (its kNN search
-        compiled on OpenVINO for OpenVINO bundles); later calls return it."""
+        compiled on OpenVINO for OpenVINO graphs); later calls return it."""
         if self._engine is None:
-            self._engine = Engine(self.directory, self.manifest)
+            self._engine = Engine(self.directory, self.form)
             search = "openvino" if self._engine.format == "openvino" else "numpy"
-            self.head = ScoringHead(self.head_config, self.arrays, search)
+            self.head = ScoringHead(self.settings.head_config(), self.arrays, search)
         return self._engine
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -159,10 +132,10 @@ class BundlePredictor:
         index, image = indexed
         source = describe(image, index)
         try:
-            rgb = load_rgb(image, max_aspect=None if self.config.tile_size else self.config.max_aspect_ratio)
+            rgb = load_rgb(image, max_aspect=None if self.settings.tile_size else self.runtime.max_aspect_ratio)
         except ImageReadError as exc:
             return source, str(exc)
-        patch = self.manifest["backbone"]["patch_size"]
+        patch = self.form["backbone"]["patch_size"]
         return _Prepared(source, rgb.shape[:2], [view_crops(rgb, size, tiling, patch) for size, tiling in self.views])
 
     def _features(self, views: list[tuple[tuple[int, int], list]]) -> list[np.ndarray]:
@@ -177,8 +150,8 @@ class BundlePredictor:
             for top, left, crop in pieces:
                 by_shape[crop.shape].append((index, top // patch, left // patch, crop))
         for jobs in by_shape.values():
-            for start in range(0, len(jobs), self.config.batch_size):
-                chunk = jobs[start : start + self.config.batch_size]
+            for start in range(0, len(jobs), self.runtime.batch_size):
+                chunk = jobs[start : start + self.runtime.batch_size]
                 out = engine(np.stack([crop for *_, crop in chunk]))
                 for (index, top, left, crop), feats in zip(chunk, out):
                     h, w = crop.shape[1] // patch, crop.shape[2] // patch
@@ -197,7 +170,7 @@ class BundlePredictor:
     def _finish(self, item: _Prepared, features: list[np.ndarray], decide: bool) -> Prediction:
         """Scores, fused map and verdict of one image from each view's features."""
         return self.head.predict(features, item.source, item.views[-1][0], item.image_shape, self.calibration,
-                                  self.config.score, self.thresholds() if decide else None)
+                                 self.score_mode, self.thresholds() if decide else None)
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:
@@ -223,7 +196,7 @@ class BundlePredictor:
                 yield Prediction(source=item[0], error=item[1])
                 continue
             pending.append(item)
-            if len(pending) >= self.config.batch_size:
+            if len(pending) >= self.runtime.batch_size:
                 yield from flush()
         yield from flush()
         bar.close()

@@ -36,14 +36,15 @@ def calibrate(pipeline, images: Sequence[ImageLike], mode: str, progress: bool) 
             raise UserInputError(f"validation image unreadable: {items.error}")
         scored.append(pipeline.score_views(items))
     calibration = Calibration(mode, {}, view_stats=view_statistics(scored))
-    if pipeline.foreground_model:
-        stats = mask_stats(pipeline.foreground_model, [torch.from_numpy(item.foreground) for item in scored])
+    head = pipeline.head
+    if head.has_foreground:
+        stats = mask_stats(head.separability, [torch.from_numpy(item.foreground) for item in scored])
         active = pipeline.settings.foreground == "on" or looks_like_object(stats)
         calibration.foreground = {**stats, "active": active}
-    if pipeline.image_bank is not None:  # before any fused image score: those are standardised by it
-        patch = [pipeline.head.fuse(item, calibration, "patch").distance_image for item in scored]
+    if head.has_global:  # before any fused image score: those are standardised by it
+        patch = [head.fuse(item, calibration, "patch").distance_image for item in scored]
         calibration.image_stats = evidence_stats(patch, [item.global_distance for item in scored])
-    raws = [pipeline.head.fuse(item, calibration) for item in scored]
+    raws = [head.fuse(item, calibration) for item in scored]
     shapes = [(item.processed_shape, item.image_shape) for item in scored]
     if pipeline.heads is not None:
         calibration.head_stats = standardisation_stats(raws)

@@ -21,7 +21,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.calibration import calibrate
-from anomalyvfm.detector.pipeline import Pipeline
+from anomalyvfm.detector.pipeline import Accumulator, Pipeline, local_accumulator
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
@@ -35,10 +35,12 @@ __all__ = ["AnomalyDetector", "Prediction"]
 class AnomalyDetector:
     """Fit on good images, then score new ones: `AnomalyDetector(backbone=DIR).fit(paths).predict(paths)`.
 
-    Keyword options are any `Settings` or `Runtime` field (`image_size=448`, `scorer="knn"`, `batch_size=4`).
+    Keyword options are any `Settings` or `Runtime` field (`image_size=448`, `scorer="knn"`, `batch_size=4`);
+    `accumulator` is how a fit streams its training images (this process by default; `distributed.fit`).
     """
 
-    def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None, **options: Any) -> None:
+    def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None,
+                 accumulator: Accumulator = local_accumulator, **options: Any) -> None:
         names = {"settings": {f.name for f in fields(Settings)}, "runtime": {f.name for f in fields(Runtime)}}
         unknown = sorted(set(options) - names["settings"] - names["runtime"])
         if unknown:
@@ -47,7 +49,7 @@ class AnomalyDetector:
         runtime = replace(runtime or Runtime(), **{k: v for k, v in options.items() if k in names["runtime"]})
         if settings.lora is None and runtime.score not in (None, "distance"):
             raise SettingError(f"{{score}} {runtime.score} needs LoRA heads: fit with {{lora}}")
-        self.pipeline = Pipeline(settings, runtime)
+        self.pipeline = Pipeline(settings, runtime, accumulator)
         self.calibration: Calibration | None = None
         self.record = model_dir.FitRecord()
 
@@ -78,12 +80,13 @@ class AnomalyDetector:
             from anomalyvfm.detector.auto import choose_settings
 
             self.record.auto_choice = choose_settings(self.settings, self.runtime, images, validation_images, progress)
-            self.pipeline.settings = replace(self.settings, **self.record.auto_choice["chosen"])
+            self.pipeline.configure(**self.record.auto_choice["chosen"])
         backbone = self.pipeline.load_backbone()
         if self.settings.lora is not None:
             s = self.settings
-            self.pipeline.adapter, self.pipeline.heads, self.record.lora = train_adapter(
-                backbone, images, validation_images, s.lora, s.image_size, s.seed, progress)
+            adapter, heads, self.record.lora = train_adapter(backbone, images, validation_images, s.lora, s.image_size,
+                                                             s.seed, progress)
+            self.pipeline.adapt(adapter, heads)
         self.record.train_images = self.pipeline.fit_scorers(images, progress)
         self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
         if self.settings.auto:  # the image evidence is chosen on the fitted model (it needs its calibration)
@@ -92,7 +95,7 @@ class AnomalyDetector:
             choice = choose_image_evidence(self.pipeline, self.calibration, validation_images, self.settings.seed, progress)
             self.record.auto_choice["image_evidence"] = choice
             if choice["chosen"] != self.settings.image_evidence:
-                self.pipeline.settings = replace(self.settings, image_evidence=choice["chosen"])
+                self.pipeline.configure(image_evidence=choice["chosen"])
                 self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
         self.record.package_version = __version__
         self.record.fitted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -116,7 +119,7 @@ class AnomalyDetector:
     def use_score(self, mode: str) -> None:
         """Judge with score `mode` from now on (its thresholds were fitted with the others)."""
         self._calibrated().thresholds(mode)
-        self.pipeline.runtime = replace(self.runtime, score=mode)
+        self.pipeline.use_runtime(score=mode)
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:
@@ -156,7 +159,12 @@ class AnomalyDetector:
     def load(cls, directory: str | Path, backbone: str | Path | None = None, **runtime: Any) -> "AnomalyDetector":
         """Rebuild a saved detector. `runtime` options (device, batch_size, precision, score) apply to this
         process only; `backbone` locates the weights of a model saved by reference."""
-        stored = model_dir.read(directory)
+        return cls.from_stored(model_dir.read(directory), backbone, **runtime)
+
+    @classmethod
+    def from_stored(cls, stored: model_dir.StoredModel, backbone: str | Path | None = None,
+                    **runtime: Any) -> "AnomalyDetector":
+        """`load` from an already read model directory (`deploy.load` reads it once to choose the backend)."""
         runtime = Runtime(**runtime)
         stored.calibration.thresholds(runtime.score)  # a mode this model was not fitted for fails here, in one line
         detector = cls(stored.settings, runtime)

@@ -34,7 +34,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from anomalyvfm.adaptation.config import AdaptationConfig
-from anomalyvfm.checksums import sha256
+from anomalyvfm.checksums import sha256, verify
 from anomalyvfm.declare import from_dict, to_dict
 from anomalyvfm.detector.settings import Settings
 from anomalyvfm.errors import UserInputError
@@ -89,11 +89,12 @@ def check_writable(directory: str | Path) -> Path:
 
 
 def write(directory: str | Path, stored: StoredModel, write_parts: Callable[[Path], None] | None = None,
-          copy_from: Path | None = None) -> Path:
+          copy_from: Path | None = None, leave_out: tuple[str, ...] = ()) -> Path:
     """Write a model to `directory` atomically (see module doc); return the directory.
 
     `write_parts(folder)` adds what only torch can write (backbone weights, LoRA adapter and heads);
-    `copy_from` first copies every other file of a model directory (a model gaining a backbone form).
+    `copy_from` first copies the files of a model directory, but for `leave_out` (a model gaining a backbone
+    form, or its copy without torch files for a line PC).
     """
     directory = check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +103,10 @@ def write(directory: str | Path, stored: StoredModel, write_parts: Callable[[Pat
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model should be as readable as any new folder
     try:
-        if copy_from is not None:
+        if copy_from is not None:  # top-level names only: backbone/ has a config.json of its own
+            skip = {CONFIG_FILE, SCORER_FILE, HEAD_FILE, *leave_out}
             shutil.copytree(copy_from, tmp, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns(CONFIG_FILE, SCORER_FILE, HEAD_FILE))
+                            ignore=lambda folder, names: [n for n in names if Path(folder) == Path(copy_from) and n in skip])
         save_file({key: np.ascontiguousarray(value) for key, value in stored.head.items()}, str(tmp / HEAD_FILE))
         if write_parts is not None:
             write_parts(tmp)
@@ -187,8 +189,9 @@ def read(directory: str | Path) -> StoredModel:
     forms = config.get("forms", {})
     if not isinstance(forms, dict) or not all(isinstance(f, dict) for f in forms.values()):
         raise UserInputError(f"{config_path}: 'forms' must map folder names to their descriptions")
-    _verify(directory, config.get("files"))
     head_path = directory / (HEAD_FILE if version >= 3 else SCORER_FILE)
+    if version >= 2:  # format 1 has no checksums
+        verify(directory, config.get("files"), [head_path.name], config_path)
     try:
         arrays = load_file(str(head_path))
     except Exception as exc:  # a missing file, or the safetensors parser's own error types for damaged ones
@@ -201,20 +204,6 @@ def read(directory: str | Path) -> StoredModel:
             raise UserInputError(f"{head_path}: no {', '.join(missing)} for this model's settings; it does not "
                                  f"belong to this {CONFIG_FILE}")
     return StoredModel(directory, settings, calibration, record, arrays, forms)
-
-
-def _verify(directory: Path, files: Any) -> None:
-    """Every file the manifest lists exists with its checksum (format 1 has no manifest)."""
-    if files is None:
-        return
-    if not isinstance(files, dict):
-        raise UserInputError(f"{directory / CONFIG_FILE}: 'files' must map file names to checksums")
-    for name, digest in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise UserInputError(f"{path}: missing (the model directory is incomplete)")
-        if sha256(path) != digest:
-            raise UserInputError(f"{path}: checksum mismatch (the file is damaged or was replaced)")
 
 
 _V1_RUNTIME = ("device", "batch_size", "precision")  # how a model ran; no longer saved

@@ -3,7 +3,7 @@
 An image is seen through one or more *views* (`Settings.views`): the whole image at a short side,
 several short sides (multi-scale), or overlapping tiles (high resolution). Each view has its own scorer;
 with several views the patch scores are standardised by their validation statistics and averaged on the
-finest view's grid (`scoring.views`), so one map and one image score come out whatever the views.
+finest view's grid (`head.scores`), so one map and one image score come out whatever the views.
 
 `Pipeline` owns the settings, the backbone and the fitting of the parts (scorers, foreground model, image
 bank, LoRA heads); once they are fitted, everything after the backbone is the torch-free
@@ -12,10 +12,11 @@ judged against live in `head.calibration.Calibration`.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from anomalyvfm.adaptation.heads import AnomalyHeads, head_scores
@@ -25,7 +26,7 @@ from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.model_dir import StoredModel
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError, failure
-from anomalyvfm.features.backbone import Backbone, load_backbone
+from anomalyvfm.features.backbone import Backbone, load_backbone, save_blocks
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.head.calibration import Calibration
@@ -35,17 +36,67 @@ from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.scorers import ImageBank, PatchScorer, make_scorer
 
 
-class Pipeline:
-    """Settings, runtime options and the fitted parts; every method runs one stage for a stream of images."""
+@dataclass
+class FitParts:
+    """What a fit streams training images into: one scorer per view, the foreground model, the image bank.
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
-        self.settings, self.runtime = settings, runtime
+    Unfinalised parts of disjoint image sets merge (`merge`), so a fit can run in shards on several workers.
+    """
+
+    scorers: list[PatchScorer]
+    foreground: ForegroundModel | None
+    image_bank: ImageBank
+    images: int = 0
+
+    def partial_fit(self, items: list[ImageFeatures]) -> None:
+        """Add one image's features of every view (finest last)."""
+        for scorer, item in zip(self.scorers, items):
+            scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
+        if self.foreground is not None:
+            self.foreground.partial_fit(items[-1].features)
+        self.image_bank.partial_fit(items[-1].features)
+        self.images += 1
+
+    def merge(self, other: "FitParts") -> None:
+        for mine, theirs in zip(self.scorers, other.scorers):
+            mine.merge(theirs)
+        if self.foreground is not None:
+            self.foreground.merge(other.foreground)
+        self.image_bank.merge(other.image_bank)
+        self.images += other.images
+
+    def finalize(self) -> None:
+        for part in [*self.scorers, self.foreground, self.image_bank]:
+            if part is not None:
+                part.finalize()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The finalised parts' state as the scoring head's float32 arrays, keyed `<part>.<name>`."""
+        parts = {f"view{i}": scorer.state_dict() for i, scorer in enumerate(self.scorers)}
+        if self.foreground is not None:
+            parts["foreground"] = self.foreground.state_dict()
+        parts["global"] = self.image_bank.state_dict()
+        return {f"{part}.{key}": value.detach().cpu().float().numpy() for part, state in parts.items()
+                for key, value in state.items()}
+
+
+Accumulator = Callable[["Pipeline", Sequence[ImageLike], bool], FitParts]  # how a fit streams its images
+
+
+def local_accumulator(pipeline: "Pipeline", images: Sequence[ImageLike], progress: bool) -> FitParts:
+    """Stream every training image through this process's backbone."""
+    return pipeline.accumulate(images, progress)
+
+
+class Pipeline:
+    """Settings, runtime options, the backbone and the scoring head; every method runs one stage for a stream
+    of images. `accumulator` is the engine of a fit (this process, or Ray workers: `distributed.fit`)."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, accumulator: Accumulator = local_accumulator) -> None:
+        self.settings, self.runtime, self.accumulator = settings, runtime, accumulator
         self.backbone: Backbone | None = None
         self.backbone_source: str | None = None  # hub id or directory the backbone was loaded from
         self.adapter = None  # peft model wrapping `backbone.model` when adapted
-        self.scorers: list[PatchScorer] = []  # one per view
-        self.image_bank: ImageBank | None = None  # training images' global embeddings (reference view)
-        self.foreground_model: ForegroundModel | None = None
         self.heads: AnomalyHeads | None = None
         self.head: ScoringHead | None = None  # everything after the backbone, built from the fitted parts
 
@@ -62,31 +113,27 @@ class Pipeline:
         pipeline.head = ScoringHead(pipeline.settings.head_config(), stored.head, *pipeline.search())
         return pipeline
 
+    def configure(self, **changes) -> None:
+        """Change settings (the `--auto` and image-evidence choices of a fit): the head, if fitted, follows."""
+        self.settings = replace(self.settings, **changes)
+        if self.head is not None:
+            self.head = ScoringHead(self.settings.head_config(), self.head.state_dict(), *self.search())
+
+    def use_runtime(self, **changes) -> None:
+        """Change how this process runs the model (e.g. the score mode)."""
+        self.runtime = replace(self.runtime, **changes)
+
+    def adapt(self, adapter, heads: AnomalyHeads) -> None:
+        """Use a trained LoRA adapter (wrapping `backbone.model`) and its anomaly heads from now on."""
+        self.adapter, self.heads = adapter, heads
+
     def save_parts(self, folder: Path, store_backbone: bool) -> None:
         """Write what only torch can into a model directory being written (`model_dir.write`)."""
         if store_backbone:
-            self._save_backbone(folder / model_dir.BACKBONE_DIR)
+            save_blocks(self.backbone_source, max(self.settings.layers), folder / model_dir.BACKBONE_DIR)
         if self.settings.lora is not None:
             self.adapter.save_pretrained(str(folder / model_dir.ADAPTER_DIR))
             self.heads.save(folder / model_dir.HEADS_FILE)
-
-    def _save_backbone(self, out: Path) -> None:
-        """The pretrained blocks up to the deepest one used, re-read from where the backbone came from.
-
-        Re-reading (rather than saving the loaded module) keeps LoRA weights out of the base weights: an
-        adapted detector stores its adapter beside them, exactly as it is trained.
-        """
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(self.backbone_source)
-        depth = max(self.settings.layers)
-        model.encoder.layer = model.encoder.layer[:depth]
-        config = model.config.to_dict()
-        for derived in ("out_features", "out_indices", "stage_names"):  # recomputed from the depth
-            config.pop(derived, None)
-        model.config = type(model.config)(**{**config, "num_hidden_layers": depth})
-        model.save_pretrained(str(out))
-
 
     def load_backbone(self, source: str | Path | None = None, adapter_dir: Path | None = None) -> Backbone:
         """Load the backbone (from `source`, default the settings' reference) and, if given, its LoRA adapter.
@@ -119,60 +166,37 @@ class Pipeline:
             yield failed[0] if failed else list(items)
 
     def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
-        """Fit every view's scorer (and the foreground model) on `images`; return how many were used."""
-        fitted = self.accumulate(images, progress)
-        self.finalize_scorers()
-        return fitted
-
-    def finalize_scorers(self) -> None:
-        """Turn the accumulated (or merged) streaming states into fitted scorers, and those into the head."""
-        for part in [*self.scorers, self.foreground_model, self.image_bank]:
-            if part:
-                part.finalize()
-        self.build_head()
-
-    def build_head(self) -> ScoringHead:
-        """The scoring head of the fitted parts: their state as float32 arrays, keyed `<part>.<name>`."""
-        parts = {f"view{i}": scorer.state_dict() for i, scorer in enumerate(self.scorers)}
-        if self.foreground_model is not None:
-            parts["foreground"] = self.foreground_model.state_dict()
-        if self.image_bank is not None:
-            parts["global"] = self.image_bank.state_dict()
-        arrays = {f"{part}.{key}": value.detach().cpu().float().numpy() for part, state in parts.items()
-                  for key, value in state.items()}
-        self.head = ScoringHead(self.settings.head_config(), arrays, *self.search())
-        return self.head
+        """Fit every view's scorer, the foreground model and the image bank on `images` (streamed by this
+        pipeline's `accumulator`), then the scoring head from them; return how many images were used."""
+        parts = self.accumulator(self, images, progress)
+        parts.finalize()
+        self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *self.search())
+        return parts.images
 
     def search(self) -> tuple[str, str]:
         """The kNN backend and its device: numpy on the CPU, torch where the backbone runs on a GPU."""
         device = self.runtime.device
         return ("numpy" if device == "cpu" else "torch"), device
 
-    def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None, shard: int = 0) -> int:
-        """Stream `images` into fresh, unfinalised scorers (and foreground model); return how many were used.
+    def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None,
+                   shard: int = 0) -> FitParts:
+        """Stream `images` into fresh, unfinalised fitting parts.
 
         This is the part of a fit that can run in shards on several workers, their parts merged after
-        (`merge` of each scorer): `total` is the number of images of the whole fit, and `shard` offsets
-        the random seeds so that shards draw independent samples.
+        (`FitParts.merge`): `total` is the number of images of the whole fit, and `shard` offsets the random
+        seeds so that shards draw independent samples.
         """
         s, seed = self.settings, self.settings.seed + shard
         torch.manual_seed(seed)
-        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank)
-                        for _ in s.views()]
-        self.foreground_model = (None if s.foreground == "off"
-                                 else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed))
-        self.image_bank = ImageBank(len(s.layers))
-        fitted = 0
+        parts = FitParts([make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank)
+                          for _ in s.views()],
+                         None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed),
+                         ImageBank(len(s.layers)))
         for items in self.view_features(images, "features (train)" if progress else None):
             if isinstance(items, FailedImage):
                 raise UserInputError(f"training image unreadable: {items.error}")
-            for scorer, item in zip(self.scorers, items):
-                scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
-            if self.foreground_model:
-                self.foreground_model.partial_fit(items[-1].features)
-            self.image_bank.partial_fit(items[-1].features)
-            fitted += 1
-        return fitted
+            parts.partial_fit(items)
+        return parts
 
     def _fitted_head(self) -> ScoringHead:
         if self.head is None:

@@ -22,6 +22,7 @@ from anomalyvfm.scoring.names import IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, 
 
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001
+BACKENDS = ("auto", "torch", "openvino", "onnx")  # what runs the backbone (`deploy.load`)
 PATCH = 14  # every DINOv2 has 14-px patches; tile sizes are checked against it before loading the model
 
 
@@ -118,6 +119,9 @@ class Runtime:
     precision: str = setting("fp32", "autocast dtype on GPU", choices=PRECISIONS)
     max_aspect_ratio: float = setting(DEFAULT_MAX_ASPECT_RATIO, "refuse images whose long side is over N times the "
                                       "short one, unless tiling (their backbone input would be N times as long)", low=1)
+    backend: str = setting("auto", "what runs the backbone: torch, openvino or onnx (a form added by export), or auto: "
+                                   "the fastest form present that this machine runs, else torch", choices=BACKENDS,
+                           flag="--runtime")
     score: str | None = setting(None, "distance (patch scorer), head or fusion (need --lora); fit: default distance; "
                                       "saved models: default the fitted one (thresholds of all modes are saved)",
                                 choices=SCORE_MODES)

@@ -43,7 +43,7 @@ def fit_on_ray(args: argparse.Namespace, variant):
     """`fit --engine ray`: the local fit with training features extracted on Ray workers."""
     from anomalyvfm.distributed.cluster import ray_session, worker_count
     from anomalyvfm.distributed.fit import ray_detector
-    from anomalyvfm.evaluation.benchmark import fit_category
+    from anomalyvfm.detector.fit import fit_category
 
     with ray_session(args.address, args.workers) as ray:
         workers = worker_count(ray, args.workers, 1.0 if variant.runtime.device.startswith("cuda") else 0.0)

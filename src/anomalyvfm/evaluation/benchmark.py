@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from anomalyvfm.data import evenly_spaced, load_dataset
+from anomalyvfm.data import load_dataset
 from anomalyvfm.declare import to_dict
-from anomalyvfm.detector.detector import AnomalyDetector
-from anomalyvfm.detector.settings import Runtime, Settings
+from anomalyvfm.detector.fit import Variant, fit_category
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation import html_report
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
@@ -30,33 +26,6 @@ from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
            "f1_max_oracle", "seg_f1_max_oracle", "fit_seconds", "images_per_second", "peak_rss_mb", "settings")
 METRICS = COLUMNS[2:10]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One named way to fit: the settings, how to run them, and how many training images to use."""
-
-    name: str
-    settings: Settings
-    runtime: Runtime
-    max_train_images: int | None = None
-
-
-def fit_category(data: str | Path, category: str | None, layout: str, variant: Variant,
-                 make_detector: Callable[[Settings, Runtime], AnomalyDetector] = AnomalyDetector
-                 ) -> tuple[AnomalyDetector, float]:
-    """Fit a detector on a category's train split, thresholds on its validation split; return it and seconds.
-
-    `make_detector` builds the unfitted detector (another engine, e.g. Ray, plugs in its own here).
-    """
-    dataset = load_dataset(data, category, layout, variant.settings.seed)
-    start = time.perf_counter()
-    detector = make_detector(variant.settings, variant.runtime)
-    train = [s.path for s in dataset.split("train")]
-    if variant.max_train_images:
-        train = evenly_spaced(train, variant.max_train_images)
-    detector.fit(train, [s.path for s in dataset.split("validation")])
-    return detector, time.perf_counter() - start
 
 
 def find_categories(root: Path, spec: str) -> list[str]:

@@ -115,3 +115,20 @@ def load_backbone(
     model.requires_grad_(False)
     backbone = Backbone(model.eval(), layers, precision)
     return backbone.to(device)
+
+
+def save_blocks(source: str | Path, depth: int, out: Path) -> None:
+    """The pretrained blocks up to `depth`, re-read from `source` (hub id or directory) and saved to `out`.
+
+    Re-reading (rather than saving the loaded module) keeps LoRA weights out of the base weights: an
+    adapted detector stores its adapter beside them, exactly as it is trained.
+    """
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(source))
+    model.encoder.layer = model.encoder.layer[:depth]
+    config = model.config.to_dict()
+    for derived in ("out_features", "out_indices", "stage_names"):  # recomputed from the depth
+        config.pop(derived, None)
+    model.config = type(model.config)(**{**config, "num_hidden_layers": depth})
+    model.save_pretrained(str(out))

@@ -104,10 +104,10 @@ class ForegroundModel:
         self.threshold, self.separability = float(state["threshold"][0]), float(state["separability"][0])
 
 
-def mask_stats(model: ForegroundModel, masks: list[torch.Tensor]) -> dict[str, float]:
-    """Fraction of patches in `masks` overall, in the centre and on the border; the model's separability."""
+def mask_stats(separability: float, masks: list[torch.Tensor]) -> dict[str, float]:
+    """Fraction of patches in `masks` overall, in the centre and on the border; the model's `separability`."""
     total = sum(m.numel() for m in masks)
-    sums = {"coverage": sum(float(m.sum()) for m in masks) / max(total, 1), "separability": model.separability}
+    sums = {"coverage": sum(float(m.sum()) for m in masks) / max(total, 1), "separability": separability}
     for name, label in (("centre", CENTRE), ("border", BORDER)):
         parts = [m[patch_regions(*m.shape) == label] for m in masks]
         n = sum(p.numel() for p in parts)

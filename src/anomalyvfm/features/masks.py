@@ -1,5 +1,5 @@
 """The foreground mask of a patch-feature grid, in numpy: shared by the torch pipeline (`foreground`) and the
-torch-free runtime of exported bundles."""
+torch-free scoring head."""
 from __future__ import annotations
 
 import numpy as np

@@ -75,6 +75,11 @@ class ScoringHead:
         return "foreground.mean" in self._arrays
 
     @property
+    def separability(self) -> float:
+        """How clearly the foreground direction splits patches in two (Otsu's ratio; `features.foreground`)."""
+        return float(self._arrays["foreground.separability"][0])
+
+    @property
     def has_global(self) -> bool:
         return "global.embeddings" in self._arrays
 
