@@ -3,12 +3,23 @@
 The CLI prints a `UserInputError` as one line and exits with code 2; anything else is a bug and keeps
 its traceback. `ImageReadError` is raised for one unreadable image so that batch commands can record
 it and carry on with the rest; `ImageTooLargeError` is the kind of unreadable image that a server
-answers with "payload too large" rather than "not an image".
+answers with "payload too large" rather than "not an image". `NotFittedError` is a detector used before
+`fit()` or `load()`: the caller's order of calls, so it is reported like any other input mistake.
 """
 
 
 class UserInputError(Exception):
     """A mistake in what the user asked for: a missing folder, a bad option, an unreadable model."""
+
+
+class NotFittedError(UserInputError):
+    """A detector asked to predict, save or export before it was fitted or loaded.
+
+    The message is fixed here so every path that needs a fitted detector says the same thing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("detector is not fitted: call fit() or AnomalyDetector.load()")
 
 
 class ImageReadError(UserInputError):

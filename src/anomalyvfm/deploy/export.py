@@ -101,9 +101,7 @@ def _check_exportable(detector, fmt: str, precision: str) -> None:
         raise UserInputError(f"unknown export precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if fmt == "onnx" and precision == "bf16":
         raise UserInputError("--precision bf16 needs --format openvino (ONNX Runtime has no bf16 CPU kernels for it)")
-    if not detector.pipeline.scorers:
-        raise UserInputError("cannot export an unfitted detector")
-    if detector.score_mode != "distance":
+    if detector.score_mode != "distance":  # an unfitted detector raises NotFittedError here
         raise UserInputError(f"cannot export score mode '{detector.score_mode}': the LoRA heads are not exported; "
                              "export with --score distance")
 

@@ -23,7 +23,7 @@ from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.calibration import Calibration, Thresholds, calibrate
 from anomalyvfm.detector.pipeline import Pipeline
 from anomalyvfm.detector.settings import Runtime, Settings
-from anomalyvfm.errors import UserInputError
+from anomalyvfm.errors import NotFittedError, UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.version import __version__
@@ -99,14 +99,17 @@ class AnomalyDetector:
 
     # -- predict --------------------------------------------------------------------------------------
     def _calibrated(self) -> Calibration:
+        """The calibration, or `NotFittedError`: the one check behind predict, thresholds, save and export."""
         if self.calibration is None:
-            raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
+            raise NotFittedError()
         return self.calibration
 
     @property
     def score_mode(self) -> str:
-        """The score mode predictions use: the runtime's choice, else the fitted one."""
-        return self.runtime.score or self._calibrated().mode
+        """The score mode predictions use: the runtime's choice, else the fitted one (`NotFittedError` before
+        fit or load, even with a runtime choice: no mode is usable without thresholds)."""
+        fitted = self._calibrated().mode
+        return self.runtime.score or fitted
 
     def thresholds(self) -> Thresholds:
         """Image and pixel thresholds of the score mode in use, with their validation statistics."""
@@ -145,8 +148,6 @@ class AnomalyDetector:
     def save(self, directory: str | Path, store_backbone: bool = True) -> Path:
         """Write the model directory (atomically; see `model_dir`). With `store_backbone=False` it only
         references the backbone (hub id or path), as models of anomalyvfm 0.1 did."""
-        if not self.pipeline.scorers:
-            raise RuntimeError("nothing to save: detector is not fitted")
         return model_dir.write(directory, self.pipeline, self._calibrated(), self.record, store_backbone)
 
     @classmethod

@@ -116,8 +116,6 @@ class Pipeline:
 
     def score_views(self, items: list[ImageFeatures]) -> ViewScores:
         """Patch scores of every view, the foreground mask and the head scores of one image's features."""
-        if not self.scorers:
-            raise RuntimeError("detector is not fitted: call fit() or AnomalyDetector.load()")
         grids = [scorer.score(item.features.reshape(-1, item.features.shape[-1])).reshape(item.features.shape[:2])
                  for scorer, item in zip(self.scorers, items)]
         ref = items[-1]
