@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Any
 
 from anomalyvfm.deploy.bundle import is_bundle
+from anomalyvfm.prediction import Predictor
 
 
-def load_predictor(path: str | Path, **runtime: Any):
+def load_predictor(path: str | Path, **runtime: Any) -> Predictor:
     """A `BundlePredictor` for an exported bundle (no torch imported), else `AnomalyDetector.load`.
 
     `runtime` holds the `Runtime` options (device, batch_size, precision, score, max_aspect_ratio); a
