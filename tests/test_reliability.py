@@ -30,7 +30,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 from scipy.ndimage import binary_erosion, gaussian_filter
-from servers import free_port, live_server, png, until, wait_for, wait_until_serving
+from servers import HANG_GUARD_S, free_port, live_server, png, until, wait_for, wait_until_serving
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
@@ -71,7 +71,7 @@ class Gate:
         self.calls += 1
         self.holding = len(x)
         try:
-            assert self.hold.wait(120), "hang guard: the test never released the gate"
+            assert self.hold.wait(HANG_GUARD_S), "hang guard: the test never released the gate"
         finally:
             self.holding = 0
         green_min = (0 - IMAGENET_MEAN[1]) / IMAGENET_STD[1]
@@ -220,7 +220,7 @@ class ScriptedDetector:
 
     def predict_iter(self, images, progress=None):
         self.batches.append(len(images))
-        assert self.release.wait(120), "hang guard: the test never released the worker"
+        assert self.release.wait(HANG_GUARD_S), "hang guard: the test never released the worker"
         if any(image is POISON for image in images):
             raise MemoryError("injected")
         for image in images:
@@ -232,9 +232,10 @@ def test_worker_answers_a_batch_failure_only_to_the_job_that_causes_it():
     worker = InferenceWorker(detector, max_queue=8)
 
     async def run() -> list:
-        first = asyncio.ensure_future(worker.predict(GOOD[3], False, 120))
+        first = asyncio.ensure_future(worker.predict(GOOD[3], False, HANG_GUARD_S))
         await until(lambda: detector.batches == [1], "the worker starting the first batch")
-        rest = [asyncio.ensure_future(worker.predict(image, False, 120)) for image in (GOOD[0], POISON, GOOD[1], GOOD[2])]
+        rest = [asyncio.ensure_future(worker.predict(image, False, HANG_GUARD_S))
+                for image in (GOOD[0], POISON, GOOD[1], GOOD[2])]
         await until(lambda: worker.depth == 4, "four jobs queued behind the first: the next batch")
         detector.release.set()
         return await asyncio.gather(first, *rest, return_exceptions=True)
