@@ -62,6 +62,7 @@ def _candidates(backbone, train, size, tiling, block_sets) -> dict:
 
     from anomalyvfm.detector.candidates import block_dims
     from anomalyvfm.features.extraction import FailedImage, extract_features
+    from anomalyvfm.scoring.distances import prefix_knn_distances
     from anomalyvfm.scoring.scorers import KNNScorer, MahalanobisScorer
 
     dims = {b: block_dims(b, backbone.layers, backbone.hidden_size) for b in set(block_sets) | set(MAHALANOBIS_BLOCK_SETS)}
@@ -79,23 +80,13 @@ def _candidates(backbone, train, size, tiling, block_sets) -> dict:
         scorer.finalize()
         bank = scorer.bank.numpy()
         prefixes = {r: max(1, round(len(bank) * r / max(RATIOS))) for r in RATIOS}
-        found["knn", b] = lambda flat, bank=bank, d=dims[b], prefixes=prefixes: _prefix_knn(flat[:, d], bank, prefixes)
+        found["knn", b] = (lambda flat, bank=bank, d=dims[b], prefixes=prefixes:
+                           prefix_knn_distances(flat[:, d], bank, prefixes))
     for b in MAHALANOBIS_BLOCK_SETS if set(MAHALANOBIS_BLOCK_SETS) <= set(dims) else ():
         sub = full.subset(dims[b])
         sub.finalize()
         found["mahalanobis", b] = lambda flat, sub=sub, d=dims[b]: {None: sub.score(torch.as_tensor(flat[:, d])).numpy()}
     return found
-
-
-def _prefix_knn(x: np.ndarray, bank: np.ndarray, prefixes: dict[float, int]) -> dict[float, np.ndarray]:
-    """Cosine kNN distance to each prefix of `bank` from one product: running maxima over its columns."""
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
-    similarity = x @ bank.T
-    out, best, start = {}, np.full(len(x), -np.inf, np.float32), 0
-    for ratio, stop in sorted(prefixes.items(), key=lambda item: item[1]):
-        best = np.maximum(best, similarity[:, start:stop].max(axis=1)) if stop > start else best
-        out[ratio], start = 1 - best, stop
-    return out
 
 
 def run_view(data: str, backbone_dir: str, category: str, view: str) -> list[dict]:
@@ -187,7 +178,7 @@ def _key(row: dict) -> tuple:
     return row["view"], row["scorer"], tuple(row["blocks"]), row["ratio"], row["sigma"], row["top"]
 
 
-def _cost(key: tuple) -> tuple:
+def cost(key: tuple) -> tuple:
     """Cheaper first: image size (backbone time grows with it), depth of the deepest block, scorer (a
     Mahalanobis product is smaller than a kNN search), bank size; then distance from today's σ and pooling."""
     view, scorer, blocks, ratio, sigma, top = key
@@ -207,7 +198,7 @@ def choose(rows: list[dict], categories: list[str]) -> tuple[tuple, dict[tuple, 
     for figures in means.values():
         figures["rank"] = figures["val_image_auroc"] + figures["val_aupro_0.05"]
     best = max(figures["rank"] for figures in means.values())
-    chosen = min((key for key, f in means.items() if f["rank"] >= best - TIE), key=_cost)
+    chosen = min((key for key, f in means.items() if f["rank"] >= best - TIE), key=cost)
     return chosen, means
 
 
@@ -246,9 +237,9 @@ def table(out: Path) -> str:
               "| part | candidate | val image AUROC | val AU-PRO | test image AUROC | test ClassF1 | test AU-PRO(0.05) | test SegF1 |",
               "|---|---|---|---|---|---|---|---|"]
     best_image = min((k for k in means if means[k]["val_image_auroc"] >= max(f["val_image_auroc"] for f in means.values()) - TIE),
-                     key=_cost)
+                     key=cost)
     best_map = min((k for k in means if means[k]["val_aupro_0.05"] >= max(f["val_aupro_0.05"] for f in means.values()) - TIE),
-                   key=_cost)
+                   key=cost)
     for part, key in (("image score", best_image), ("map", best_map), ("both (chosen)", chosen)):
         f = means[key]
         lines.append(f"| {part} | {_name(key).replace(' | ', ' · ')} | " + " | ".join(

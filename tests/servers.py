@@ -1,12 +1,14 @@
-"""Helpers shared by the service tests: a real uvicorn server on a loopback port, PNG bytes, free ports."""
+"""Helpers shared by the service tests: a real uvicorn server on a loopback port, PNG bytes, free ports, and
+waiting for a state of the server (never for a fixed time) before the next step of a test."""
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import uvicorn
@@ -18,6 +20,28 @@ from anomalyvfm.service.server import server_config
 
 MAX_PIXELS, MAX_BYTES, MAX_FILES = 100_000, 200_000, 4  # small limits, so the tests can cross them cheaply
 LIMITS = ServiceLimits(max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES, max_files=MAX_FILES)
+HANG_GUARD_S = 120  # only a hung server takes this long to reach a state a test waits for
+
+
+def _unmet(condition: Callable[[], bool], what: str) -> Iterator[None]:
+    """One step per check of `condition` that fails; a failed test naming `what` once the hang guard is passed."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < guard, f"hung: {what} did not happen within {HANG_GUARD_S} s"
+        yield
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Return once `condition()` holds. What happens next in a test is ordered by this state, not by a sleep
+    that a busy machine can outlast; the guard only turns a hang into a failure that names `what`."""
+    for _ in _unmet(condition, what):
+        time.sleep(0.01)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """`wait_for` inside an event loop: yields to the loop between checks, so its tasks can get there."""
+    for _ in _unmet(condition, what):
+        await asyncio.sleep(0.01)
 
 
 def close(a: float, b: float) -> bool:
@@ -45,10 +69,8 @@ def live_server(app, limits: ServiceLimits | None = None) -> Iterator[str]:
     server = uvicorn.Server(server_config(app, limits or ServiceLimits(), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
+    wait_for(lambda: server.started or not thread.is_alive(), "uvicorn starting")
+    assert server.started, "server did not start"
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:

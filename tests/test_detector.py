@@ -4,6 +4,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.data import load_dataset, load_mask
+from anomalyvfm.errors import NotFittedError, UserInputError
 
 
 @pytest.mark.parametrize("scorer", ["mahalanobis", "knn"])
@@ -64,6 +65,19 @@ def test_in_memory_arrays_and_bad_items(fitted_model, tmp_path):
     assert [p.error is None for p in preds] == [True, False, True]
     assert "broken.png" in preds[1].error
     assert preds[0].score == preds[2].score and preds[0].anomaly_map.shape == (100, 130)
+
+
+def test_an_unfitted_detector_says_so_in_one_user_error(backbone_dir, tmp_path):
+    """Predict, thresholds and save before fit all raise `NotFittedError`, which the CLI prints as one
+    line (it is a `UserInputError`), even when the runtime names a score mode."""
+    detector = AnomalyDetector(backbone=str(backbone_dir), score="distance")
+    calls = {"predict": lambda: detector.predict([np.zeros((32, 32, 3), np.uint8)], progress=False),
+             "thresholds": detector.thresholds, "save": lambda: detector.save(tmp_path / "model")}
+    for name, call in calls.items():
+        with pytest.raises(NotFittedError, match="call fit") as caught:
+            call()
+        assert isinstance(caught.value, UserInputError), name
+    assert not (tmp_path / "model").exists()
 
 
 def test_fit_without_validation_holds_out_a_tenth(backbone_dir, data_root):

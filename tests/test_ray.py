@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,20 +23,42 @@ from sklearn.metrics import roc_auc_score
 
 from anomalyvfm.cli.main import main
 from anomalyvfm.detector.detector import AnomalyDetector
+from anomalyvfm.distributed.predict import HOLD_ENV
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.scorers import KNNScorer, MahalanobisScorer
+
+HANG_GUARD_S = 600  # only a hung cluster takes this long; no verdict waits on a shorter clock
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory, one_thread):
+    """One local Ray cluster for the module (starting one costs seconds). Its workers inherit `HOLD_ENV`,
+    naming a folder that does not exist until `held_batches` creates it, so other tests are never held.
+    The driver's own (reference) runs use one torch thread, as each one-CPU actor does."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'anomalyvfm[ray]' to run these tests")
     from anomalyvfm.distributed.cluster import quiet_ray_data
 
+    os.environ[HOLD_ENV] = str(tmp_path_factory.mktemp("hold") / "batches")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=256 * 2**20,
              log_to_driver=False)
     quiet_ray_data(ray)
     yield ray
     ray.shutdown()
+    del os.environ[HOLD_ENV]
+
+
+@pytest.fixture
+def held_batches(ray_cluster) -> Iterator[Path]:
+    """The hook folder, existing for one test: every scoring actor marks each batch it starts there (a file
+    named by its pid) and waits until the test writes `release`."""
+    folder = Path(os.environ[HOLD_ENV])
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        (folder / "release").touch()  # never leave an actor waiting, whatever the test did
+        shutil.rmtree(folder)
 
 
 def _run(capsys, argv):
@@ -57,6 +80,25 @@ def inputs(tmp_path_factory, data_root) -> Path:
             shutil.copy(image, folder / f"{label}_{image.name}")
     (folder / "zz_corrupt.png").write_bytes(b"not an image")
     return folder
+
+
+@pytest.fixture(scope="module")
+def local_predictions(fitted_model, inputs, one_thread) -> dict[str, Prediction]:
+    """The local engine's prediction of every input, keyed by path: the reference each Ray run must equal."""
+    paths = [str(p) for p in sorted(inputs.iterdir())]
+    return dict(zip(paths, AnomalyDetector.load(fitted_model).predict_iter(paths, progress=None)))
+
+
+def _assert_equal_to_local(rows: list[dict], local: dict[str, Prediction]) -> None:
+    """CSV rows (path, score, is_anomalous, error) as the local engine predicts them."""
+    for row in rows:
+        mine = local[row["path"]]
+        if mine.error:
+            assert "cannot read image" in row["error"], row
+            continue
+        assert row["error"] == "", row
+        assert abs(float(row["score"]) - mine.score) < 1e-4 * max(1, abs(mine.score)), (row, mine.score)
+        assert row["is_anomalous"] == str(int(mine.is_anomalous)), (row, mine.is_anomalous)
 
 
 # -- merges (no Ray needed) ---------------------------------------------------------------------------
@@ -107,11 +149,8 @@ def test_knn_merge_is_a_uniform_sample_of_the_union():
 
 
 # -- predict --------------------------------------------------------------------------------------------
-def test_predict_matches_local_engine_then_resumes(ray_cluster, fitted_model, inputs, tmp_path, capsys):
-    code, _, err = _run(capsys, ["predict", "--model", str(fitted_model), str(inputs), "--out", str(tmp_path / "local"),
-                                 "--no-images"])
-    assert code == 1 and "zz_corrupt.png" in err
-    local = {str(Path(r["path"]).absolute()): r for r in _rows(tmp_path / "local")}
+def test_predict_matches_local_engine_then_resumes(ray_cluster, fitted_model, inputs, local_predictions, tmp_path,
+                                                   capsys):
     out = tmp_path / "ray"
     first = tmp_path / "first.txt"  # a list file holding 5 of the images: the "interrupted" first run
     first.write_text("\n".join(os.path.relpath(p, tmp_path) for p in sorted(inputs.iterdir())[:5]) + "\n")
@@ -124,13 +163,8 @@ def test_predict_matches_local_engine_then_resumes(ray_cluster, fitted_model, in
     assert code == 1 and "zz_corrupt.png" in err and "Traceback" not in err
     assert "scored 12 images" in stdout and "skipped 5" in stdout, stdout
     rows = _rows(out)
-    assert sorted(r["path"] for r in rows) == sorted(local)  # every input exactly once
-    for row in rows:
-        mine = local[row["path"]]
-        assert row["error"] == "" if not mine["error"] else "cannot read image" in row["error"]
-        if not mine["error"]:
-            assert abs(float(row["score"]) - float(mine["score"])) < 1e-4 * max(1, abs(float(mine["score"])))
-            assert row["is_anomalous"] == mine["is_anomalous"]
+    assert sorted(r["path"] for r in rows) == sorted(local_predictions)  # every input exactly once
+    _assert_equal_to_local(rows, local_predictions)
     import pyarrow.parquet as pq
 
     assert pq.read_table(out / "predictions.parquet").num_rows == 17
@@ -138,46 +172,46 @@ def test_predict_matches_local_engine_then_resumes(ray_cluster, fitted_model, in
     assert 0 < len(pictures) <= 17 and len(list(out.glob("*_mask.png"))) == len(pictures)
 
 
-def _kill_first_busy_actor(done: threading.Event, killed: list[int], deadline_s: float = 60) -> None:
-    """SIGKILL the first scoring actor caught in the middle of a batch (its process title says `.submit`)."""
-    import psutil
-
-    end = time.monotonic() + deadline_s
-    while not done.is_set() and time.monotonic() < end and not killed:
-        for process in psutil.Process().children(recursive=True):
-            try:
-                title = " ".join(process.cmdline()).strip()
-            except psutil.Error:
-                continue
-            if "ScoringActor" in title and title.endswith(".submit"):
-                os.kill(process.pid, signal.SIGKILL)
-                killed.append(process.pid)
+def _kill_first_marked_actor(folder: Path, done: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first scoring actor that marks a batch as started in `folder` (it is then waiting inside
+    that batch), then release every actor. Gives up only at `HANG_GUARD_S` or when the run ends first."""
+    guard = time.monotonic() + HANG_GUARD_S
+    try:
+        while not done.is_set() and time.monotonic() < guard:
+            marked = sorted(folder.glob("*.started"))
+            if marked:
+                pid = int(marked[0].stem)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
                 return
-        time.sleep(0.02)
+            time.sleep(0.02)
+    finally:
+        (folder / "release").touch()
 
 
-def test_killed_actor_is_replaced_and_nothing_is_lost_or_doubled(ray_cluster, fitted_model, inputs, tmp_path):
+def test_killed_actor_is_replaced_and_nothing_is_lost_or_doubled(ray_cluster, fitted_model, inputs, held_batches,
+                                                                local_predictions, tmp_path):
+    """An actor killed while it holds a batch (it marked the batch and waits for the test) is restarted, its
+    block is redone, and every path is in the output once, scored as the local engine scores it."""
     from anomalyvfm.distributed.predict import predict_on_ray
 
-    many = tmp_path / "many.txt"  # 80 paths: each image 5 times, under distinct symlinks
-    links = tmp_path / "links"
-    links.mkdir()
-    for i in range(5):
-        for image in sorted(inputs.glob("*_regular.png")):
-            (links / f"{i}_{image.name}").symlink_to(image)
-    many.write_text("\n".join(str(p) for p in sorted(links.iterdir())))
+    readable = [p for p in sorted(inputs.iterdir()) if p.name != "zz_corrupt.png"]
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(map(str, readable)))
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_first_busy_actor, args=(done, killed), daemon=True)
+    killer = threading.Thread(target=_kill_first_marked_actor, args=(held_batches, done, killed), daemon=True)
     killer.start()
     try:
-        run = predict_on_ray(fitted_model, [str(many)], tmp_path / "out", {"batch_size": 1}, workers=2)
+        run = predict_on_ray(fitted_model, [str(listing)], tmp_path / "out", {"batch_size": 1}, workers=2)
     finally:
         done.set()
         killer.join()
-    assert killed, "no scoring actor was caught mid-batch"
+    assert killed, f"no scoring actor marked a batch within the {HANG_GUARD_S} s hang guard"
+    started = {int(p.stem) for p in held_batches.glob("*.started")}
+    assert killed[0] in started and len(started) >= 3, f"no replacement actor scored a batch: {started}"
     rows = _rows(tmp_path / "out")
-    assert run.scored == 80 and sorted(r["path"] for r in rows) == sorted(str(p) for p in links.iterdir())
-    assert all(r["error"] == "" for r in rows)
+    assert run.scored == len(readable) and sorted(r["path"] for r in rows) == sorted(map(str, readable))
+    _assert_equal_to_local(rows, local_predictions)
 
 
 def test_results_of_another_model_are_refused_unless_overwrite(ray_cluster, fitted_model, inputs, tmp_path, capsys):

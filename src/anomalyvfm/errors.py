@@ -3,7 +3,8 @@
 The CLI prints a `UserInputError` as one line and exits with code 2; anything else is a bug and keeps
 its traceback. `ImageReadError` is raised for one unreadable image so that batch commands can record
 it and carry on with the rest; `ImageTooLargeError` is the kind of unreadable image that a server
-answers with "payload too large" rather than "not an image".
+answers with "payload too large" rather than "not an image". `NotFittedError` is a detector used before
+`fit()` or `load()`: the caller's order of calls, so it is reported like any other input mistake.
 """
 
 
@@ -12,7 +13,10 @@ class UserInputError(Exception):
 
 
 class NotFittedError(UserInputError):
-    """A model asked to score, save or export before it was fitted or loaded (one place raises it)."""
+    """A model asked to score, save or export before it was fitted or loaded."""
+
+    def __init__(self, message: str = "detector is not fitted: call fit() or AnomalyDetector.load()") -> None:
+        super().__init__(message)
 
 
 class ImageReadError(UserInputError):

@@ -33,12 +33,14 @@ from anomalyvfm.errors import UserInputError, failure
 from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
+from anomalyvfm.prediction import Predictor
 from anomalyvfm.scoring.names import SCORE_MODES
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
 
 
-def load_model(args: argparse.Namespace) -> AnomalyDetector:
-    """A saved model or an exported bundle (`anomalyvfm.deploy`) with the runtime options applied."""
+def load_model(args: argparse.Namespace) -> Predictor:
+    """A saved model or an exported bundle (`anomalyvfm.deploy`) with the runtime options applied: either
+    predictor, so the commands use only the `Predictor` surface both offer."""
     from anomalyvfm.deploy.load import load_predictor
 
     return load_predictor(args.model, **runtime_from_args(args))

@@ -103,14 +103,17 @@ class AnomalyDetector:
 
     # -- predict --------------------------------------------------------------------------------------
     def _calibrated(self) -> Calibration:
+        """The calibration, or `NotFittedError`: the one check behind predict, thresholds, save and export."""
         if self.calibration is None:
-            raise NotFittedError("detector is not fitted: call fit() or AnomalyDetector.load()")
+            raise NotFittedError()
         return self.calibration
 
     @property
     def score_mode(self) -> str:
-        """The score mode predictions use: the runtime's choice, else the fitted one."""
-        return self.runtime.score or self._calibrated().mode
+        """The score mode predictions use: the runtime's choice, else the fitted one (`NotFittedError` before
+        fit or load, even with a runtime choice: no mode is usable without thresholds)."""
+        fitted = self._calibrated().mode
+        return self.runtime.score or fitted
 
     def thresholds(self) -> Thresholds:
         """Image and pixel thresholds of the score mode in use, with their validation statistics."""
@@ -149,8 +152,6 @@ class AnomalyDetector:
     def save(self, directory: str | Path, store_backbone: bool = True) -> Path:
         """Write the model directory (atomically; see `model_dir`). With `store_backbone=False` it only
         references the backbone (hub id or path), as models of anomalyvfm 0.1 did."""
-        if self.pipeline.head is None:
-            raise NotFittedError("nothing to save: detector is not fitted")
         stored = model_dir.StoredModel(Path(directory), self.settings, self._calibrated(), self.record,
                                        self.pipeline.head.state_dict())
         return model_dir.write(directory, stored, lambda folder: self.pipeline.save_parts(folder, store_backbone))

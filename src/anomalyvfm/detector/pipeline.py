@@ -200,7 +200,7 @@ class Pipeline:
 
     def _fitted_head(self) -> ScoringHead:
         if self.head is None:
-            raise NotFittedError("detector is not fitted: call fit() or AnomalyDetector.load()")
+            raise NotFittedError()
         return self.head
 
     def score_views(self, items: list[ImageFeatures]) -> ViewScores:

@@ -7,11 +7,14 @@ writer, receives a batch's rows only when the batch finished, and drops any path
 so every path lands in the output exactly once. Pictures are written by the actors, into `OUT` (on a
 cluster that must be a folder every node mounts), named by the image's stem and a hash of its full
 path: unique without knowing the other batches.
+
+`HOLD_ENV` is a test hook: it lets a test kill an actor that provably holds a batch (see `hold_batch`).
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import time
 import warnings
@@ -25,8 +28,9 @@ from anomalyvfm.distributed.sources import expand_sources
 from anomalyvfm.errors import UserInputError
 
 BATCHES_PER_BLOCK = 4  # a block is the unit redone after a worker dies: a few batches
-SHOWN_ERRORS = 10
-TASK_RETRIES = 3  # a block that kills its worker this often fails the job (resumable), never loops forever  # unreadable images named on stderr; all of them are in the output
+SHOWN_ERRORS = 10  # unreadable images named on stderr; all of them are in the output
+TASK_RETRIES = 3  # a block that kills its worker this often fails the job (resumable), never loops forever
+HOLD_ENV = "ANOMALYVFM_TEST_HOLD_BATCHES"  # test hook: a folder where actors mark and hold the batches they start
 
 
 @dataclass
@@ -47,6 +51,23 @@ def picture_name(path: str) -> str:
     return f"{Path(path).stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
+def hold_batch() -> None:
+    """Test hook: if `HOLD_ENV` names an existing folder, mark that this process started a batch (a file
+    named by its pid), then wait while the folder exists without a `release` file in it.
+
+    A test then kills the marked process knowing it is inside a batch, rather than guessing from process
+    titles within a time limit (which failed on a busy machine). Unset, as outside tests, it costs one
+    environment lookup per batch.
+    """
+    folder = os.environ.get(HOLD_ENV)
+    if not folder or not os.path.isdir(folder):
+        return
+    with open(os.path.join(folder, f"{os.getpid()}.started"), "a") as marker:
+        marker.write("batch\n")
+    while os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "release")):
+        time.sleep(0.02)
+
+
 class ScoringActor:
     """One Ray Data actor: loads the model once, then scores a `pyarrow.Table` of paths per call."""
 
@@ -64,6 +85,7 @@ class ScoringActor:
 
         from anomalyvfm.maps.render import save_pictures
 
+        hold_batch()
         paths = batch.column("path").to_pylist()
         rows: dict[str, list] = {"path": paths, "score": [], "is_anomalous": [], "error": []}
         for path, pred in zip(paths, self.detector.predict_iter(paths, progress=None, decide=True)):

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from anomalyvfm.scoring.distances import knn_distance
+from anomalyvfm.scoring.distances import knn_distance, unit_rows
 
 SEARCHES = ("numpy", "torch", "openvino")
 SHORTLIST = 8  # bank candidates per patch kept by the bf16 search, then re-ranked exactly in fp32
@@ -34,11 +34,6 @@ def cpu_capabilities() -> list[str]:
     import openvino as ov
 
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-
-
-def _unit_rows(features: np.ndarray) -> np.ndarray:
-    x = np.asarray(features, np.float32).reshape(-1, np.shape(features)[-1])
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
 class NumpySearch:
@@ -60,7 +55,7 @@ class TorchSearch:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         torch = self.torch
-        x = torch.as_tensor(_unit_rows(features), device=self.device)
+        x = torch.as_tensor(unit_rows(features), device=self.device)
         out = [1 - (x[i : i + SEARCH_ROWS] @ self.bank.T).amax(dim=1) for i in range(0, len(x), SEARCH_ROWS)]
         return torch.cat(out).cpu().numpy()
 
@@ -85,7 +80,7 @@ class OpenVinoSearch:
         self._request = compiled.create_infer_request()
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        x = _unit_rows(features)
+        x = unit_rows(features)
         out = []
         for start in range(0, len(x), SEARCH_ROWS):
             rows = np.ascontiguousarray(x[start : start + SEARCH_ROWS])

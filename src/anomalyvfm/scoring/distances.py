@@ -6,6 +6,8 @@ so an exported bundle scores with exactly the code the model was validated with.
 """
 from __future__ import annotations
 
+from typing import Hashable
+
 import numpy as np
 from scipy.ndimage import maximum_filter
 
@@ -19,11 +21,36 @@ def _rows(features) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+def unit_rows(features) -> np.ndarray:
+    """Feature rows, each L2-normalised (the cosine distances compare directions)."""
+    x = _rows(features)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+
+
 def knn_distance(features, bank: np.ndarray) -> np.ndarray:
     """Cosine distance of each feature row to its nearest row of the unit-norm `bank`."""
-    x = _rows(features)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+    x = unit_rows(features)
     return np.concatenate([1 - (x[i : i + CHUNK] @ bank.T).max(axis=1) for i in range(0, len(x), CHUNK)])
+
+
+def prefix_knn_distances(features, bank: np.ndarray, prefixes: dict[Hashable, int]) -> dict[Hashable, np.ndarray]:
+    """`knn_distance` to each prefix `bank[:rows]` of `prefixes` (name -> rows), from one product per chunk.
+
+    A greedy coreset is prefix-consistent (its first k rows are the greedy coreset of size k,
+    `scoring.coreset`), so one bank fitted at the largest ratio scores every smaller ratio: running
+    maxima over the bank's columns, in order of prefix length.
+    """
+    x = unit_rows(features)
+    ordered = sorted(prefixes.items(), key=lambda item: item[1])
+    parts: dict[Hashable, list[np.ndarray]] = {name: [] for name, _ in ordered}
+    for i in range(0, len(x), CHUNK):
+        similarity = x[i : i + CHUNK] @ bank.T
+        best, start = np.full(len(similarity), -np.inf, np.float32), 0
+        for name, stop in ordered:
+            if stop > start:
+                best, start = np.maximum(best, similarity[:, start:stop].max(axis=1)), stop
+            parts[name].append(1 - best)
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
 def mahalanobis_distance(features, mean: np.ndarray, whitener: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ class Budget:
     def __init__(self, total: int) -> None:
         self.total = total
         self.used = 0
+        self.waiting = 0  # requests now waiting in `take`: lets a test (or a gauge) see a request queue for room
         self._freed: asyncio.Event | None = None  # set (and replaced) whenever something is given back
 
     def try_take(self, amount: int) -> bool:
@@ -58,10 +59,13 @@ class Budget:
                 raise TimeoutError
             if self._freed is None:
                 self._freed = asyncio.Event()
+            self.waiting += 1
             try:
                 await asyncio.wait_for(self._freed.wait(), remaining)
             except asyncio.TimeoutError:
                 raise TimeoutError from None
+            finally:
+                self.waiting -= 1
 
     def give(self, amount: int) -> None:
         self.used -= amount
