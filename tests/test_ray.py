@@ -248,7 +248,7 @@ def test_results_of_another_model_are_refused_unless_overwrite(ray_cluster, fitt
 def test_bad_input_is_one_line_exit_2(ray_cluster, fitted_model, inputs, tmp_path, capsys):
     damaged = tmp_path / "damaged"
     shutil.copytree(fitted_model, damaged)
-    (damaged / "scorer.safetensors").write_bytes(b"0" * 10)  # the driver reads config.json; workers must load all
+    (damaged / "head.safetensors").write_bytes(b"0" * 10)  # the driver reads config.json; workers must load all
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     image = str(sorted(inputs.glob("*.png"))[0])
@@ -280,7 +280,7 @@ def test_ray_fit_equals_local_fit(ray_cluster, data_root, backbone_dir, fitted_m
     local = _fit(capsys, data_root, backbone_dir, tmp_path / "local", "--scorer", "mahalanobis")
     ray_fit = _fit(capsys, data_root, backbone_dir, tmp_path / "ray", "--scorer", "mahalanobis", "--engine", "ray",
                    "--workers", "2")
-    a, b = load_file(local / "scorer.safetensors"), load_file(ray_fit / "scorer.safetensors")
+    a, b = load_file(local / "head.safetensors"), load_file(ray_fit / "head.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-5), key
