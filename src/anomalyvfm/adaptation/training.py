@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -152,6 +153,50 @@ def knn_validation_score(backbone: Backbone, memory: torch.Tensor, batch: Batch,
             + _ranking("ap", (targets[keep] >= 0.5).float(), distance[keep]))
 
 
+def _training_batch(images: Sequence[ImageLike], size: int, seed: int, image_size: int, crop: int | None, patch: int,
+                    step: int) -> Batch:
+    rng = np.random.default_rng([seed, 2, step])  # per step: the same batches whatever the thread timing
+    return make_batch(images, rng.integers(len(images), size=size), rng, image_size, crop, patch)
+
+
+def _criterion_batches(train_images: Sequence[ImageLike], val_images: Sequence[ImageLike], config: AdaptationConfig,
+                       seed: int, image_size: int, crop: int | None, patch: int) -> tuple[Batch, Batch, torch.Tensor]:
+    """The fixed batches model selection is judged on: validation crops with synthetic defects (objective
+    `heads`); the held-out criterion's validation crops as is and with unseen defect types, and the normal
+    training crops they are compared against (objective `compact`)."""
+    val_picks = np.linspace(0, len(val_images) - 1, min(config.val_images, len(val_images))).round().astype(int)
+    twice = np.concatenate([val_picks, val_picks])
+    val_batch = make_batch(val_images, twice, np.random.default_rng([seed, 1]), image_size, crop, patch)
+    held_out = make_batch(val_images, twice, np.random.default_rng([seed, 3]), image_size, crop, patch, HELD_OUT)
+    memory_picks = np.linspace(0, len(train_images) - 1, min(config.val_images, len(train_images))).round().astype(int)
+    memory = make_batch(train_images, memory_picks, np.random.default_rng([seed, 4]), image_size, crop, patch,
+                        synthetic_share=0.0)[0]
+    return val_batch, held_out, memory
+
+
+def _train_step(backbone: Backbone, peft_model, heads: AnomalyHeads, batch: Batch,
+                config: AdaptationConfig) -> torch.Tensor:
+    """One batch's loss: the heads' patch and image losses, plus (objective `compact`) the compactness loss
+    of the adapted features against the frozen ones — then the heads learn on the adapted features without
+    steering them."""
+    x, masks, labels = batch
+    backbone.train()
+    heads.train()
+    x = x.to(backbone.device)
+    features = backbone(x)
+    targets = patch_targets(masks, backbone.patch_size).to(features.device)
+    loss = features.new_zeros(())
+    if config.objective == "compact":
+        with torch.no_grad(), peft_model.disable_adapter():
+            frozen = backbone(x)
+        loss, _ = compactness_loss(features, frozen, targets, labels.to(features.device) == 0, config.margin,
+                                   config.distill)
+        features = features.detach()
+    patch_logits, image_logits = heads(features)
+    return (loss + patch_loss(patch_logits, targets, config.loss, config.temperature)
+            + F.binary_cross_entropy_with_logits(image_logits, labels.to(image_logits.device)))
+
+
 def train_adapter(
     backbone: Backbone, train_images: Sequence[ImageLike], val_images: Sequence[ImageLike], config: AdaptationConfig,
     image_size: int, seed: int = 0, progress: bool = True,
@@ -170,53 +215,20 @@ def train_adapter(
     adapter = lora_parameters(backbone)
     optimizer = torch.optim.AdamW([*adapter.values(), *heads.parameters()], lr=config.lr, weight_decay=config.weight_decay)
     patch, crop, compact = backbone.patch_size, config.crop_size or None, config.objective == "compact"
-
-    val_picks = np.linspace(0, len(val_images) - 1, min(config.val_images, len(val_images))).round().astype(int)
-    val_batch = make_batch(val_images, np.concatenate([val_picks, val_picks]), np.random.default_rng([seed, 1]),
-                           image_size, crop, patch)
-    # Held-out criterion: validation crops as is and with unseen defect types, against normal training crops.
-    held_out = make_batch(val_images, np.concatenate([val_picks, val_picks]), np.random.default_rng([seed, 3]),
-                          image_size, crop, patch, HELD_OUT)
-    memory_picks = np.linspace(0, len(train_images) - 1, min(config.val_images, len(train_images))).round().astype(int)
-    memory = make_batch(train_images, memory_picks, np.random.default_rng([seed, 4]), image_size, crop, patch,
-                        synthetic_share=0.0)[0]
-
-    def held_out_score() -> float:
-        return knn_validation_score(backbone, memory, held_out, config.batch_size)
-
-    def criterion() -> float:
-        return held_out_score() if compact else validation_score(backbone, heads, val_batch, config.batch_size)
-
-    def batch_for(step: int) -> Batch:
-        rng = np.random.default_rng([seed, 2, step])  # per step: the same batches whatever the thread timing
-        return make_batch(train_images, rng.integers(len(train_images), size=config.batch_size), rng, image_size,
-                          crop, patch)
+    val_batch, held_out, memory = _criterion_batches(train_images, val_images, config, seed, image_size, crop, patch)
+    held_out_score = partial(knn_validation_score, backbone, memory, held_out, config.batch_size)
+    criterion = held_out_score if compact else partial(validation_score, backbone, heads, val_batch, config.batch_size)
+    batch_for = partial(_training_batch, train_images, config.batch_size, seed, image_size, crop, patch)
 
     def snapshot() -> tuple:
         return {k: v.detach().clone() for k, v in adapter.items()}, copy.deepcopy(heads.state_dict())
 
     frozen_held_out = held_out_score()  # LoRA starts as the identity: this is the frozen features' criterion
     best: tuple[float, int, tuple] = (frozen_held_out, 0, snapshot()) if compact else (-np.inf, 0, ())
-    history = [(0, round(frozen_held_out, 4))] if compact else []
-    stale = 0
+    history, stale = [(0, round(frozen_held_out, 4))] if compact else [], 0
     bar = tqdm(total=config.steps, desc="LoRA training", disable=not progress, unit="step")
-    for step, (x, masks, labels) in enumerate(prefetch(batch_for, range(config.steps), depth=2), start=1):
-        backbone.train()
-        heads.train()
-        x = x.to(backbone.device)
-        features = backbone(x)
-        targets = patch_targets(masks, patch).to(features.device)
-        if compact:
-            with torch.no_grad(), peft_model.disable_adapter():
-                frozen = backbone(x)
-            loss, _ = compactness_loss(features, frozen, targets, labels.to(features.device) == 0, config.margin,
-                                       config.distill)
-            features = features.detach()  # the heads learn on the adapted features without steering them
-        else:
-            loss = features.new_zeros(())
-        patch_logits, image_logits = heads(features)
-        loss = (loss + patch_loss(patch_logits, targets, config.loss, config.temperature)
-                + F.binary_cross_entropy_with_logits(image_logits, labels.to(image_logits.device)))
+    for step, batch in enumerate(prefetch(batch_for, range(config.steps), depth=2), start=1):
+        loss = _train_step(backbone, peft_model, heads, batch, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -233,7 +245,7 @@ def train_adapter(
             if stale >= config.patience:
                 break
     bar.close()
-    with torch.no_grad():
+    with torch.no_grad():  # the best state back into the backbone's adapter and the heads
         for name, value in best[2][0].items():
             adapter[name].copy_(value)
     heads.load_state_dict(best[2][1])

@@ -101,6 +101,50 @@ class _Stitch:
         return ImageFeatures(self.index, self.source, grid, self.image_shape, self.processed_shape)
 
 
+def _forward(backbone: Backbone, crops: list[torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return backbone(torch.stack(crops).to(backbone.device)).cpu()
+
+
+def _run_batch(backbone: Backbone, batch: list[tuple[_Stitch, int, int, torch.Tensor]]) -> None:
+    """Run a batch of crops (one shape) through the backbone and add each grid to its image's stitch.
+
+    One crop's failure (out of memory …) must not take the batch down: the crops are then retried one by
+    one, and only the image whose crop fails again fails. Crops of an image that already failed are skipped.
+    """
+    live = [item for item in batch if item[0].error is None]
+    for stitch, *_ in batch:
+        if stitch.error is not None:
+            stitch.pending -= 1  # a crop of an image that already failed: not worth computing
+    try:
+        done = list(zip(live, _forward(backbone, [crop for *_, crop in live]))) if live else []
+    except Exception:
+        done = []
+        for item in live:
+            try:
+                done.append((item, _forward(backbone, [item[3]])[0]))
+            except Exception as exc:
+                item[0].fail(failure(item[0].source, exc))
+    for (stitch, top, left, _), grid in done:
+        if stitch.error is None:
+            stitch.add(top, left, grid)
+        else:
+            stitch.pending -= 1
+
+
+def _stitch(backbone: Backbone, index: int, source: str, loaded: np.ndarray, image_size: int,
+            tiling: Tiling | None) -> _Stitch | FailedImage:
+    """An image resized for its view and cut into crops, or its failure (resizing a huge image can run out
+    of memory: only this image fails)."""
+    try:
+        height, width = loaded.shape[:2]
+        tensor = to_tensor(loaded, view_size(height, width, image_size, tiling, backbone.patch_size))
+        return _Stitch(index, source, (height, width), tensor, crops(tensor, tiling), backbone.patch_size,
+                       backbone.hidden_size)
+    except Exception as exc:
+        return FailedImage(index, source, failure(source, exc))
+
+
 def extract_features(
     backbone: Backbone,
     images: Sequence[ImageLike],
@@ -115,9 +159,8 @@ def extract_features(
     Without `tiling` the image's short side goes to `image_size`, and an image whose aspect ratio is over
     `max_aspect` is refused from its header (its backbone input would be `max_aspect` times as long); with
     tiling, `image_size` and `max_aspect` are unused (work is bounded by the pixel count) and `batch_size`
-    counts tiles.
+    counts tiles. Crops of one shape are batched across images; results leave in input order.
     """
-    device, patch = backbone.device, backbone.patch_size
     batch: list[tuple[_Stitch, int, int, torch.Tensor]] = []
     in_flight: deque[_Stitch | FailedImage] = deque()
 
@@ -126,56 +169,22 @@ def extract_features(
             item = in_flight.popleft()
             yield item if isinstance(item, FailedImage) else item.result()
 
-    def forward(crops: list[torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():
-            return backbone(torch.stack(crops).to(device)).cpu()
-
-    def flush() -> Iterator[ImageFeatures | FailedImage]:
-        live = [item for item in batch if item[0].error is None]
-        for stitch, *_ in batch:
-            if stitch.error is not None:
-                stitch.pending -= 1  # a crop of an image that already failed: not worth computing
-        try:
-            grids = list(forward([crop for *_, crop in live])) if live else []
-            done = list(zip(live, grids))
-        except Exception:  # one crop's failure (out of memory …) must not take the batch down: retry alone
-            done = []
-            for item in live:
-                try:
-                    done.append((item, forward([item[3]])[0]))
-                except Exception as exc:
-                    item[0].fail(failure(item[0].source, exc))
-        for (stitch, top, left, _), grid in done:
-            if stitch.error is None:
-                stitch.add(top, left, grid)
-            else:
-                stitch.pending -= 1
-        batch.clear()
-        yield from finished()
-
     bar = tqdm(total=len(images), desc=progress, disable=progress is None, unit="img")
     load = partial(_load, max_aspect=None if tiling else max_aspect)
     for index, source, loaded in prefetch(load, enumerate(images)):
-        if isinstance(loaded, str):
-            in_flight.append(FailedImage(index, source, loaded))
-        else:
-            try:
-                height, width = loaded.shape[:2]
-                tensor = to_tensor(loaded, view_size(height, width, image_size, tiling, patch))
-                del loaded
-                stitch = _Stitch(index, source, (height, width), tensor, crops(tensor, tiling), patch,
-                                 backbone.hidden_size)
-            except Exception as exc:  # resizing a huge image can run out of memory: only this image fails
-                in_flight.append(FailedImage(index, source, failure(source, exc)))
-            else:
-                in_flight.append(stitch)
-                for top, left, crop in stitch.crops:
-                    if batch and (len(batch) >= batch_size or batch[0][3].shape != crop.shape):
-                        yield from flush()
-                    batch.append((stitch, top, left, crop))
+        item = FailedImage(index, source, loaded) if isinstance(loaded, str) else _stitch(
+            backbone, index, source, loaded, image_size, tiling)
+        del loaded
+        in_flight.append(item)
+        for top, left, crop in item.crops if isinstance(item, _Stitch) else ():
+            if batch and (len(batch) >= batch_size or batch[0][3].shape != crop.shape):
+                _run_batch(backbone, batch)
+                batch.clear()
+                yield from finished()
+            batch.append((item, top, left, crop))
         yield from finished()
         bar.update(1)
     if batch:
-        yield from flush()
+        _run_batch(backbone, batch)
     yield from finished()
     bar.close()
