@@ -53,13 +53,19 @@ def record(out: Path) -> None:
 
 
 def check(out: Path) -> None:
+    """Each recorded form loaded by the new code, and ("form") the recorded model exported by the new code
+    to an ONNX fp32 form, against what the old code's bundle gave."""
+    from anomalyvfm.deploy.export import export_model
     from anomalyvfm.deploy.load import load_predictor
 
     images = json.loads((out / "images.json").read_text())
     for name in VARIANTS:
-        for form in FORMS:
-            before = dict(np.load(out / name / f"{form}.npz"))
-            after = _predict(load_predictor(out / name / form), images)
+        copy = out / name / "form"
+        if not copy.exists():
+            export_model(out / name / "model", "onnx", "fp32", out=copy)
+        for form, path, recorded in (*((f, out / name / f, f) for f in FORMS), ("form", copy, "bundle")):
+            before = dict(np.load(out / name / f"{recorded}.npz"))
+            after = _predict(load_predictor(path), images)
             rel = {k: float(np.max(np.abs(after[k] - before[k]) / np.maximum(np.abs(before[k]), 1e-12)))
                    for k in ("score", "maps")}
             same = {k: bool(np.array_equal(after[k], before[k])) for k in ("verdict", "masks")}
