@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from anomalyvfm.checksums import sha256
+from anomalyvfm.checksums import checked_sha256, sha256
 from anomalyvfm.errors import UserInputError
 
 FORMAT_VERSION = 1
@@ -35,11 +35,18 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def loaded_files(fmt: str) -> tuple[str, ...]:
+    """Every file of a bundle of format `fmt` that the runtime reads, besides the manifest itself."""
+    return (*GRAPH_FILES[fmt], SCORER)
+
+
 def read_manifest(directory: str | Path, verify: bool = True) -> dict:
     """The checked manifest of a bundle; a `UserInputError` naming the file for anything unusable.
 
-    With `verify`, every listed file must exist with its recorded SHA-256, so a truncated copy or a
-    corrupted file is reported here rather than as a crash (or silently wrong scores) in the engine.
+    With `verify`, every file the runtime reads (`loaded_files`) must be listed, and every listed file
+    must exist with its recorded SHA-256, so a truncated copy or a corrupted file is reported here rather
+    than as a crash (or silently wrong scores) in the engine. A manifest that lists fewer files (an empty
+    list once disabled every check) is refused: it would leave the unlisted files unchecked.
     """
     directory = Path(directory)
     path = directory / MANIFEST
@@ -55,10 +62,14 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
                              "upgrade anomalyvfm or export the model again with this version")
     if fmt not in FORMATS or precision not in PRECISIONS:
         raise UserInputError(f"{path}: unknown format '{fmt}' or precision '{precision}'")
+    unlisted = [name for name in loaded_files(fmt) if name not in files] if verify else []
+    if unlisted:
+        raise UserInputError(f"{path}: lists no checksum for {', '.join(unlisted)}, which the runtime reads; "
+                             "the manifest is incomplete: export the model again")
     for name, digest in files.items() if verify else ():
         file = directory / name
         if not file.is_file():
             raise UserInputError(f"{file}: missing from the bundle (copy the whole folder)")
-        if sha256(file) != digest:
+        if checked_sha256(file) != digest:
             raise UserInputError(f"{file}: corrupt (checksum differs from {MANIFEST}); copy the bundle again")
     return manifest

@@ -43,6 +43,7 @@ from anomalyvfm.declare import to_dict
 from anomalyvfm.deploy.runtime import cpu_capabilities, view_crops
 from anomalyvfm.errors import ImageReadError, UserInputError
 from anomalyvfm.features.backbone import Backbone
+from anomalyvfm.outputs import follow_umask, write_text
 from anomalyvfm.version import __version__
 
 CALIBRATION_SAMPLES = 300  # NNCF's default subset size; crops beyond it add time, not accuracy
@@ -185,7 +186,8 @@ def export_bundle(detector, out: str | Path, format: str = "openvino", precision
             "config": _settings(detector),
             "files": {p.name: sha256(p) for p in sorted(tmp.iterdir())},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp makes the folder private; a bundle is as readable as any new file
         if out.exists():
             out.rmdir()  # an empty folder the user made for it
         tmp.rename(out)

@@ -30,13 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from anomalyvfm.adaptation.heads import AnomalyHeads
 from anomalyvfm.adaptation.config import AdaptationConfig
-from anomalyvfm.checksums import sha256
+from anomalyvfm.checksums import checked_sha256, sha256
 from anomalyvfm.declare import from_dict, to_dict
 from anomalyvfm.detector.calibration import Calibration
 from anomalyvfm.detector.pipeline import Pipeline
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.foreground import ForegroundModel
+from anomalyvfm.outputs import follow_umask, write_text
 from anomalyvfm.scoring.scorers import ImageBank, make_scorer
 
 FORMAT_VERSION = 2
@@ -91,9 +92,6 @@ def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, r
     directory = check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model should be as readable as any new folder
     try:
         save_file(_scorer_state(pipeline), str(tmp / SCORER_FILE))
         if store_backbone:
@@ -103,7 +101,8 @@ def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, r
             pipeline.heads.save(tmp / HEADS_FILE)
         config = {"format_version": FORMAT_VERSION, "settings": to_dict(pipeline.settings),
                   "calibration": calibration.to_dict(), "record": asdict(record), "files": _checksums(tmp)}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp and safetensors write private files; a model is as readable as a new file
         _sync(tmp)
         _swap_into_place(tmp, directory)
     finally:
@@ -221,12 +220,24 @@ def _verify(directory: Path, files: Any) -> None:
         return
     if not isinstance(files, dict):
         raise UserInputError(f"{directory / CONFIG_FILE}: 'files' must map file names to checksums")
+    unlisted = [name for name in _loaded_files(directory) if name not in files]
+    if unlisted:  # an emptied or partial list must not switch the checks off
+        raise UserInputError(f"{directory / CONFIG_FILE}: lists no checksum for {', '.join(unlisted[:3])}"
+                             f"{' …' if len(unlisted) > 3 else ''}, which loading reads; the model directory "
+                             "is incomplete or was edited: fit it again")
     for name, digest in files.items():
         path = directory / name
         if not path.is_file():
             raise UserInputError(f"{path}: missing (the model directory is incomplete)")
-        if sha256(path) != digest:
+        if checked_sha256(path) != digest:
             raise UserInputError(f"{path}: checksum mismatch (the file is damaged or was replaced)")
+
+
+def _loaded_files(directory: Path) -> list[str]:
+    """The files of a model directory that loading reads besides config.json, as manifest names."""
+    loaded = (SCORER_FILE, BACKBONE_DIR, ADAPTER_DIR, HEADS_FILE)
+    return [str(path.relative_to(directory)) for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.relative_to(directory).parts[0] in loaded]
 
 
 _V1_RUNTIME = ("device", "batch_size", "precision")  # how a model ran; no longer saved
