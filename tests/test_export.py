@@ -174,6 +174,13 @@ def _break(bundle: Path, how: str) -> str:
         data[len(data) // 2] ^= 0xFF
         (bundle / "backbone.bin").write_bytes(bytes(data))
         return f"{bundle / 'backbone.bin'}: corrupt"
+    if how in ("emptied list", "partial list"):  # an empty list once switched every checksum off
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        kept = {} if how == "emptied list" else {"backbone.xml": manifest["files"]["backbone.xml"]}
+        (bundle / MANIFEST).write_text(json.dumps({**manifest, "files": kept}))
+        (bundle / "backbone.bin").write_bytes(b"garbage that must never reach the engine")
+        unlisted = "backbone.xml, backbone.bin" if how == "emptied list" else "backbone.bin"
+        return f"{bundle / MANIFEST}: lists no checksum for {unlisted}, {SCORER}"
     if how == "newer":
         manifest = json.loads((bundle / MANIFEST).read_text())
         (bundle / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
@@ -182,7 +189,7 @@ def _break(bundle: Path, how: str) -> str:
     return f"{bundle / MANIFEST}: unreadable"
 
 
-@pytest.mark.parametrize("how", ["missing", "corrupt", "newer", "garbled"])
+@pytest.mark.parametrize("how", ["missing", "corrupt", "newer", "garbled", "emptied list", "partial list"])
 def test_bad_bundles_are_one_line_exit_2(how, bundles, data_root, tmp_path, capsys):
     import shutil
 
@@ -191,6 +198,15 @@ def test_bad_bundles_are_one_line_exit_2(how, bundles, data_root, tmp_path, caps
     code = main(["predict", "--model", str(bundle), str(_images(data_root)[0]), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bundle_files_follow_the_umask(bundles):
+    """tempfile makes the bundle folder private; a bundle must be as readable as any file its user creates."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for bundle in bundles.values():
+        for path in [bundle, *bundle.rglob("*")]:
+            assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
 
 def test_precision_the_cpu_cannot_run_is_one_line(bundles, data_root, tmp_path, monkeypatch, capsys):

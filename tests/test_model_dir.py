@@ -150,15 +150,21 @@ def _damage(model: Path, case: str) -> None:
         del config["files"]
     elif case == "missing backbone weights":
         (model / "backbone" / "model.safetensors").unlink()
+    elif case == "emptied file list":  # once switched every checksum off
+        config["files"] = {}
+    elif case == "file list without the scorer":
+        del config["files"]["scorer.safetensors"]
     if case not in ("config is a list",):
         (model / "config.json").write_text(json.dumps(config))
 
 
 CASES = ["truncated scorer", "empty scorer", "random scorer", "config is a list", "image_size is text",
          "negative sigma", "missing threshold", "unknown key", "newer format", "swapped scorer (checksum)",
-         "swapped scorer (no manifest)", "missing backbone weights"]
+         "swapped scorer (no manifest)", "missing backbone weights", "emptied file list", "file list without the scorer"]
 FRAGMENTS = {"newer format": "upgrade", "unknown key": "sigmaa", "negative sigma": "sigma must be at least 0",
-             "image_size is text": "image_size must be int", "missing backbone weights": "missing"}
+             "image_size is text": "image_size must be int", "missing backbone weights": "missing",
+             "emptied file list": "lists no checksum for backbone/model.safetensors, scorer.safetensors",
+             "file list without the scorer": "lists no checksum for scorer.safetensors"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -168,7 +174,8 @@ def test_damaged_directories_give_one_line_and_exit_2(case, fitted_model, data_r
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    commands = [["predict", "--model", str(model), str(data_root), "--out", str(tmp_path / "p")],
+    commands = [["predict", "--model", str(model), str(data_root / "demo" / "test_public" / "bad"), "--out",
+                 str(tmp_path / "p")],
                 ["evaluate", "--model", str(model), "--data", str(data_root), "--category", "demo", "--out", str(tmp_path / "e")],
                 ["export-submission", "--model", str(model), "--data", str(data_root), "--category", "demo",
                  "--out", str(tmp_path / "s")],

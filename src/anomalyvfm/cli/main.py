@@ -14,6 +14,7 @@ import itertools
 import os
 import shlex
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -97,8 +98,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     thresholds = detector.thresholds()
     value_range = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
     failures = 0
-    with PredictionsCsv(out / PREDICTIONS_CSV) as table:
-        for name, pred in zip(output_names(files), detector.predict_iter(files)):
+    # closing(): a write error ends the scoring at once, and its progress bar before the error line
+    with PredictionsCsv(out / PREDICTIONS_CSV) as table, closing(detector.predict_iter(files)) as predictions:
+        for name, pred in zip(output_names(files), predictions):
             table.add(pred.source, pred.score, pred.is_anomalous, pred.error)
             if pred.error:
                 failures += 1

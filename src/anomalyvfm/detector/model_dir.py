@@ -138,8 +138,9 @@ def _save_backbone(pipeline: Pipeline, out: Path) -> None:
 
 
 def _checksums(directory: Path) -> dict[str, str]:
+    """Every file but the top-level config.json that holds the list (`backbone/config.json` included)."""
     return {str(path.relative_to(directory)): sha256(path)
-            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CONFIG_FILE}
+            for path in sorted(directory.rglob("*")) if path.is_file() and path != directory / CONFIG_FILE}
 
 
 def _sync(directory: Path) -> None:
@@ -234,10 +235,15 @@ def _verify(directory: Path, files: Any) -> None:
 
 
 def _loaded_files(directory: Path) -> list[str]:
-    """The files of a model directory that loading reads besides config.json, as manifest names."""
+    """The files of a model directory that loading reads besides config.json, as manifest names.
+
+    Earlier writers left every file named config.json out of the list, so a subfolder's
+    config.json (small JSON that transformers/peft parse and check themselves) is not required; all the
+    weights are.
+    """
     loaded = (SCORER_FILE, BACKBONE_DIR, ADAPTER_DIR, HEADS_FILE)
     return [str(path.relative_to(directory)) for path in sorted(directory.rglob("*"))
-            if path.is_file() and path.relative_to(directory).parts[0] in loaded]
+            if path.is_file() and path.relative_to(directory).parts[0] in loaded and path.name != CONFIG_FILE]
 
 
 _V1_RUNTIME = ("device", "batch_size", "precision")  # how a model ran; no longer saved
