@@ -25,7 +25,7 @@ from PIL import Image
 from anomalyvfm.cli import main as cli
 from anomalyvfm.cli.main import expand_inputs, main
 from anomalyvfm.maps.render import save_pictures
-from anomalyvfm.outputs import (MAX_NAME_BYTES, PICTURE_SUFFIXES, PREDICTIONS_CSV, TEXT_ERRORS, PredictionsCsv,
+from anomalyvfm.outputs import (MAX_NAME_BYTES, PREDICTIONS_CSV, TEXT_ERRORS, PredictionsCsv,
                                 output_names, picture_files, prepare_output_folder)
 from anomalyvfm.prediction import Prediction
 

@@ -75,9 +75,6 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
     return HeaderTimeoutProtocol
 
 
-DRAIN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, draining on SIGHUP too, and logging which signal started the shutdown.
 
@@ -116,8 +113,8 @@ class DrainingServer(uvicorn.Server):
                             and not c.cycle.response_complete)
             name = signal.Signals(self.received).name
             log.info(f"{name}: draining, {in_flight} requests in flight get up to "
-                        f"{self.config.timeout_graceful_shutdown} s to finish, then the server exits",
-                        extra={"fields": {"event": "shutdown", "signal": name, "in_flight": in_flight}})
+                     f"{self.config.timeout_graceful_shutdown} s to finish, then the server exits",
+                     extra={"fields": {"event": "shutdown", "signal": name, "in_flight": in_flight}})
         await super().shutdown(sockets)
 
 
