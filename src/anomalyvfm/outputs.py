@@ -147,7 +147,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def current_umask() -> int:
-    """The process umask (reading it means setting it; it is set straight back)."""
+    """The process umask: from /proc on Linux (Python can read it only by setting it, which would race with
+    other threads creating files), else set and set straight back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
