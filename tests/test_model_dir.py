@@ -187,10 +187,13 @@ def test_damaged_directories_give_one_line_and_exit_2(case, fitted_model, data_r
         assert str(model) in err and FRAGMENTS.get(case, "") in err, err
 
 
-@pytest.mark.parametrize("kind, fragment", [("file", "exists and is not a folder"), ("folder", "not a model directory")])
+@pytest.mark.parametrize("kind, fragment", [("file", "exists and is not a folder"), ("folder", "not a model directory"),
+                                           ("proc", "cannot create the model folder there")])
 def test_an_unusable_out_fails_before_the_fit(kind, fragment, data_root, tmp_path, capsys):
     out = tmp_path / "out"
-    if kind == "file":
+    if kind == "proc":  # a folder that cannot be created
+        out = Path("/proc/anomalyvfm-test/model")
+    elif kind == "file":
         out.write_text("my notes")
     else:
         out.mkdir()
@@ -200,4 +203,22 @@ def test_an_unusable_out_fails_before_the_fit(kind, fragment, data_root, tmp_pat
                  "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
-    assert out.is_file() or (out / "holiday.jpg").read_bytes() == b"not to be deleted"
+    assert kind == "proc" or out.is_file() or (out / "holiday.jpg").read_bytes() == b"not to be deleted"
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line(backbone_dir, data_root, tmp_path, monkeypatch, capsys):
+    """The fit is done, the disk fills while its files are written: one line, and the old model stays."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_dir, "_sync", full)
+    out = tmp_path / "model"
+    code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 "--image-size", "112", "--max-train-images", "4", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "anomalyvfm" in line]  # the rest is progress bars
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert f"{out}: cannot write (No space left on device); the model there, if any, is unchanged" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary folder left behind

@@ -33,7 +33,7 @@ from anomalyvfm.errors import UserInputError, failure
 from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
-from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_names, prepare_output_folder
+from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, output_names, prepare_output_folder
 from anomalyvfm.scoring.names import SCORE_MODES
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, api_key_from, limits_from_args
 
@@ -62,7 +62,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         check_local(args)
         detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
-    out = detector.save(args.out, store_backbone=not args.reference_backbone)
+    with output_errors(args.out, lambda: "the model there, if any, is unchanged"):  # e.g. the disk filled up
+        out = detector.save(args.out, store_backbone=not args.reference_backbone)
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
           f"pixel threshold {thresholds.pixel_threshold:.4g})")

@@ -83,6 +83,11 @@ def check_writable(directory: str | Path) -> Path:
         raise UserInputError(f"{directory}: exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
         raise UserInputError(f"{directory}: folder is not empty and not a model directory; choose a new --out")
+    try:  # `write` builds the model in a temporary sibling: the parent must take one (not /proc, not read-only)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{directory.name}.check-", dir=directory.parent)).rmdir()
+    except OSError as exc:
+        raise UserInputError(f"{directory}: cannot create the model folder there ({exc.strerror or exc})") from None
     return directory
 
 
