@@ -214,6 +214,17 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_a_read_only_out_is_one_line_before_the_model_loads(fitted_model, tmp_path, small_tmpfs, capsys,
+                                                            no_model_load):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(TINY_PNG)
+    assert main(["predict", "--model", str(fitted_model), str(tmp_path / "in"), "--out", str(small_tmpfs)]) == 2
+    err = capsys.readouterr().err
+    assert f"{small_tmpfs}: cannot create the output folder or write in it (Read-only file system)" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_full_disk_while_writing_predictions_csv_is_one_line(fitted_model, data_root, tmp_path, small_tmpfs,
                                                                 capsys):
     images = tmp_path / "images"

@@ -26,6 +26,7 @@ import csv
 import io
 import os
 import re
+import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,7 +56,10 @@ def prepare_output_folder(out: str | Path, inputs: Iterable[str | Path], model: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{out}: --out exists and is not a folder")
-    target = out.resolve()
+    try:
+        target = out.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic-link loop
+        raise UserInputError(f"{out}: cannot resolve --out ({exc})") from None
     read = {Path(p).parent for p in inputs} | ({Path(model)} if model is not None else set())
     for folder in sorted(read, key=str):
         source = folder.resolve()
@@ -63,10 +67,13 @@ def prepare_output_folder(out: str | Path, inputs: Iterable[str | Path], model: 
             where = "is" if target == source else "is inside"
             raise UserInputError(f"{out}: --out {where} {folder}, a folder this command reads from; "
                                  "choose an output folder outside the inputs and the model")
-    try:
+    try:  # created, and a file written and removed in it: a read-only --out is found before the model loads
         out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".anomalyvfm-", dir=out)
+        os.close(handle)
+        os.unlink(probe)
     except OSError as exc:
-        raise UserInputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+        raise UserInputError(f"{out}: cannot create the output folder or write in it ({exc.strerror or exc})") from None
     return out
 
 
