@@ -89,5 +89,5 @@ def wait_until_serving(process, base: str, seconds: float = 60) -> None:
         try:
             requests.get(base + "/health", timeout=1)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a busy machine: accepted, not yet answered
             time.sleep(0.2)

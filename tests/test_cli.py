@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalyvfm.cli.main import main, output_names
+from anomalyvfm.cli.main import main
+from anomalyvfm.outputs import output_names
 
 
 def _run(capsys, argv):
@@ -60,9 +61,9 @@ def test_output_names_are_unique():
         (["fit", "--data", "{data}", "--category", "nope", "--out", "{tmp}/m"], "unknown category 'nope'"),
         (["fit", "--data", "{data}", "--category", "demo", "--backbone", "{tmp}", "--out", "{tmp}/m"], "no config.json"),
         (["fit", "--data", "{empty}", "--category", "c", "--out", "{tmp}/m"], "no images found"),
-        (["predict", "--model", "{tmp}", "{data}", "--out", "{tmp}/o"], "not a model directory"),
+        (["predict", "--model", "{empty}", "{images}", "--out", "{tmp}/o"], "not a model directory"),
         (["predict", "--model", "{model}", "{missing}", "--out", "{tmp}/o"], "no such file or folder"),
-        (["predict", "--model", "{badmodel}", "{data}", "--out", "{tmp}/o"], "unreadable model directory"),
+        (["predict", "--model", "{badmodel}", "{images}", "--out", "{tmp}/o"], "unreadable model directory"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(argv, fragment, fitted_model, data_root, backbone_dir, tmp_path, capsys):
@@ -72,7 +73,7 @@ def test_user_mistakes_give_one_line_and_exit_2(argv, fragment, fitted_model, da
     (bad_model / "config.json").write_text("{not json")
     (bad_model / "head.safetensors").write_bytes(b"")
     values = {"missing": tmp_path / "missing", "data": data_root, "tmp": tmp_path, "model": fitted_model,
-              "empty": tmp_path / "empty", "badmodel": bad_model}
+              "empty": tmp_path / "empty", "badmodel": bad_model, "images": data_root / "demo" / "test_public" / "bad"}
     code, out, err = _run(capsys, [a.format(**values) for a in argv])
     assert code == 2
     assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -180,6 +180,12 @@ def _break(bundle: Path, how: str) -> str:
         data[len(data) // 2] ^= 0xFF
         graph.write_bytes(bytes(data))
         return f"{graph}: checksum mismatch"
+    if how in ("emptied list", "partial list"):  # an empty list once switched every checksum off
+        config = json.loads((bundle / "config.json").read_text())
+        kept = {} if how == "emptied list" else {model_dir.HEAD_FILE: config["files"][model_dir.HEAD_FILE]}
+        (bundle / "config.json").write_text(json.dumps({**config, "files": kept}))
+        (bundle / "openvino-fp32" / "backbone.bin").write_bytes(b"garbage that must never reach the engine")
+        return "lists no checksum for " + ("head.safetensors" if how == "emptied list" else "openvino-fp32/backbone.bin")
     if how == "newer":
         config = json.loads((bundle / "config.json").read_text())
         (bundle / "config.json").write_text(json.dumps({**config, "format_version": 99}))
@@ -203,7 +209,7 @@ def test_an_earlier_bundle_must_list_every_file_it_reads(files, tmp_path, capsys
     assert code == 2 and "lists no checksum for" in err and "backbone.onnx" in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("how", ["missing", "corrupt", "newer", "garbled"])
+@pytest.mark.parametrize("how", ["missing", "corrupt", "newer", "garbled", "emptied list", "partial list"])
 def test_bad_bundles_are_one_line_exit_2(how, bundles, data_root, tmp_path, capsys):
     import shutil
 
@@ -212,6 +218,15 @@ def test_bad_bundles_are_one_line_exit_2(how, bundles, data_root, tmp_path, caps
     code = main(["predict", "--model", str(bundle), str(_images(data_root)[0]), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bundle_files_follow_the_umask(bundles):
+    """tempfile makes the bundle folder private; a bundle must be as readable as any file its user creates."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for bundle in bundles.values():
+        for path in [bundle, *bundle.rglob("*")]:
+            assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
 
 def test_precision_the_cpu_cannot_run_is_one_line(bundles, data_root, tmp_path, monkeypatch, capsys):

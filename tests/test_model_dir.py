@@ -150,21 +150,23 @@ def _damage(model: Path, case: str) -> None:
     elif case == "swapped scorer (no manifest)":
         save_file({"view0.mean": load_file(scorer)["view0.bank"][0].contiguous()}, str(scorer))
         del config["files"]
-    elif case == "empty file list":
-        config["files"] = {}
-        scorer.write_bytes(b"garbage")
     elif case == "missing backbone weights":
         (model / "backbone" / "model.safetensors").unlink()
+    elif case == "emptied file list":  # once switched every checksum off
+        config["files"] = {}
+    elif case == "file list without the scorer":
+        del config["files"]["head.safetensors"]
     if case not in ("config is a list",):
         (model / "config.json").write_text(json.dumps(config))
 
 
 CASES = ["truncated scorer", "empty scorer", "random scorer", "config is a list", "image_size is text",
          "negative sigma", "missing threshold", "unknown key", "newer format", "swapped scorer (checksum)",
-         "swapped scorer (no manifest)", "empty file list", "missing backbone weights"]
+         "swapped scorer (no manifest)", "missing backbone weights", "emptied file list", "file list without the scorer"]
 FRAGMENTS = {"newer format": "upgrade", "unknown key": "sigmaa", "negative sigma": "sigma must be at least 0",
              "image_size is text": "image_size must be int", "missing backbone weights": "missing",
-             "empty file list": "lists no checksum for head.safetensors"}
+             "emptied file list": "lists no checksum for head.safetensors, backbone/model.safetensors",
+             "file list without the scorer": "lists no checksum for head.safetensors"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -174,7 +176,8 @@ def test_damaged_directories_give_one_line_and_exit_2(case, fitted_model, data_r
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    commands = [["predict", "--model", str(model), str(data_root), "--out", str(tmp_path / "p")],
+    commands = [["predict", "--model", str(model), str(data_root / "demo" / "test_public" / "bad"), "--out",
+                 str(tmp_path / "p")],
                 ["evaluate", "--model", str(model), "--data", str(data_root), "--category", "demo", "--out", str(tmp_path / "e")],
                 ["export-submission", "--model", str(model), "--data", str(data_root), "--category", "demo",
                  "--out", str(tmp_path / "s")],
@@ -186,10 +189,13 @@ def test_damaged_directories_give_one_line_and_exit_2(case, fitted_model, data_r
         assert str(model) in err and FRAGMENTS.get(case, "") in err, err
 
 
-@pytest.mark.parametrize("kind, fragment", [("file", "exists and is not a folder"), ("folder", "not a model directory")])
+@pytest.mark.parametrize("kind, fragment", [("file", "exists and is not a folder"), ("folder", "not a model directory"),
+                                           ("proc", "cannot create the model folder there")])
 def test_an_unusable_out_fails_before_the_fit(kind, fragment, data_root, tmp_path, capsys):
     out = tmp_path / "out"
-    if kind == "file":
+    if kind == "proc":  # a folder that cannot be created
+        out = Path("/proc/anomalyvfm-test/model")
+    elif kind == "file":
         out.write_text("my notes")
     else:
         out.mkdir()
@@ -199,7 +205,25 @@ def test_an_unusable_out_fails_before_the_fit(kind, fragment, data_root, tmp_pat
                  "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
-    assert out.is_file() or (out / "holiday.jpg").read_bytes() == b"not to be deleted"
+    assert kind == "proc" or out.is_file() or (out / "holiday.jpg").read_bytes() == b"not to be deleted"
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line(backbone_dir, data_root, tmp_path, monkeypatch, capsys):
+    """The fit is done, the disk fills while its files are written: one line, and the old model stays."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_dir, "_sync", full)
+    out = tmp_path / "model"
+    code = main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 "--image-size", "112", "--max-train-images", "4", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "anomalyvfm" in line]  # the rest is progress bars
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert f"{out}: cannot write (No space left on device); the model there, if any, is unchanged" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary folder left behind
 
 
 @pytest.mark.parametrize("name", ["knn_v2", "bundle_v1"])

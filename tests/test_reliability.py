@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -412,6 +413,68 @@ def test_sigterm_with_a_stalled_upload_stops_within_the_shutdown_deadline(fitted
             process.communicate()
     assert stopped < 8, f"took {stopped:.1f} s"
     assert "Traceback" not in output
+
+
+def _lines(stream, into: "queue.Queue[str]") -> None:
+    for line in stream:
+        into.put(line)
+
+
+def _wait_for_line(lines: "queue.Queue[str]", seen: list[str], needle: str, timeout: float = 60) -> str:
+    """The first output line holding `needle` (a marker the server writes; never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        seen.append(line)
+        if needle in line:
+            return line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_sighup_and_sigterm_drain_a_request_in_flight(fitted_model, expected, sig):
+    """`systemctl reload` or a closed terminal (SIGHUP) used to kill serve at once, resetting requests.
+
+    The request is in flight for sure when the signal comes: its headers ask `Expect: 100-continue`, and the
+    server answers `100 Continue` only once the app reads the body. The body follows the server's drain line.
+    """
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", str(fitted_model),
+                                "--port", str(port)], env={**os.environ, "PYTHONPATH": SRC},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+    base, seen = f"http://127.0.0.1:{port}", []
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png(GOOD[0]) + b"\r\n--b--\r\n")
+    try:
+        wait_until_serving(process, base)
+        client = _connect(base)
+        client.settimeout(60)
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                       b"Content-Type: multipart/form-data; boundary=b\r\n" +
+                       f"Content-Length: {len(body)}\r\n\r\n".encode())
+        assert client.recv(100).startswith(b"HTTP/1.1 100 Continue")  # the app is reading this request's body
+        process.send_signal(sig)
+        drain = _wait_for_line(lines, seen, f"{sig.name}: draining")
+        assert json.loads(drain)["in_flight"] == 1
+        client.sendall(body)
+        answer = b""
+        while chunk := client.recv(65536):  # the server closes the connection after the answer: it is draining
+            answer += chunk
+        client.close()
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert close(json.loads(answer.split(b"\r\n\r\n", 1)[1])["score"], expected[0])
+    assert process.returncode == (0 if sig == signal.SIGHUP else -signal.SIGTERM), "".join(seen)
+    assert "Traceback" not in "".join(seen)
+    with pytest.raises(requests.ConnectionError):  # and it no longer listens
+        requests.get(base + "/health", timeout=5)
 
 
 # -- service: operations -----------------------------------------------------------------------------

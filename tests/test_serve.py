@@ -181,6 +181,24 @@ def test_cli_serve_runs_a_server_with_the_key_from_the_environment(fitted_model,
     assert process.returncode == 0 and "Application shutdown complete" in output and "Traceback" not in output
 
 
+@pytest.mark.parametrize("key, option", [("", False), ("   ", False), ("\t\n", False), ("", True)])
+def test_an_empty_api_key_is_refused_at_start(key, option, tmp_path, monkeypatch, capsys):
+    """A set but empty key (an unrendered secret in a unit file) used to switch authentication off."""
+    monkeypatch.setenv("ANOMALYVFM_API_KEY", "ignored-when-the-option-is-given" if option else key)
+    argv = ["serve", "--model", str(tmp_path), "--port", str(free_port())] + (["--api-key", key] if option else [])
+    assert main(argv) == 2  # refused before the model: tmp_path is no model, and the error is not about it
+    err = capsys.readouterr().err
+    assert f"{'--api-key' if option else 'ANOMALYVFM_API_KEY'} is set but empty" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_create_app_refuses_an_empty_api_key(fitted_model):
+    from anomalyvfm.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="API key is empty"):
+        create_app(fitted_model, api_key=" ")
+
+
 @pytest.mark.parametrize("extra, fragment", [([], "not a model directory"), (["--max-pixels", "0"], "--max-pixels")])
 def test_cli_serve_user_mistakes_exit_2_with_one_line(extra, fragment, fitted_model, tmp_path, capsys):
     model = tmp_path if not extra else fitted_model

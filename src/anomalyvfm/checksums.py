@@ -26,10 +26,20 @@ def verify(directory: Path, files: Any, required: list[str], manifest: Path) -> 
         raise UserInputError(f"{manifest}: 'files' must map file names to checksums")
     unlisted = [name for name in required if name not in files]
     if unlisted:
-        raise UserInputError(f"{manifest}: lists no checksum for {', '.join(unlisted)}")
+        raise UserInputError(f"{manifest}: lists no checksum for {', '.join(unlisted[:3])}"
+                             f"{' …' if len(unlisted) > 3 else ''}, which loading reads (incomplete or edited)")
     for name, digest in files.items():
         path = directory / name
         if not path.is_file():
             raise UserInputError(f"{path}: missing (copy the whole folder again)")
-        if sha256(path) != digest:
+        if checked_sha256(path) != digest:
             raise UserInputError(f"{path}: checksum mismatch (the file is damaged or was replaced)")
+
+
+def checked_sha256(path: Path) -> str:
+    """`sha256` for a loader: a file it cannot read (permissions, I/O error) is one `UserInputError` line."""
+    try:
+        return sha256(path)
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror or exc}); the model files must be readable "
+                             "by the user who loads them") from None

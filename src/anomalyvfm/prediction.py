@@ -25,7 +25,7 @@ class Prediction:
 
 class Predictor(Protocol):
     """What `evaluate`, `predict` and the service need of a model: `AnomalyDetector` and the exported
-    `BundlePredictor` both satisfy it, so those front ends run either without knowing which one they hold."""
+    `GraphPredictor` both satisfy it, so those front ends run either without knowing which one they hold."""
 
     settings: Any
     record: Any

@@ -10,11 +10,11 @@ from __future__ import annotations
 # imported by the commands that use it, so `predict`/`serve` with an exported bundle never load torch.
 
 import argparse
-import csv
 import itertools
 import os
 import shlex
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -34,8 +34,9 @@ from anomalyvfm.evaluation.report import format_table
 from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
 from anomalyvfm.prediction import Predictor
+from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, output_names, prepare_output_folder
 from anomalyvfm.scoring.names import SCORE_MODES
-from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, limits_from_args
+from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, api_key_from, limits_from_args
 
 
 def load_model(args: argparse.Namespace) -> Predictor:
@@ -53,14 +54,6 @@ def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
     return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images)
 
 
-def output_folder(path: str) -> Path:
-    """`path` as a folder to write into; checked before any work, so a mistake costs no fit or scoring."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"{out}: --out exists and is not a folder")
-    return out
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
     from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
     from anomalyvfm.detector.fit import fit_category
@@ -71,7 +64,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         check_local(args)
         detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
-    out = detector.save(args.out, store_backbone=not args.reference_backbone)
+    with output_errors(args.out, lambda: "the model there, if any, is unchanged"):  # e.g. the disk filled up
+        out = detector.save(args.out, store_backbone=not args.reference_backbone)
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
           f"pixel threshold {thresholds.pixel_threshold:.4g})")
@@ -97,43 +91,30 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def output_names(files: Sequence[Path]) -> list[str]:
-    """Unique, readable output stems: the file stem, prefixed by its folder (and index) on collisions."""
-    stems = [f.stem for f in files]
-    names = [f"{f.parent.name}_{f.stem}" if stems.count(f.stem) > 1 else f.stem for f in files]
-    return [f"{i:05d}_{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return predict_on_ray_command(args, runtime_from_args(args))
     check_local(args)
-    out = output_folder(args.out)
-    detector = load_model(args)
     files = expand_inputs(args.paths)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(args.out, files, args.model)  # before the model loads: a mistake costs nothing
+    detector = load_model(args)
     thresholds = detector.thresholds()
     value_range = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
     failures = 0
-    with open(out / "predictions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "is_anomalous", "error"])
-        for name, pred in zip(output_names(files), detector.predict_iter(files)):
+    # closing(): a write error ends the scoring at once, and its progress bar before the error line
+    with PredictionsCsv(out / PREDICTIONS_CSV) as table, closing(detector.predict_iter(files)) as predictions:
+        for name, pred in zip(output_names(files), predictions):
+            table.add(pred.source, pred.score, pred.is_anomalous, pred.error)
             if pred.error:
                 failures += 1
                 print(f"anomalyvfm: skipped {pred.error}", file=sys.stderr)
-                writer.writerow([pred.source, "", "", pred.error])
-                handle.flush()
-                continue
-            writer.writerow([pred.source, f"{pred.score:.6g}", int(pred.is_anomalous), ""])
-            handle.flush()  # each row reaches the file as it is scored: a crash later loses nothing before it
-            if args.images is not False:  # pictures unless --no-images
+            elif args.images is not False:  # pictures unless --no-images
                 try:
                     save_pictures(out, name, pred, value_range)
                 except Exception as exc:  # e.g. out of memory for one huge picture: the scores still stand
                     failures += 1
                     print(f"anomalyvfm: no pictures for {failure(pred.source, exc)}", file=sys.stderr)
-    print(f"scored {len(files) - failures} of {len(files)} images → {out / 'predictions.csv'}"
+    print(f"scored {len(files) - failures} of {len(files)} images → {out / PREDICTIONS_CSV}"
           + (f"; {failures} failed (see stderr)" if failures else ""))
     return 1 if failures else 0
 
@@ -157,7 +138,7 @@ def cmd_synth_preview(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     run_server = require("anomalyvfm.service.server", "serve", "anomalyvfm serve").run_server  # FastAPI only here
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = api_key_from(args.api_key, os.environ)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)
     run_server(args.model, args.host, args.port, api_key, limits_from_args(args), **runtime_from_args(args))
@@ -403,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is shown escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

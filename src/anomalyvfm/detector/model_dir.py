@@ -39,6 +39,7 @@ from anomalyvfm.declare import from_dict, to_dict
 from anomalyvfm.detector.settings import Settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.calibration import Calibration
+from anomalyvfm.outputs import follow_umask, write_text
 
 FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
@@ -85,6 +86,11 @@ def check_writable(directory: str | Path) -> Path:
         raise UserInputError(f"{directory}: exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
         raise UserInputError(f"{directory}: folder is not empty and not a model directory; choose a new --out")
+    try:  # `write` builds the model in a temporary sibling: the parent must take one (not /proc, not read-only)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{directory.name}.check-", dir=directory.parent)).rmdir()
+    except OSError as exc:
+        raise UserInputError(f"{directory}: cannot create the model folder there ({exc.strerror or exc})") from None
     return directory
 
 
@@ -99,9 +105,6 @@ def write(directory: str | Path, stored: StoredModel, write_parts: Callable[[Pat
     directory = check_writable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model should be as readable as any new folder
     try:
         if copy_from is not None:  # top-level names only: backbone/ has a config.json of its own
             skip = {CONFIG_FILE, SCORER_FILE, HEAD_FILE, *leave_out}
@@ -113,7 +116,8 @@ def write(directory: str | Path, stored: StoredModel, write_parts: Callable[[Pat
         config = {"format_version": FORMAT_VERSION, "settings": to_dict(stored.settings),
                   "calibration": stored.calibration.to_dict(), "record": asdict(stored.record),
                   "forms": stored.forms, "files": _checksums(tmp)}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp and safetensors write private files; a model is as readable as a new file
         _sync(tmp)
         _swap_into_place(tmp, directory)
     finally:
@@ -122,8 +126,9 @@ def write(directory: str | Path, stored: StoredModel, write_parts: Callable[[Pat
 
 
 def _checksums(directory: Path) -> dict[str, str]:
+    """Every file but the top-level config.json that holds the list (`backbone/config.json` included)."""
     return {str(path.relative_to(directory)): sha256(path)
-            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CONFIG_FILE}
+            for path in sorted(directory.rglob("*")) if path.is_file() and path != directory / CONFIG_FILE}
 
 
 def _sync(directory: Path) -> None:
@@ -191,7 +196,7 @@ def read(directory: str | Path) -> StoredModel:
         raise UserInputError(f"{config_path}: 'forms' must map folder names to their descriptions")
     head_path = directory / (HEAD_FILE if version >= 3 else SCORER_FILE)
     if version >= 2:  # format 1 has no checksums
-        verify(directory, config.get("files"), [head_path.name], config_path)
+        verify(directory, config.get("files"), [head_path.name, *_loaded_files(directory, forms)], config_path)
     try:
         arrays = load_file(str(head_path))
     except Exception as exc:  # a missing file, or the safetensors parser's own error types for damaged ones
@@ -204,6 +209,18 @@ def read(directory: str | Path) -> StoredModel:
             raise UserInputError(f"{head_path}: no {', '.join(missing)} for this model's settings; it does not "
                                  f"belong to this {CONFIG_FILE}")
     return StoredModel(directory, settings, calibration, record, arrays, forms)
+
+
+def _loaded_files(directory: Path, forms: dict[str, Any]) -> list[str]:
+    """The files of a model directory that loading reads besides config.json, as manifest names.
+
+    Earlier writers left every file named config.json out of the list, so a subfolder's
+    config.json (small JSON that transformers/peft parse and check themselves) is not required; all the
+    weights are.
+    """
+    loaded = (BACKBONE_DIR, ADAPTER_DIR, HEADS_FILE, *forms)
+    return [str(path.relative_to(directory)) for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.relative_to(directory).parts[0] in loaded and path.name != CONFIG_FILE]
 
 
 _V1_RUNTIME = ("device", "batch_size", "precision")  # how a model ran; no longer saved

@@ -5,14 +5,14 @@ Each actor loads the model once (`AnomalyDetector.load`) and scores one batch of
 actor that dies and retries the block it held (up to `TASK_RETRIES` times); the driver is the only
 writer, receives a batch's rows only when the batch finished, and drops any path it already holds,
 so every path lands in the output exactly once. Pictures are written by the actors, into `OUT` (on a
-cluster that must be a folder every node mounts), named by the image's stem and a hash of its full
-path: unique without knowing the other batches.
+cluster that must be a folder every node mounts), under names the driver gives each path with
+`outputs.output_names` (the local engine's names), which travel with the paths; a resumed run keeps
+the names already in `OUT` for the images it scored before.
 
 `HOLD_ENV` is a test hook: it lets a test kill an actor that provably holds a batch (see `hold_batch`).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -26,6 +26,7 @@ from anomalyvfm.distributed.cluster import check_model_everywhere, ray_session, 
 from anomalyvfm.distributed.results import ResultStore, model_identity, schema
 from anomalyvfm.distributed.sources import expand_sources
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.outputs import PICTURE_SUFFIXES, output_names, prepare_output_folder
 
 BATCHES_PER_BLOCK = 4  # a block is the unit redone after a worker dies: a few batches
 SHOWN_ERRORS = 10  # unreadable images named on stderr; all of them are in the output
@@ -45,10 +46,6 @@ class PredictRun:
     workers: int
     seconds: float
 
-
-def picture_name(path: str) -> str:
-    """A picture file stem unique per full path, readable by its image's stem."""
-    return f"{Path(path).stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
 def hold_batch() -> None:
@@ -85,15 +82,15 @@ class ScoringActor:
 
         from anomalyvfm.maps.render import save_pictures
 
+        paths, names = batch.column("path").to_pylist(), batch.column("name").to_pylist()
         hold_batch()
-        paths = batch.column("path").to_pylist()
         rows: dict[str, list] = {"path": paths, "score": [], "is_anomalous": [], "error": []}
-        for path, pred in zip(paths, self.detector.predict_iter(paths, progress=None, decide=True)):
+        for name, pred in zip(names, self.detector.predict_iter(paths, progress=None, decide=True)):
             rows["score"].append(None if pred.error else float(pred.score))
             rows["is_anomalous"].append(None if pred.error else bool(pred.is_anomalous))
             rows["error"].append(pred.error)
             if self.pictures is not None and not pred.error:
-                save_pictures(self.pictures, picture_name(path), pred, self.value_range)
+                save_pictures(self.pictures, name, pred, self.value_range)
         return pa.Table.from_pydict(rows, schema=schema())
 
 
@@ -105,20 +102,22 @@ def predict_on_ray(model: str | Path, sources: Sequence[str], out: str | Path, r
 
     `on_batch(rows)` is called as each scored batch reaches the driver (progress, benchmarks).
     """
-    model, out = Path(model).absolute(), Path(out)
+    model = Path(model).absolute()
     paths = expand_sources(sources)
+    check_storable(paths)
+    out = prepare_output_folder(out, paths, model)  # before a cluster is started, like every check here
     model_identity(model, "")  # an unreadable model fails here, before a cluster is started
     start = time.perf_counter()
     with ray_session(address, workers) as ray:
         gpus = 1.0 if str(runtime.get("device") or "cpu").startswith("cuda") else 0.0
         workers = worker_count(ray, workers, gpus)
         mode = check_model_everywhere(ray, model, runtime)
-        out.mkdir(parents=True, exist_ok=True)
         store = ResultStore(out, model_identity(model, mode), resume, overwrite)
         todo = [p for p in paths if p not in store.done]
+        names = output_names(todo, taken=existing_names(out) if store.done else ())
         shown = 0
         try:
-            for batch in _scored_batches(ray, todo, model, runtime, workers, gpus, out if pictures else None):
+            for batch in _scored_batches(ray, todo, names, model, runtime, workers, gpus, out if pictures else None):
                 store.add(batch)
                 if on_batch:
                     on_batch(batch.num_rows)
@@ -153,15 +152,34 @@ def blocks_of(paths: list[str], batch_size: int, workers: int) -> Iterator[tuple
         yield start, paths[start:start + rows]
 
 
-def _scored_batches(ray: Any, paths: list[str], model: Path, runtime: dict[str, Any], workers: int, gpus: float,
-                    pictures: Path | None):
+def check_storable(paths: Sequence[str]) -> None:
+    """Refuse, before a cluster starts, a path the results cannot hold: Parquet strings are UTF-8, and a
+    Linux file name need not be (the local engine writes such names losslessly, `outputs`)."""
+    for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserInputError(f"{path.encode('utf-8', 'backslashreplace').decode()}: a file name that is not "
+                                 "UTF-8 cannot be stored in predictions.parquet; score it with --engine local "
+                                 "or rename it") from None
+
+
+def existing_names(out: Path) -> list[str]:
+    """Output names whose pictures are already in `out` (from earlier runs into it)."""
+    return [entry.name[: -len(suffix)] for entry in out.iterdir() for suffix in PICTURE_SUFFIXES
+            if entry.name.endswith(suffix)]
+
+
+def _scored_batches(ray: Any, paths: list[str], names: list[str], model: Path, runtime: dict[str, Any], workers: int,
+                    gpus: float, pictures: Path | None):
     """Result tables as batches finish (in no particular order), from `workers` actors."""
     import pyarrow as pa
 
     if not paths:
         return
     batch_size = int(runtime.get("batch_size") or 8)
-    blocks = [pa.table({"path": chunk}) for _, chunk in blocks_of(paths, batch_size, workers)]
+    blocks = [pa.table({"path": chunk, "name": names[start:start + len(chunk)]})
+              for start, chunk in blocks_of(paths, batch_size, workers)]
     dataset = map_on_actors(ray, blocks, ScoringActor, (str(model), runtime, str(pictures) if pictures else None),
                             batch_size, workers, gpus)
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -13,7 +13,6 @@ parts; a restarted job skips every path already in a part (nothing scored twice)
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -24,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, write_text
 
 PARTS_DIR = "predictions.parquet"
-CSV_FILE = "predictions.csv"
+CSV_FILE = PREDICTIONS_CSV
 IDENTITY_FILE = "model.json"
-COLUMNS = ("path", "score", "is_anomalous", "error")
 FLUSH_ROWS = 4096
 FLUSH_SECONDS = 10.0
 
@@ -93,7 +92,8 @@ class ResultStore:
             shutil.rmtree(self.parts, ignore_errors=True)
             (self.out / CSV_FILE).unlink(missing_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
-        _write_atomic(record, lambda tmp: tmp.write_text(json.dumps(identity, indent=2) + "\n"))
+        with output_errors(record):
+            _write_atomic(record, lambda tmp: write_text(tmp, json.dumps(identity, indent=2) + "\n"))
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet"))
@@ -130,8 +130,9 @@ class ResultStore:
 
         if self._rows:
             table = pa.concat_tables(self._buffer).cast(schema())
-            _write_atomic(self.parts / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
-                          lambda tmp: pq.write_table(table, tmp))
+            with output_errors(self.parts, lambda: f"{len(self.done)} results are committed in it; run again to resume"):
+                _write_atomic(self.parts / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
+                              lambda tmp: pq.write_table(table, tmp))
             self.done.update(self._pending)
         self._buffer, self._pending, self._rows, self._last_flush = [], set(), 0, time.monotonic()
 
@@ -143,15 +144,12 @@ class ResultStore:
 
         def write(tmp: Path) -> None:
             nonlocal rows, errors
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(COLUMNS)
+            with PredictionsCsv(tmp, shown_as=self.out / CSV_FILE) as table:
                 for part in self._part_files():
                     for path, score, anomalous, error in zip(*pq.read_table(part).to_pydict().values()):
                         rows += 1
                         errors += error is not None
-                        writer.writerow([path, "", "", error] if error is not None
-                                        else [path, f"{score:.6g}", int(anomalous), ""])
+                        table.add(path, score, anomalous, error)
 
-        _write_atomic(self.out / CSV_FILE, write)
+        _write_atomic(self.out / CSV_FILE, write)  # a failed rebuild leaves the previous CSV, and all the parts
         return rows, errors

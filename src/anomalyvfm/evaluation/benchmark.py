@@ -22,6 +22,7 @@ from anomalyvfm.detector.fit import Variant, fit_category
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation import html_report
 from anomalyvfm.evaluation.evaluate import evaluate, reset_peak_rss
+from anomalyvfm.outputs import open_text, write_text
 
 COLUMNS = ("variant", "category", "image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1",
            "f1_max_oracle", "seg_f1_max_oracle", "fit_seconds", "images_per_second", "peak_rss_mb", "settings")
@@ -77,11 +78,11 @@ def run_benchmark(data: Path, layout: str, categories: list[str], variants: list
     settings = {"data": str(data), "layout": layout, "categories": categories, "split": split,
                 "variants": {v.name: {"settings": to_dict(v.settings), "runtime": to_dict(v.runtime),
                                       "max_train_images": v.max_train_images} for v in variants}}
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": table}, indent=2, default=str) + "\n")
-    with open(out / "results.csv", "w", newline="") as handle:
+    write_text(out / "results.json", json.dumps({"settings": settings, "results": table}, indent=2, default=str) + "\n")
+    with open_text(out / "results.csv") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    (out / "results.md").write_text(markdown_table(table))
+    write_text(out / "results.md", markdown_table(table))
     html_report.write_index(out, table, reports, COLUMNS)
     return rows

@@ -25,6 +25,7 @@ from anomalyvfm.prediction import Predictor
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.maps.binarize import defect_mask
 from anomalyvfm.maps.render import display_range
+from anomalyvfm.outputs import write_text
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
                "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb")
@@ -90,8 +91,8 @@ def evaluate(detector: Predictor, dataset: Dataset, split: str, out: str | Path,
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result = {key: result[key] for key in METRIC_KEYS}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "performance_summary.txt").write_text(report.format_table(result) + report.threshold_lines(t.evidence))
+    write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    write_text(out / "performance_summary.txt", report.format_table(result) + report.threshold_lines(t.evidence))
     _write_pictures(detector, kept, labels, np.array(scores), maps, masks, result, dataset, out)
     html_report.write_report(out, detector, dataset, split, kept, labels, np.array(scores), maps, masks, result)
     return result

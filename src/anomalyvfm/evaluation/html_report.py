@@ -30,6 +30,7 @@ from anomalyvfm.declare import to_dict
 from anomalyvfm.evaluation.report import METRIC_LABELS
 from anomalyvfm.maps.binarize import defect_mask
 from anomalyvfm.maps.render import display_range, overlay
+from anomalyvfm.outputs import write_text
 
 REPORT_NAME = "report.html"
 INDEX_NAME = "index.html"
@@ -268,5 +269,5 @@ def _relative(path: Path, root: Path) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never opens half a page."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
+    write_text(temporary, text)
     os.replace(temporary, path)

@@ -13,6 +13,7 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 
 from anomalyvfm.data.images import load_rgb
+from anomalyvfm.outputs import PARTIAL, picture_files
 from anomalyvfm.prediction import Prediction
 
 
@@ -93,11 +94,13 @@ def mask_image(mask: np.ndarray) -> np.ndarray:
 
 def save_pictures(directory: Path, name: str, pred: Prediction, value_range: tuple[float, float]) -> None:
     """Write `<name>_overlay.png` (heat map over the image, mask outlined) and `<name>_mask.png` for one
-    scored image; `value_range` is the model's `display_range`. Used by every `predict` engine."""
+    scored image; `value_range` is the model's `display_range`. Used by every `predict` engine, with `name`
+    from `outputs.output_names` (the one owner of output names)."""
     vmin, vmax = value_range
-    for filename, picture in ((f"{name}_overlay.png", lambda: overlay(load_rgb(pred.source), pred.anomaly_map, vmin,
-                                                                      vmax, pred.mask)),
-                              (f"{name}_mask.png", lambda: mask_image(pred.mask))):
-        partial = directory / f".{filename}.partial"  # one picture in memory at a time, never half-written
+    overlay_file, mask_file = picture_files(name)
+    for filename, picture in ((overlay_file, lambda: overlay(load_rgb(pred.source), pred.anomaly_map, vmin, vmax,
+                                                             pred.mask)),
+                              (mask_file, lambda: mask_image(pred.mask))):
+        partial = directory / f".{filename}{PARTIAL}"  # one picture in memory at a time, never half-written
         Image.fromarray(picture()).save(partial, format="PNG")
         partial.replace(directory / filename)

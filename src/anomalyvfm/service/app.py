@@ -41,7 +41,7 @@ from anomalyvfm.declare import to_dict
 from anomalyvfm.data.images import check_shape, declared_size, load_rgb
 from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.prediction import Prediction
-from anomalyvfm.errors import ImageReadError, ImageTooLargeError
+from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
 from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memory
 from anomalyvfm.service.docs import mount_docs
@@ -317,6 +317,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
     balancers and orchestrators, and `/docs`, `/openapi.json` and `/metrics` stay open because they
     describe the API and its load without exposing model or data.
     """
+    if api_key is not None and not api_key.strip():  # "" would otherwise mean "no authentication"
+        raise UserInputError("the API key is empty: give a key, or None to serve without one")
     limits = limits or ServiceLimits()
     service = Service(model_dir, limits, **overrides)
 

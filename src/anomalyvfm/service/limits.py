@@ -55,6 +55,21 @@ class ServiceLimits:
                                  f"({self.max_bytes})")
 
 
+def api_key_from(option: str | None, environ: dict[str, str]) -> str | None:
+    """The API key `serve` requires: `--api-key`, else `$ANOMALYVFM_API_KEY`, else none.
+
+    A key that is given but empty or only whitespace (`ANOMALYVFM_API_KEY=` in a unit file whose secret
+    did not render) is refused: taken as "no key" it would silently switch authentication off.
+    """
+    for key, source in ((option, "--api-key"), (environ.get(API_KEY_ENV), API_KEY_ENV)):
+        if key is None:
+            continue
+        if not key.strip():
+            raise UserInputError(f"{source} is set but empty: give a key, or unset it to serve without one")
+        return key
+    return None
+
+
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
     """One `--max-pixels`-style option per `ServiceLimits` field, with its default in the help."""
     group = parser.add_argument_group("limits and timeouts (docs/serving.md)")

@@ -9,10 +9,14 @@ a normal line of cameras needs; body reads have their own timeout in the app (40
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+import threading
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Iterator
 
 import h11
 import uvicorn
@@ -71,6 +75,49 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
     return HeaderTimeoutProtocol
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining on SIGHUP too, and logging which signal started the shutdown.
+
+    uvicorn handles SIGINT and SIGTERM: stop accepting, let requests in flight finish (at most the
+    graceful-shutdown timeout), then exit. SIGHUP (`systemctl reload`, a closed terminal) used to kill the
+    process at once, resetting requests in flight; here it drains the same way (there is no reload yet),
+    and the process exits 0 afterwards instead of being killed by the re-raised signal. A second Ctrl-C
+    still forces an immediate exit (uvicorn).
+    """
+
+    received: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.received = self.received or sig
+        if sig == signal.SIGHUP:  # drained, then a normal exit: not re-raised (its default action kills)
+            self.should_exit = True
+            return
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.received is not None:  # logged here, in the event loop, not inside the signal handler
+            in_flight = sum(1 for c in self.server_state.connections if getattr(c, "cycle", None) is not None
+                            and not c.cycle.response_complete)
+            name = signal.Signals(self.received).name
+            log.info(f"{name}: draining, {in_flight} requests in flight get up to "
+                     f"{self.config.timeout_graceful_shutdown} s to finish, then the server exits",
+                     extra={"fields": {"event": "shutdown", "signal": name, "in_flight": in_flight}})
+        await super().shutdown(sockets)
+
+
 def server_config(app: Any, limits: ServiceLimits, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> uvicorn.Config:
     """uvicorn settings for `app` with the service's connection cap and timeouts (also used by the tests)."""
     return uvicorn.Config(app, host=host, port=port, http=header_timeout_protocol(limits.header_timeout),
@@ -86,8 +133,8 @@ def run_server(
     limits: ServiceLimits | None = None,
     **overrides: Any,
 ) -> None:
-    """Take the port, load the model, then serve until interrupted (Ctrl-C or SIGTERM shut down gracefully,
-    waiting at most `shutdown_timeout` for requests in flight).
+    """Take the port, load the model, then serve until interrupted (Ctrl-C, SIGTERM or SIGHUP shut down
+    gracefully, waiting at most `shutdown_timeout` for requests in flight: `DrainingServer`).
 
     The port is bound before the model loads, so a port already in use is reported at once, in one line.
     """
@@ -95,7 +142,7 @@ def run_server(
     sock = listening_socket(host, port)
     app = create_app(model_dir, api_key, limits, **overrides)
     configure_logging()
-    server = uvicorn.Server(server_config(app, limits, host, port))
+    server = DrainingServer(server_config(app, limits, host, port))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a success

@@ -44,7 +44,7 @@ class InferenceWorker:
     """The thread that calls the detector; jobs queued while it works become its next batch."""
 
     def __init__(self, detector, max_queue: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
-        # `detector`: an AnomalyDetector or an exported BundlePredictor (both offer predict_iter and runtime)
+        # `detector`: an AnomalyDetector or a GraphPredictor (both offer predict_iter and runtime)
         self.detector = detector
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
