@@ -10,7 +10,7 @@ import anomalyvfm
 ROOT = Path(anomalyvfm.__file__).parent
 # Stage of each package or module (longest prefix wins); a module may import only from its stage or earlier.
 STAGES = {
-    "errors": 0, "checksums": 0, "declare": 0, "optional": 0, "prediction": 0, "version": 0, "demo": 0,
+    "errors": 0, "checksums": 0, "declare": 0, "optional": 0, "prediction": 0, "version": 0, "demo": 0, "outputs": 0,
     "data": 1,
     "features": 2,
     "scoring": 3, "adaptation": 3,  # adaptation trains heads that score modes use: one stage

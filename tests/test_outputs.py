@@ -294,10 +294,10 @@ def test_a_model_fitted_by_root_under_umask_022_is_readable_by_another_user(back
         assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
         assert len(read_csv(shared / "out" / PREDICTIONS_CSV)) == 1
 
-        (shared / "model" / "scorer.safetensors").chmod(0o600)  # a file another user really cannot read
+        (shared / "model" / "head.safetensors").chmod(0o600)  # a file another user really cannot read
         run = _as_nobody(["predict", "--model", str(shared / "model"), str(shared / "in" / "part.png"), "--out",
                           str(shared / "out")], home)
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
-        assert "scorer.safetensors: cannot read (Permission denied)" in run.stderr
+        assert "head.safetensors: cannot read (Permission denied)" in run.stderr
     finally:
         shutil.rmtree(shared)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from anomalyvfm.detector.detector import AnomalyDetector
     from anomalyvfm.detector.fit import Variant
 
 from anomalyvfm.cli.options import add_fit_options, add_runtime_options, flag_name, runtime_from_args, settings_from_args
@@ -35,7 +34,6 @@ from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
 from anomalyvfm.prediction import Predictor
 from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, output_names, prepare_output_folder
-from anomalyvfm.scoring.names import SCORE_MODES
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, api_key_from, limits_from_args
 
 

@@ -35,7 +35,6 @@ from fastapi.security import APIKeyHeader
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from anomalyvfm.declare import to_dict
 from anomalyvfm.data.images import check_shape, declared_size, load_rgb
@@ -47,13 +46,13 @@ from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memo
 from anomalyvfm.service.docs import mount_docs
 from anomalyvfm.service.limits import API_KEY_HEADER, ServiceLimits
 from anomalyvfm.service.observability import Metrics, RequestLog
+from anomalyvfm.service.uploads import receive_uploads
 from anomalyvfm.service.schemas import (DECLARED_NAMES, BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse,
                                         Readiness)
 from anomalyvfm.service.web import mount_web
 from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
 from anomalyvfm.version import __version__
 
-PART_OVERHEAD = 16 * 1024  # multipart headers and boundaries allowed per file on top of its bytes
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
 
@@ -88,57 +87,9 @@ class Service:
         self.metrics.reject(reason)
         return HTTPException(503, detail, headers=RETRY_AFTER)
 
-    @asynccontextmanager
-    async def uploads(self, request: Request, field: str, max_files: int) -> AsyncIterator[list[UploadFile]]:
-        """The files posted in multipart `field`, parsed in memory; their bytes are held in the byte budget
-        until the block ends. The body must arrive within `body_timeout` and stay under the size limit."""
-        content_type = request.headers.get("content-type")
-        if not content_type:
-            raise HTTPException(400, f"no image sent: post it as multipart/form-data in field '{field}'")
-        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
-            raise HTTPException(415, f"content type {content_type} is not multipart/form-data "
-                                     f"(post the image in field '{field}')")
-        limit = min(max_files * (self.limits.max_bytes + PART_OVERHEAD), self.limits.max_inflight_bytes)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"request body of {declared} bytes is over the limit of {limit}")
-        held = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.body_timeout
-
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal held
-            chunks = request.stream().__aiter__()
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), max(deadline - loop.time(), 0.001))
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise HTTPException(408, f"request body not received within {self.limits.body_timeout:g} s") from None
-                if held + len(chunk) > limit:
-                    raise HTTPException(413, f"request body is over the limit of {limit} bytes")
-                if not self.body_bytes.try_take(len(chunk)):
-                    raise self.busy("body_bytes", f"server busy: request bodies in memory at the limit of "
-                                                  f"{self.limits.max_inflight_bytes} bytes; retry shortly")
-                held += len(chunk)
-                yield chunk
-
-        try:
-            parser = MultiPartParser(request.headers, body(), max_files=max_files, max_fields=16)
-            parser.spool_max_size = limit  # never roll over to a temporary file: the body stops at `limit`
-            try:
-                form = await parser.parse()
-            except MultiPartException as exc:
-                raise HTTPException(400, f"multipart body refused: {exc.message}") from None
-            values = form.getlist(field)
-            if not values:
-                raise HTTPException(400, f"no file in multipart field '{field}'")
-            if not all(isinstance(value, UploadFile) for value in values):
-                raise HTTPException(400, f"multipart field '{field}' must be a file upload, not text")
-            yield values
-        finally:
-            self.body_bytes.give(held)
+    def uploads(self, request: Request, field: str, max_files: int):
+        """The files of multipart `field`, received within this service's limits (`uploads.receive_uploads`)."""
+        return receive_uploads(request, field, max_files, self.limits, self.body_bytes, self.busy)
 
     async def read(self, upload: UploadFile) -> bytes:
         """The upload's bytes, after the checks that need no decoding."""
