@@ -26,7 +26,7 @@ from anomalyvfm.deploy.bundle import GRAPH_FILES, SCORER, read_manifest
 from anomalyvfm.errors import ImageReadError, UserInputError
 from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_size
 from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.scoring.distances import (fuse_views, knn_distance, mahalanobis_distance,
@@ -39,7 +39,8 @@ CPU_NEEDS = {"bf16": "BF16", "int8": "INT8"}  # OpenVINO CPU optimisation capabi
 SHORTLIST = 8  # bank candidates per patch kept by the bf16 search, then re-ranked exactly in fp32
 SEARCH_ROWS = 2048  # patches searched at once: bounds the (rows x bank) similarity matrix
 # config keys added after the first bundles were exported, with what those bundles did
-BUNDLE_DEFAULTS = {"evidence": {}, "image_evidence": "patch", "image_stats": {}, "binarize": "global"}
+BUNDLE_DEFAULTS = {"evidence": {}, "image_evidence": "patch", "image_stats": {}, "binarize": "global",
+                   "outline_only_flagged": False}
 
 
 def views(config: SimpleNamespace) -> list[tuple[int, Tiling | None]]:
@@ -265,7 +266,7 @@ class BundlePredictor:
         pred = Prediction(source=item.source, score=self._image_score(grid, features[-1]), anomaly_map=amap)
         if decide:
             pred.is_anomalous = bool(pred.score > c.image_threshold)
-            pred.mask = defect_mask(amap, c.pixel_threshold, c.binarize)
+            pred.mask = model_mask(amap, c, c, pred.is_anomalous)  # the config holds the thresholds too
         return pred
 
     def _image_score(self, grid: np.ndarray, features: np.ndarray) -> float:

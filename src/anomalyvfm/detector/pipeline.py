@@ -25,7 +25,7 @@ from anomalyvfm.features.backbone import Backbone, load_backbone
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures, extract_features
 from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.image_evidence import fuse_image_evidence
 from anomalyvfm.scoring.score_modes import RawScores, combine, head_scores, raw_scores
@@ -155,5 +155,5 @@ class Pipeline:
         pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
         if thresholds is not None:
             pred.is_anomalous = bool(pred.score > thresholds.image_threshold)
-            pred.mask = defect_mask(amap, thresholds.pixel_threshold, self.settings.binarize)
+            pred.mask = model_mask(amap, self.settings, thresholds, pred.is_anomalous)
         return pred

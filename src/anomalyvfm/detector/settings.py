@@ -15,7 +15,7 @@ from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
-from anomalyvfm.maps.binarize import BINARIZATIONS
+from anomalyvfm.maps.binarize import BINARIZATIONS, HYSTERESIS_FRACTION
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
 from anomalyvfm.scoring.names import IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, SCORERS
 
@@ -55,9 +55,13 @@ class Settings:
     pixel_false_alarm_rate: float | None = setting(None, "pixel level: flag at most this fraction of good pixels "
                                                          f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE})",
                                                    low=0, low_open=True, high=1)
-    binarize: str = setting("global", "defect masks: pixels above the global pixel threshold, or above each image's "
-                                      "own most stable threshold over it (mebin: per-image, for where a small "
-                                      "validation set puts the global one too low)", choices=BINARIZATIONS)
+    binarize: str = setting("global", "defect masks: pixels above the global pixel threshold; mebin: above each "
+                                      "image's own most stable threshold over it; hysteresis: regions above a lower "
+                                      f"threshold ({HYSTERESIS_FRACTION:g} of the way up from the normal pixel mean) "
+                                      "holding a pixel over it, at least one patch large; mebin+hysteresis: their union",
+                            choices=BINARIZATIONS)
+    outline_only_flagged: bool = setting(False, "outline defects only on images judged anomalous (a pass verdict "
+                                                "gets an empty mask)")
     tile_size: int = setting(0, "score overlapping tiles of this many px (multiple of 14; 0 = whole image)",
                              low=0)
     tile_overlap: int = setting(56, "tile overlap in px (multiple of 14)", low=0)
