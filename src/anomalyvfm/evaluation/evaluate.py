@@ -17,7 +17,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm.evaluation import bootstrap, metrics as M
 from anomalyvfm.evaluation import html_report, report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
 from anomalyvfm.data.resample import block_means
@@ -27,7 +27,8 @@ from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.maps.render import display_range
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
-               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb")
+               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb", "intervals", "bootstrap")
+PER_IMAGE_NAME = "per_image.npz"  # each image's reduction (`metrics.PerImage`), for paired comparisons of runs
 PCA_IMAGES = 8  # images per side sampled for feature_analysis.png: enough for a picture, cheap to compute
 PCA_PATCHES = 3000
 
@@ -83,10 +84,14 @@ def evaluate(detector: Predictor, dataset: Dataset, split: str, out: str | Path,
         masks.append(load_mask(sample.mask_path, shape) if sample.label and sample.mask_path else np.zeros(shape, bool))
     labels = np.array([s.label for s in kept])
     t = detector.thresholds()
-    result = M.evaluate_arrays(labels, np.array(scores), masks, maps, t.image_threshold, t.pixel_threshold)
     settings, flagged = detector.settings, np.array(scores) > t.image_threshold
-    if settings.binarize != "global" or settings.outline_only_flagged:  # SegF1 of the masks the model outputs
-        result["seg_f1"] = M.seg_f1_masks(masks, (model_mask(m, settings, t, f) for m, f in zip(maps, flagged)))
+    counts = None  # SegF1 of the masks the model outputs, when they are not its global threshold's
+    if settings.binarize != "global" or settings.outline_only_flagged:
+        counts = np.array([M.mask_counts(g, model_mask(m, settings, t, f)) for g, m, f in zip(masks, maps, flagged)])
+    result, images = M.evaluate_images(labels, np.array(scores), masks, maps, t.image_threshold, t.pixel_threshold,
+                                       counts)
+    result["intervals"], result["bootstrap"] = bootstrap.intervals(images), bootstrap.describe()
+    images.save(out / PER_IMAGE_NAME)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result = {key: result[key] for key in METRIC_KEYS}

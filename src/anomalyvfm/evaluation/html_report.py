@@ -27,7 +27,7 @@ from scipy.ndimage import binary_dilation
 from anomalyvfm.version import __version__
 from anomalyvfm.data import Dataset, Sample, load_rgb
 from anomalyvfm.declare import to_dict
-from anomalyvfm.evaluation.report import METRIC_LABELS
+from anomalyvfm.evaluation.report import METRIC_LABELS, metric_text
 from anomalyvfm.maps.binarize import HYSTERESIS_FRACTION, model_mask
 from anomalyvfm.maps.render import display_range, overlay
 
@@ -137,7 +137,16 @@ def _summary(labels: np.ndarray, decided: np.ndarray, threshold: float) -> str:
 
 
 def _metrics_table(metrics: dict) -> str:
-    return _table((label, metrics[key]) for key, label in METRIC_LABELS.items() if key in metrics)
+    """The figures, each with its 95 % bootstrap interval over the test images where one was computed."""
+    table = _table((label, metric_text(metrics, key) if key in metrics.get("intervals", {}) else metrics[key])
+                   for key, label in METRIC_LABELS.items() if key in metrics)
+    if not metrics.get("intervals"):
+        return table
+    how = metrics.get("bootstrap", {})
+    return table + (f'<p class="muted">[low, high]: {100 * how.get("level", 0.95):g} % bootstrap interval, '
+                    f'{how.get("resamples", "?")} resamples of the test images within each label '
+                    f'(seed {how.get("seed", "?")}). Two runs differ beyond noise only if their paired interval '
+                    "excludes 0.</p>")
 
 
 def _figure(path: Path, title: str, caption: str) -> str:
