@@ -25,7 +25,7 @@ SEED = 0
 LEVEL = 0.95
 PRO_LIMIT = 0.05  # AU-PRO's false-positive-rate limit reported with an interval
 INTERVAL_METRICS = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
-_BLOCK_CELLS = 2**20  # histogram columns x resamples held at once (8 MB per float64 array)
+_BLOCK_CELLS = 2**18  # histogram columns x resamples held at once (2 MB per float64 array, ~20 MB in all)
 
 
 def resample_indices(labels: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
