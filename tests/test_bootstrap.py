@@ -50,7 +50,7 @@ def test_segf1_of_the_model_masks_is_resampled_from_their_counts() -> None:
     labels, scores, masks, maps = category(7, 4, 5)
     cut = [m.astype(np.float64) > 2.0 for m in maps]  # any cut: here a global one at another level
     counts = np.array([mask_counts(t, c) for t, c in zip(masks, cut)])
-    result, images = evaluate_images(labels, scores, masks, maps, 2.0, 1.0, mask_counts=counts)
+    result, images = evaluate_images(labels, scores, masks, maps, 2.0, 1.0, seg_counts=counts)
     assert result["seg_f1"] == pytest.approx(seg_f1_masks(masks, cut))
     indices = B.resample_indices(labels, 20, 1)
     got = B.resampled(images, indices)["seg_f1"]

@@ -425,11 +425,11 @@ def evaluate_images(
     maps: Sequence[np.ndarray],
     image_threshold: float,
     pixel_threshold: float,
-    mask_counts: np.ndarray | None = None,
+    seg_counts: np.ndarray | None = None,
 ) -> tuple[dict[str, float | int], PerImage]:
     """`evaluate_arrays`, plus every image reduced to a `PerImage` row (same single pass over the maps).
 
-    `mask_counts` ((n, 3) pixel TP, FP, FN per image, see `mask_counts`) are those of the masks the model
+    `seg_counts` ((n, 3) pixel TP, FP, FN per image, see `mask_counts`) are those of the masks the model
     outputs when it cuts them otherwise than at `pixel_threshold` (`maps.binarize`); SegF1 then comes from them.
     """
     image_counts = _image_counts(labels, image_scores)
@@ -439,20 +439,20 @@ def evaluate_images(
     pixel_counts = _score_counts(masks, maps, regions=True, per_image=True)
     curve = _full_pro_curve(pixel_counts)
     hist = pixel_counts.per_image
-    if mask_counts is None:  # the global cut's counts per image, from the histograms
+    if seg_counts is None:  # the global cut's counts per image, from the histograms
         above = (pixel_counts.values > pixel_threshold).astype(np.float64)
         tp, fp = hist.positives @ above, hist.negatives @ above
-        mask_counts = np.stack([tp, fp, np.asarray(hist.positives.sum(axis=1)).ravel() - tp], axis=1)
-    mask_counts = np.asarray(mask_counts, dtype=np.int64).reshape(num_images, 3)
+        seg_counts = np.stack([tp, fp, np.asarray(hist.positives.sum(axis=1)).ravel() - tp], axis=1)
+    seg_counts = np.asarray(seg_counts, dtype=np.int64).reshape(num_images, 3)
     scores = np.asarray(image_scores, dtype=np.float64)
-    per_image = PerImage(np.asarray(labels, dtype=np.int64), scores, scores > image_threshold, mask_counts, hist,
+    per_image = PerImage(np.asarray(labels, dtype=np.int64), scores, scores > image_threshold, seg_counts, hist,
                          pixel_counts.values)
     return {
         "image_auroc": _auroc(image_counts),
         "pixel_auroc": _auroc(pixel_counts),
         "aupro_0.05": _aupro(curve, 0.05),
         "aupro_0.3": _aupro(curve, 0.3),
-        "seg_f1": _f1(*mask_counts.sum(axis=0).tolist()),
+        "seg_f1": _f1(*seg_counts.sum(axis=0).tolist()),
         "class_f1": _f1_above(image_counts, image_threshold),
         "f1_max_oracle": _f1_max(image_counts)[0],
         "seg_f1_max_oracle": _f1_max(pixel_counts)[0],
