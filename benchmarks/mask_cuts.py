@@ -1,7 +1,8 @@
 """Mask cuts (`--binarize`, `--outline-only-flagged`) compared on maps cached by `threshold_rules.py`.
 
 Every cut of `anomalyvfm.maps.binarize` (and the global cut with the one-patch minimum area, which is not a
-setting) is applied to the cached maps of each category at the model's own thresholds, with and without
+setting, and hysteresis with its low threshold at other fractions of the way up from the normal mean) is applied
+to the cached maps of each category at the model's own thresholds, with and without
 "no outline on a pass verdict". SegF1 is measured on the *selection* set — validation/good plus the synthetic
 anomalies made on validation images — with its 95 % bootstrap interval and the paired interval of its
 difference from `global` (`anomalyvfm.evaluation.bootstrap`); test_public is only reported, never used to
@@ -27,6 +28,8 @@ from anomalyvfm.maps.binarize import BINARIZATIONS, MIN_AREA_PATCHES, defect_mas
 
 CATEGORIES = ("bottle", "ball_screw_drive", "kolektor", "magnetic_tile")
 AREA_ONLY = "global, min area"  # the global cut with the one-patch minimum area (a candidate, not a setting)
+FRACTIONS = (0.75, 0.9)  # other places of the hysteresis low threshold than HYSTERESIS_FRACTION (candidates)
+CANDIDATES = (*BINARIZATIONS, AREA_ONLY, *(f"hysteresis@{f:g}" for f in FRACTIONS))
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -40,8 +43,10 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], li
 def cut(name: str, amap: np.ndarray, threshold: float, normal_mean: float, flagged: bool | None) -> np.ndarray:
     """One candidate's mask of one map, at the model's thresholds and the default settings' patch size."""
     side = patch_side(Settings(), amap.shape)
-    if name == AREA_ONLY:
-        mask = hysteresis_mask(amap, threshold, threshold, MIN_AREA_PATCHES * side**2)
+    if name == AREA_ONLY or name.startswith("hysteresis@"):
+        fraction = float(name.partition("@")[2] or 1)  # 1: the low threshold is the strict one
+        low = normal_mean + fraction * (threshold - normal_mean)
+        mask = hysteresis_mask(amap, threshold, low, MIN_AREA_PATCHES * side**2)
         return mask if flagged is None or flagged else np.zeros_like(mask)
     return defect_mask(amap, threshold, name, normal_mean=normal_mean, patch_side=side, is_anomalous=flagged)
 
@@ -70,7 +75,7 @@ def measure(category_dir: Path) -> list[dict]:
     normal_mean = float(np.mean([m.astype(np.float64).mean() for m in validation[2]]))  # as calibration's mean
     rows, base = [], {}
     for only_flagged in (False, True):
-        for name in (*BINARIZATIONS, AREA_ONLY):
+        for name in CANDIDATES:
             row = {"category": category_dir.name, "cut": name, "only_flagged": only_flagged}
             for split_name, split in (("selection", selection), ("test", test)):
                 result, images = reduce(split, thresholds, normal_mean, name, only_flagged)
