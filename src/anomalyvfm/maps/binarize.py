@@ -27,7 +27,10 @@ SegF1, the report pictures) cuts masks through `model_mask`, so a model's stored
   is the tip of a peak, not a shape). The low threshold is `HYSTERESIS_FRACTION` of the way from the
   normal pixel mean (validation) to the strict threshold (`low_threshold`): it then moves with whatever
   rule set the strict one, and under the default sigma rule (mean + 3 std) it is mean + 1.5 std, a level
-  that only about 7 % of normal pixels pass, so growth runs through clearly raised pixels only.
+  that only about 7 % of normal pixels pass, so growth runs through clearly raised pixels only. Measured
+  (docs/results.md, bottle and kolektor): under today's sigma-3 pixel threshold, already too low there, growing
+  further down over-segments and loses; hysteresis is meant for a strict threshold (the per-image maximum of normal
+  maps) with growth down to about today's level. The minimum area alone helped on both, a little.
 * `mebin+hysteresis`: the union of both masks — MEBin's per-image cut where it is stable, plus the
   hysteresis regions it dropped (faint ones, or images without a stable run).
 
