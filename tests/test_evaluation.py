@@ -53,6 +53,45 @@ def test_benchmark_tables(backbone_dir, data_root, tmp_path, capsys):
     assert (tmp_path / "demo" / "report" / "sample_detections.png").is_file()
 
 
+def test_metrics_carry_bootstrap_intervals_into_every_table(fitted_model, data_root, tmp_path, capsys):
+    from anomalyvfm.evaluation.bootstrap import INTERVAL_METRICS, intervals
+    from anomalyvfm.evaluation.metrics import PerImage
+
+    code = main(["evaluate", "--model", str(fitted_model), "--data", str(data_root), "--category", "demo",
+                 "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["intervals"]) == set(INTERVAL_METRICS) and metrics["bootstrap"]["resamples"] == 1000
+    for name, (low, high) in metrics["intervals"].items():
+        assert low <= metrics[name] <= high, name
+    # the per-image file reproduces them (a later paired comparison reads it)
+    assert intervals(PerImage.load(tmp_path / "per_image.npz")) == pytest.approx(metrics["intervals"])
+    low, high = metrics["intervals"]["image_auroc"]
+    shown = f"{metrics['image_auroc']:.4f} [{low:.4f}, {high:.4f}]"
+    assert shown in (tmp_path / "report.html").read_text() and shown in (tmp_path / "performance_summary.txt").read_text()
+
+
+def test_benchmark_compares_variants_with_a_paired_bootstrap(backbone_dir, data_root, tmp_path, capsys):
+    code = main(["benchmark", "--data", str(data_root), "--backbone", str(backbone_dir), "--image-size", "112",
+                 "--variant", "plain=", "--variant", "hyst=--binarize hysteresis --outline-only-flagged",
+                 "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    demo = rows[0]
+    assert float(demo["seg_f1_low"]) <= float(demo["seg_f1"]) <= float(demo["seg_f1_high"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    (compared,) = results["comparisons"]
+    assert (compared["variant"], compared["baseline"], compared["category"]) == ("hyst", "plain", "demo")
+    by = {(r["variant"], r["category"]): r for r in results["results"]}
+    assert compared["seg_f1"] == pytest.approx(by["hyst", "demo"]["seg_f1"] - by["plain", "demo"]["seg_f1"])
+    assert compared["seg_f1_low"] <= compared["seg_f1"] <= compared["seg_f1_high"]
+    # the cut moves masks only: same scores, so identical image figures and a [0, 0] paired interval
+    assert [compared["image_auroc_low"], compared["image_auroc_high"]] == [0.0, 0.0]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "Paired differences (variant − plain)" in markdown and f"[{float(demo['seg_f1_low']):.3f}, " in markdown
+    assert (tmp_path / "comparisons.csv").is_file()
+
+
 def test_export_submission_layout(fitted_model, data_root, tmp_path, capsys):
     code = main(["export-submission", "--model", str(fitted_model), "--data", str(data_root), "--category", "demo",
                  "--out", str(tmp_path)])

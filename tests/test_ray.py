@@ -302,5 +302,8 @@ def test_evaluate_on_ray_equals_local(ray_cluster, fitted_model, data_root, tmp_
     assert code == 0, err
     local, ray = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("local", "ray"))
     for key in local:
-        if key not in ("seconds", "peak_rss_mb", "images_per_second"):
-            assert local[key] == pytest.approx(ray[key], abs=1e-6), key
+        if key == "intervals":
+            for name, interval in local[key].items():
+                assert interval == pytest.approx(ray[key][name], abs=1e-6), name
+        elif key not in ("seconds", "peak_rss_mb", "images_per_second"):
+            assert local[key] == (pytest.approx(ray[key], abs=1e-6) if key != "bootstrap" else ray[key]), key

@@ -13,17 +13,16 @@ from dataclasses import dataclass
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
-from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PRECISIONS
+from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PATCH, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.head.head import HeadConfig
-from anomalyvfm.maps.binarize import BINARIZATIONS
+from anomalyvfm.maps.binarize import BINARIZATIONS, HYSTERESIS_FRACTION
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
 from anomalyvfm.scoring.names import IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, SCORERS
 
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001
 BACKENDS = ("auto", "torch", "openvino", "onnx")  # what runs the backbone (`deploy.load`)
-PATCH = 14  # every DINOv2 has 14-px patches; tile sizes are checked against it before loading the model
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,13 @@ class Settings:
     pixel_false_alarm_rate: float | None = setting(None, "pixel level: flag at most this fraction of good pixels "
                                                          f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE})",
                                                    low=0, low_open=True, high=1)
-    binarize: str = setting("global", "defect masks: pixels above the global pixel threshold, or above each image's "
-                                      "own most stable threshold over it (mebin: per-image, for where a small "
-                                      "validation set puts the global one too low)", choices=BINARIZATIONS)
+    binarize: str = setting("global", "defect masks: pixels above the global pixel threshold; mebin: above each "
+                                      "image's own most stable threshold over it; hysteresis: regions above a lower "
+                                      f"threshold ({HYSTERESIS_FRACTION:g} of the way up from the normal pixel mean) "
+                                      "holding a pixel over it, at least one patch large; mebin+hysteresis: their union",
+                            choices=BINARIZATIONS)
+    outline_only_flagged: bool = setting(False, "outline defects only on images judged anomalous (a pass verdict "
+                                                "gets an empty mask)")
     tile_size: int = setting(0, "score overlapping tiles of this many px (multiple of 14; 0 = whole image)",
                              low=0)
     tile_overlap: int = setting(56, "tile overlap in px (multiple of 14)", low=0)
@@ -102,7 +105,8 @@ class Settings:
     def head_config(self) -> HeadConfig:
         """What the scoring head applies of these settings (the layers must be resolved: fitted or loaded)."""
         return HeadConfig(self.scorer, len(self.views()), len(self.layers), self.top_percent, self.sigma,
-                          self.image_evidence, self.binarize)
+                          self.image_evidence, self.binarize, self.outline_only_flagged, self.image_size, self.scales,
+                          self.tile_size, self.tile_scale)
 
     def view_summary(self) -> str:
         if self.tile_size:

@@ -17,18 +17,19 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm.evaluation import bootstrap, metrics as M
 from anomalyvfm.evaluation import html_report, report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.prediction import Predictor
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.maps.render import display_range
 from anomalyvfm.outputs import write_text
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
-               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb")
+               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb", "intervals", "bootstrap")
+PER_IMAGE_NAME = "per_image.npz"  # each image's reduction (`metrics.PerImage`), for paired comparisons of runs
 PCA_IMAGES = 8  # images per side sampled for feature_analysis.png: enough for a picture, cheap to compute
 PCA_PATCHES = 3000
 
@@ -84,10 +85,14 @@ def evaluate(detector: Predictor, dataset: Dataset, split: str, out: str | Path,
         masks.append(load_mask(sample.mask_path, shape) if sample.label and sample.mask_path else np.zeros(shape, bool))
     labels = np.array([s.label for s in kept])
     t = detector.thresholds()
-    result = M.evaluate_arrays(labels, np.array(scores), masks, maps, t.image_threshold, t.pixel_threshold)
-    binarize = detector.settings.binarize
-    if binarize != "global":  # SegF1 of the masks the model outputs, not of its global threshold
-        result["seg_f1"] = M.seg_f1_masks(masks, (defect_mask(m, t.pixel_threshold, binarize) for m in maps))
+    settings, flagged = detector.settings, np.array(scores) > t.image_threshold
+    counts = None  # SegF1 of the masks the model outputs, when they are not its global threshold's
+    if settings.binarize != "global" or settings.outline_only_flagged:
+        counts = np.array([M.mask_counts(g, model_mask(m, settings, t, f)) for g, m, f in zip(masks, maps, flagged)])
+    result, images = M.evaluate_images(labels, np.array(scores), masks, maps, t.image_threshold, t.pixel_threshold,
+                                       counts)
+    result["intervals"], result["bootstrap"] = bootstrap.intervals(images), bootstrap.describe()
+    images.save(out / PER_IMAGE_NAME)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result = {key: result[key] for key in METRIC_KEYS}
@@ -110,7 +115,7 @@ def _write_pictures(detector, samples, labels, scores, maps, masks, result, data
             continue
         for pick, which in ((idx[np.argmax(scores[idx])], "highest"), (idx[np.argmin(scores[idx])], "lowest")):
             rows.append({"title": f"{which} {name}: {scores[pick]:.3g}", "image": load_rgb(samples[pick].path),
-                         "gt": masks[pick], "map": maps[pick].astype(np.float32), "mask": defect_mask(maps[pick], t.pixel_threshold, detector.settings.binarize)})
+                         "gt": masks[pick], "map": maps[pick].astype(np.float32), "mask": model_mask(maps[pick], detector.settings, t, bool(scores[pick] > t.image_threshold))})
     vmin, vmax = display_range(t.validation_stats["pixel_score_mean"], t.pixel_threshold)
     report.plot_sample_detections(rows, vmin, vmax, out / "sample_detections.png")
     # the defective images with the largest defects: small ones hold too few patches to show a cloud

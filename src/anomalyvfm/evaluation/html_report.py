@@ -27,8 +27,8 @@ from scipy.ndimage import binary_dilation
 from anomalyvfm.version import __version__
 from anomalyvfm.data import Dataset, Sample, load_rgb
 from anomalyvfm.declare import to_dict
-from anomalyvfm.evaluation.report import METRIC_LABELS
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.evaluation.report import METRIC_LABELS, metric_text
+from anomalyvfm.maps.binarize import HYSTERESIS_FRACTION, model_mask
 from anomalyvfm.maps.render import display_range, overlay
 from anomalyvfm.outputs import write_text
 
@@ -45,6 +45,13 @@ FIGURES = (  # files `evaluate` writes, in the order and with the captions the r
                                                    "image, ground truth, heat map, predicted mask."),
     ("feature_analysis.png", "Patch features", "PCA of normal training patches and of patches inside defects."),
 )
+
+CUT_NOTES = {  # how the report explains each non-global cut (`maps.binarize`), after the pixel threshold
+    "mebin": "; each image's mask is cut at its own most stable threshold at or above it (mebin)",
+    "hysteresis": "; a region is outlined when it holds a pixel above it, grown down to a level "
+                  f"{HYSTERESIS_FRACTION:g} of the way from the mean to it, and covers at least one patch (hysteresis)",
+    "mebin+hysteresis": "; each image's mask is its mebin cut united with its hysteresis regions",
+}
 
 STYLE = """
 body{font-family:system-ui,"Segoe UI","DejaVu Sans",sans-serif;margin:0 auto;max-width:1200px;padding:1rem 1.5rem;color:#1f1f1f}
@@ -108,7 +115,7 @@ def calibration(detector: Any) -> dict:
     t = detector.thresholds()
     return {"image_threshold": float(t.image_threshold), "pixel_threshold": float(t.pixel_threshold),
             "threshold_sigma": detector.settings.threshold_sigma, "validation_stats": dict(t.validation_stats),
-            "binarize": detector.settings.binarize,
+            "binarize": detector.settings.binarize, "outline_only_flagged": detector.settings.outline_only_flagged,
             "evidence": dict(t.evidence),
             "train_images": detector.record.train_images}
 
@@ -131,7 +138,16 @@ def _summary(labels: np.ndarray, decided: np.ndarray, threshold: float) -> str:
 
 
 def _metrics_table(metrics: dict) -> str:
-    return _table((label, metrics[key]) for key, label in METRIC_LABELS.items() if key in metrics)
+    """The figures, each with its 95 % bootstrap interval over the test images where one was computed."""
+    table = _table((label, metric_text(metrics, key) if key in metrics.get("intervals", {}) else metrics[key])
+                   for key, label in METRIC_LABELS.items() if key in metrics)
+    if not metrics.get("intervals"):
+        return table
+    how = metrics.get("bootstrap", {})
+    return table + (f'<p class="muted">[low, high]: {100 * how.get("level", 0.95):g} % bootstrap interval, '
+                    f'{how.get("resamples", "?")} resamples of the test images within each label '
+                    f'(seed {how.get("seed", "?")}). Two runs differ beyond noise only if their paired interval '
+                    "excludes 0.</p>")
 
 
 def _figure(path: Path, title: str, caption: str) -> str:
@@ -156,18 +172,18 @@ def _worst_cases(detector: Any, dataset: Dataset, samples: Sequence[Sample], lab
         note = (f"{errors} {name} image(s) scored {side} the image threshold {threshold:.4g}. "
                 f"The {len(idx)} {who}-scoring {name} images are shown"
                 + (", the closest to being mistaken." if errors == 0 else "."))
-        rows = [_case_row(dataset, samples[i], scores[i], threshold, maps[i], masks[i], calib, span) for i in idx]
+        rows = [_case_row(detector, dataset, samples[i], scores[i], threshold, maps[i], masks[i], span) for i in idx]
         header = "<tr><th>image</th><th>heat map and predicted outline</th><th>ground truth</th><th>file and score</th></tr>"
         parts.append(f'<h3>{kind}</h3><p class="muted">{html.escape(note)}</p>'
                      f'<table class="cases">{header}{"".join(rows)}</table>')
     return _section("Worst mistakes", "".join(parts))
 
 
-def _case_row(dataset: Dataset, sample: Sample, score: float, threshold: float, amap: np.ndarray, gt: np.ndarray,
-              calib: dict, span: tuple[float, float]) -> str:
+def _case_row(detector: Any, dataset: Dataset, sample: Sample, score: float, threshold: float, amap: np.ndarray,
+              gt: np.ndarray, span: tuple[float, float]) -> str:
     image = load_rgb(sample.path)
     amap = amap.astype(np.float32)
-    predicted = defect_mask(amap, calib["pixel_threshold"], calib["binarize"])
+    predicted = model_mask(amap, detector.settings, detector.thresholds(), bool(score > threshold))
     heat = overlay(image, amap, *span, mask=predicted)
     truth = image.copy()
     if gt.any():  # tinted, and ringed thickly enough to survive the shrink to CASE_SIDE: defects can be tiny
@@ -206,8 +222,8 @@ def _data_table(dataset: Dataset, split: str, samples: Sequence[Sample], labels:
          f"{calib['pixel_threshold']:.6g} = mean {stats.get('pixel_score_mean', float('nan')):.6g} "
          f"+ {calib['threshold_sigma']} × std {stats.get('pixel_score_std', float('nan')):.6g} "
          "of their map pixels"
-         + ("; each image's mask is cut at its own most stable threshold at or above it (mebin)"
-            if calib["binarize"] == "mebin" else "")),
+         + CUT_NOTES.get(calib["binarize"], "")
+         + ("; images judged good get no outline" if calib["outline_only_flagged"] else "")),
         ("test labels used for thresholds", "no: both thresholds come from validation images only"),
         ("run time", f"{metrics.get('seconds', '?')} s, peak RSS {metrics.get('peak_rss_mb', '?')} MB"),
         ("written", f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by anomalyvfm {__version__}"),

@@ -27,14 +27,17 @@ float16 (continuous float32 maps of 750 M pixels would need tens of GB).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _FLOAT16_BIN_VALUES = np.arange(2**16, dtype=np.uint16).view(np.float16)
+_NO_ROW = (np.zeros(0, np.int32), np.zeros(0))  # an empty sparse histogram row (no region weights asked for)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,19 @@ class _ScoreCounts:
     negatives: np.ndarray
     region_weights: np.ndarray | None
     num_regions: int
+    per_image: ImageHistograms | None = None  # the same counts split by image, when asked for
+
+
+@dataclass(frozen=True)
+class ImageHistograms:
+    """One row per image over the pooled histogram's columns (`_ScoreCounts.values`), sparse: an image holds
+    a few thousand of the distinct scores. Summing rows with multiplicities gives the pooled histogram of any
+    resample of the images, which is what makes bootstrapping AU-PRO and SegF1 cheap (`evaluation.bootstrap`)."""
+
+    positives: sparse.csr_matrix
+    negatives: sparse.csr_matrix
+    region_weights: sparse.csr_matrix
+    regions: np.ndarray  # ground-truth regions per image
 
 
 def _binning(scores: Sequence[np.ndarray]) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
@@ -60,10 +76,12 @@ def _binning(scores: Sequence[np.ndarray]) -> tuple[np.ndarray, Callable[[np.nda
     return values, lambda s: np.searchsorted(values, s)
 
 
-def _score_counts(truths: Sequence[np.ndarray], scores: Sequence[np.ndarray], regions: bool) -> _ScoreCounts:
+def _score_counts(truths: Sequence[np.ndarray], scores: Sequence[np.ndarray], regions: bool,
+                  per_image: bool = False) -> _ScoreCounts:
     """Accumulate the score histogram one array at a time (`truths[k]` marks the positives of `scores[k]`).
 
-    With `regions`, each truth array must be 2-D and is split into 8-connected regions for AU-PRO.
+    With `regions`, each truth array must be 2-D and is split into 8-connected regions for AU-PRO. With
+    `per_image`, each array's own histogram is kept too (sparse rows, `ImageHistograms`).
     """
     if len(truths) != len(scores) or not scores:
         raise ValueError(f"need as many masks as maps, at least one; got {len(truths)} and {len(scores)}")
@@ -80,18 +98,51 @@ def _score_counts(truths: Sequence[np.ndarray], scores: Sequence[np.ndarray], re
     positives = np.zeros(n_bins, dtype=np.int64)
     weights = np.zeros(n_bins)
     num_regions = 0
+    rows: list[tuple] = []  # per image: sparse (bins, counts) of positives, negatives, weights; its regions
     for truth, score in zip(truths, scores):
         bins = bin_of(score)
-        totals += np.bincount(bins.ravel(), minlength=n_bins)
+        image_totals = np.bincount(bins.ravel(), minlength=n_bins)
         defect_bins = bins[truth]
-        positives += np.bincount(defect_bins, minlength=n_bins)
+        image_positives = np.bincount(defect_bins, minlength=n_bins)
+        image_weights, count = np.zeros(0), 0
         if regions:
             region_ids, count = ndimage.label(truth, structure=_EIGHT_CONNECTED)
             region_of_pixel = region_ids[truth]
             pixel_weight = 1.0 / np.bincount(region_of_pixel)[region_of_pixel]
-            weights += np.bincount(defect_bins, weights=pixel_weight, minlength=n_bins)
+            image_weights = np.bincount(defect_bins, weights=pixel_weight, minlength=n_bins)
+            weights += image_weights
             num_regions += count
-    return _collapse(bin_values, positives, totals - positives, weights if regions else None, num_regions)
+        totals += image_totals
+        positives += image_positives
+        if per_image:
+            rows.append((_sparse_row(image_positives), _sparse_row(image_totals - image_positives),
+                         _sparse_row(image_weights, np.flatnonzero(image_positives)) if regions else _NO_ROW, count))
+    counts, column_of_bin = _collapse(bin_values, positives, totals - positives, weights if regions else None,
+                                      num_regions)
+    if not per_image:
+        return counts
+    return dataclasses.replace(counts, per_image=_image_rows(rows, column_of_bin, len(counts.values)))
+
+
+def _sparse_row(dense: np.ndarray, used: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bins, values) of a histogram's non-zero bins (or of `used` ones), compact: int32 bins and counts."""
+    used = np.flatnonzero(dense) if used is None else used
+    values = dense[used]
+    return used.astype(np.int32), values.astype(np.int32) if values.dtype.kind == "i" else values
+
+
+def _image_rows(rows: list[tuple], column_of_bin: np.ndarray, columns: int) -> ImageHistograms:
+    """Sparse per-image histograms on the collapsed columns (equal values merged) from `_sparse_row`s."""
+    def matrix(part: int) -> sparse.csr_matrix:
+        pieces = [row[part] for row in rows]
+        indptr = np.concatenate(([0], np.cumsum([len(bins) for bins, _ in pieces])))
+        indices = column_of_bin[np.concatenate([bins for bins, _ in pieces])]
+        out = sparse.csr_matrix((np.concatenate([values for _, values in pieces]), indices, indptr),
+                                shape=(len(rows), columns))
+        out.sum_duplicates()  # float16's -0 and +0, one column after collapsing
+        return out
+
+    return ImageHistograms(matrix(0), matrix(1), matrix(2), np.array([row[3] for row in rows], dtype=np.int64))
 
 
 def _collapse(
@@ -100,8 +151,9 @@ def _collapse(
     negatives: np.ndarray,
     weights: np.ndarray | None,
     num_regions: int,
-) -> _ScoreCounts:
-    """Drop empty bins and merge bins of equal value (float16 has two zeros, -0 and +0), sorted ascending."""
+) -> tuple[_ScoreCounts, np.ndarray]:
+    """Drop empty bins and merge bins of equal value (float16 has two zeros, -0 and +0), sorted ascending;
+    also return each bin's column in the result (-1 for an empty bin)."""
     used = positives + negatives > 0
     values = bin_values[used].astype(np.float64)
     if np.isnan(values).any():
@@ -112,13 +164,15 @@ def _collapse(
         # Float sums; counts stay exact below 2**53 pixels, far beyond any category.
         return np.bincount(merged, weights=per_bin[used], minlength=len(values))
 
+    column_of_bin = np.full(len(bin_values), -1, dtype=np.int64)
+    column_of_bin[used] = merged
     return _ScoreCounts(
         values=values,
         positives=merge(positives).astype(np.int64),
         negatives=merge(negatives).astype(np.int64),
         region_weights=None if weights is None else merge(weights),
         num_regions=num_regions,
-    )
+    ), column_of_bin
 
 
 def _image_counts(labels: ArrayLike, scores: ArrayLike) -> _ScoreCounts:
@@ -265,15 +319,18 @@ def seg_f1(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: f
     return _f1_above(_score_counts(masks, maps, regions=False), threshold)
 
 
+def mask_counts(truth: np.ndarray, mask: np.ndarray) -> tuple[int, int, int]:
+    """Pixel (TP, FP, FN) of one predicted binary mask against its ground truth."""
+    truth, mask = np.asarray(truth, bool), np.asarray(mask, bool)
+    hits = int(np.count_nonzero(truth & mask))
+    return hits, int(np.count_nonzero(mask)) - hits, int(np.count_nonzero(truth)) - hits
+
+
 def seg_f1_masks(masks: Iterable[np.ndarray], predicted: Iterable[np.ndarray]) -> float:
     """SegF1 of predicted binary masks (a per-image binarisation such as MEBin has no single threshold),
     pooled over all images like `seg_f1`; both arguments may be generators, one image held at a time."""
-    tp = fp = fn = 0
-    for truth, mask in zip(masks, predicted, strict=True):
-        truth, mask = np.asarray(truth, bool), np.asarray(mask, bool)
-        hits = int(np.count_nonzero(truth & mask))
-        tp, fp, fn = tp + hits, fp + int(np.count_nonzero(mask)) - hits, fn + int(np.count_nonzero(truth)) - hits
-    return _f1(tp, fp, fn)
+    counts = [mask_counts(truth, mask) for truth, mask in zip(masks, predicted, strict=True)]
+    return _f1(*np.sum(counts, axis=0, dtype=np.int64).tolist()) if counts else float("nan")
 
 
 def seg_f1_at(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], thresholds: Sequence[float]) -> list[float]:
@@ -311,6 +368,39 @@ def seg_f1_max(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> tuple
     return _f1_max(_score_counts(masks, maps, regions=False))
 
 
+@dataclass(frozen=True)
+class PerImage:
+    """Each test image reduced to what the figures with intervals need (`evaluation.bootstrap`): its label,
+    score and verdict, the pixel (TP, FP, FN) of the masks the model outputs, and its pixel histograms.
+    Any resample of the images is then a weighted sum of rows, with no pass over the maps again."""
+
+    labels: np.ndarray  # (n,) 0 good, 1 anomalous
+    scores: np.ndarray  # (n,) image scores
+    flagged: np.ndarray  # (n,) bool verdicts at the image threshold
+    seg_counts: np.ndarray  # (n, 3) pixel TP, FP, FN of the model's masks
+    histograms: ImageHistograms
+    values: np.ndarray  # the histograms' column values, ascending
+
+    def save(self, path: str | Path) -> None:
+        """One .npz file (sparse matrices by their CSR parts), for comparing runs later (`paired_intervals`)."""
+        parts = {name: getattr(self, name) for name in ("labels", "scores", "flagged", "seg_counts", "values")}
+        parts["regions"] = self.histograms.regions
+        for name in ("positives", "negatives", "region_weights"):
+            matrix = getattr(self.histograms, name)
+            parts.update({f"{name}.data": matrix.data, f"{name}.indices": matrix.indices,
+                          f"{name}.indptr": matrix.indptr})
+        np.savez_compressed(path, **parts)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PerImage:
+        with np.load(path, allow_pickle=False) as f:
+            shape = (len(f["labels"]), len(f["values"]))
+            matrices = {name: sparse.csr_matrix((f[f"{name}.data"], f[f"{name}.indices"], f[f"{name}.indptr"]), shape)
+                        for name in ("positives", "negatives", "region_weights")}
+            return cls(f["labels"], f["scores"], f["flagged"], f["seg_counts"],
+                       ImageHistograms(**matrices, regions=f["regions"]), f["values"])
+
+
 def evaluate_arrays(
     labels: ArrayLike,
     image_scores: ArrayLike,
@@ -325,21 +415,47 @@ def evaluate_arrays(
     score > threshold convention. `f1_max_oracle` and `seg_f1_max_oracle` are the oracles of `f1_max` and
     `seg_f1_max`, for reference only.
     """
+    return evaluate_images(labels, image_scores, masks, maps, image_threshold, pixel_threshold)[0]
+
+
+def evaluate_images(
+    labels: ArrayLike,
+    image_scores: ArrayLike,
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    image_threshold: float,
+    pixel_threshold: float,
+    seg_counts: np.ndarray | None = None,
+) -> tuple[dict[str, float | int], PerImage]:
+    """`evaluate_arrays`, plus every image reduced to a `PerImage` row (same single pass over the maps).
+
+    `seg_counts` ((n, 3) pixel TP, FP, FN per image, see `mask_counts`) are those of the masks the model
+    outputs when it cuts them otherwise than at `pixel_threshold` (`maps.binarize`); SegF1 then comes from them.
+    """
     image_counts = _image_counts(labels, image_scores)
     num_images = int(image_counts.positives.sum() + image_counts.negatives.sum())
     if num_images != len(maps):
         raise ValueError(f"{num_images} image labels but {len(maps)} maps")
-    pixel_counts = _score_counts(masks, maps, regions=True)
+    pixel_counts = _score_counts(masks, maps, regions=True, per_image=True)
     curve = _full_pro_curve(pixel_counts)
+    hist = pixel_counts.per_image
+    if seg_counts is None:  # the global cut's counts per image, from the histograms
+        above = (pixel_counts.values > pixel_threshold).astype(np.float64)
+        tp, fp = hist.positives @ above, hist.negatives @ above
+        seg_counts = np.stack([tp, fp, np.asarray(hist.positives.sum(axis=1)).ravel() - tp], axis=1)
+    seg_counts = np.asarray(seg_counts, dtype=np.int64).reshape(num_images, 3)
+    scores = np.asarray(image_scores, dtype=np.float64)
+    per_image = PerImage(np.asarray(labels, dtype=np.int64), scores, scores > image_threshold, seg_counts, hist,
+                         pixel_counts.values)
     return {
         "image_auroc": _auroc(image_counts),
         "pixel_auroc": _auroc(pixel_counts),
         "aupro_0.05": _aupro(curve, 0.05),
         "aupro_0.3": _aupro(curve, 0.3),
-        "seg_f1": _f1_above(pixel_counts, pixel_threshold),
+        "seg_f1": _f1(*seg_counts.sum(axis=0).tolist()),
         "class_f1": _f1_above(image_counts, image_threshold),
         "f1_max_oracle": _f1_max(image_counts)[0],
         "seg_f1_max_oracle": _f1_max(pixel_counts)[0],
         "num_images": num_images,
         "num_anomalous": int(image_counts.positives.sum()),
-    }
+    }, per_image

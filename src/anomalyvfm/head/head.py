@@ -22,7 +22,7 @@ from anomalyvfm.head.calibration import Calibration, Thresholds
 from anomalyvfm.head.scores import HeadLogits, RawScores, ViewScores, combine
 from anomalyvfm.head.search import BankSearch, make_search
 from anomalyvfm.maps.anomaly_maps import anomaly_map
-from anomalyvfm.maps.binarize import defect_mask
+from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.prediction import Prediction
 from anomalyvfm.scoring.distances import fuse_views, mahalanobis_distance, suppress_background
 from anomalyvfm.scoring.image_evidence import fuse_image_evidence, global_distance, image_embedding
@@ -40,6 +40,12 @@ class HeadConfig:
     sigma: float = 4.0
     image_evidence: str = "patch"
     binarize: str = "global"
+    outline_only_flagged: bool = False
+    # the reference view's geometry: a mask's minimum region is one backbone patch (`maps.binarize.patch_side`)
+    image_size: int = 448
+    scales: tuple[int, ...] = ()
+    tile_size: int = 0
+    tile_scale: float = 1.0
 
     def required_arrays(self) -> list[str]:
         """The fitted arrays a head of this config reads (foreground and global embeddings are optional
@@ -134,5 +140,5 @@ class ScoringHead:
         pred = Prediction(source=scored.source, score=score, anomaly_map=amap)
         if thresholds is not None:
             pred.is_anomalous = bool(score > thresholds.image_threshold)
-            pred.mask = defect_mask(amap, thresholds.pixel_threshold, self.config.binarize)
+            pred.mask = model_mask(amap, self.config, thresholds, pred.is_anomalous)
         return pred

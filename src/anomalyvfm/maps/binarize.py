@@ -1,41 +1,147 @@
-"""Per-image adaptive binarisation of an anomaly map (MEBin-style), on top of a global pixel threshold.
+"""How a predicted defect mask is cut from an anomaly map: one small strategy per cut, chosen by `binarize`.
 
-A global threshold must serve every image: set low enough to find faint defects it floods strong ones
-with their smoothed halo, set high it misses faint ones. MEBin (main-element binarisation, AnomalyNCD,
-CVPR 2025) instead picks each image's own threshold where the *structure* of the mask is most stable:
-sweeping thresholds from the image's maximum down, the number of connected components stays constant
-over the longest run of thresholds around the real defect regions and changes quickly in the noise.
+Every front end (predict, the service, export-submission, exported bundles) and every metric (evaluate's
+SegF1, the report pictures) cuts masks through `model_mask`, so a model's stored `binarize` and
+`outline_only_flagged` mean the same thing everywhere. The cuts (`CUTS`):
 
-Here the sweep runs between the global pixel threshold (a floor learned on normal images, so nothing
-below it is ever flagged) and the image's maximum, in `STEPS` steps; as in the reference implementation,
-each cut is eroded by a 6 x 6 square before its components are counted (specks of noise vanish instead of
-changing the count), runs shorter than `MIN_RUN` steps do not count as stable, and the threshold chosen is
-the lowest of the longest stable run with a non-zero count; the mask is that cut, eroded. An image whose
-maximum does not pass the floor, or with no stable run, gets an empty mask. (Measured against a plainer
-variant — 32 steps, no erosion, any run length — on validation + synthetic anomalies of four categories:
-SegF1 higher on all four, docs/results.md.)
+* `global`: pixels above the model's pixel threshold. One threshold must serve every image: set low enough
+  to find faint defects it floods strong ones with their smoothed halo, set high it misses faint ones.
+* `mebin`: per-image adaptive binarisation (MEBin, main-element binarisation, AnomalyNCD, CVPR 2025):
+  each image's own threshold where the *structure* of the mask is most stable: sweeping thresholds from
+  the image's maximum down, the number of connected components stays constant over the longest run of
+  thresholds around the real defect regions and changes quickly in the noise. Here the sweep runs between
+  the global pixel threshold (a floor learned on normal images, so nothing below it is ever flagged) and the
+  image's maximum, in `STEPS` steps; as in the reference implementation, each cut is eroded by a 6 x 6
+  square before its components are counted (specks of noise vanish instead of changing the count), runs
+  shorter than `MIN_RUN` steps do not count as stable, and the threshold chosen is the lowest of the
+  longest stable run with a non-zero count; the mask is that cut, eroded. An image whose maximum does not
+  pass the floor, or with no stable run, gets an empty mask. (Measured against a plainer variant — 32
+  steps, no erosion, any run length — on validation + synthetic anomalies of four categories: SegF1 higher
+  on all four, docs/results.md.)
+* `hysteresis` (as in Canny edges and in segmentation post-processing): a region is an 8-connected
+  component of the pixels above a *low* threshold, kept only if it holds a pixel above the strict (pixel)
+  threshold, and only if it covers at least `MIN_AREA_PATCHES` backbone patches in map pixels. A large
+  faint defect with one strong spot is outlined whole; faint noise with no strong pixel is not outlined;
+  a strong speck smaller than a patch is removed, since the backbone sees nothing smaller than a patch
+  (one patch's score is smoothed into a blob about a patch wide, so a smaller region above the threshold
+  is the tip of a peak, not a shape). The low threshold is `HYSTERESIS_FRACTION` of the way from the
+  normal pixel mean (validation) to the strict threshold (`low_threshold`): it then moves with whatever
+  rule set the strict one, and under the default sigma rule (mean + 3 std) it is mean + 1.5 std, a level
+  that only about 7 % of normal pixels pass, so growth runs through clearly raised pixels only. Measured
+  (docs/results.md, bottle and kolektor): under today's sigma-3 pixel threshold, already too low there, growing
+  further down over-segments and loses; hysteresis is meant for a strict threshold (the per-image maximum of normal
+  maps) with growth down to about today's level. The minimum area alone helped on both, a little.
+* `mebin+hysteresis`: the union of both masks — MEBin's per-image cut where it is stable, plus the
+  hysteresis regions it dropped (faint ones, or images without a stable run).
+
+`outline_only_flagged` (a setting, applied after any cut): an image whose verdict is *pass* gets an empty
+mask, so verdict and outline never disagree in that direction.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import numpy as np
 from scipy import ndimage
+
+from anomalyvfm.features.names import PATCH
 
 STEPS = 64  # thresholds tried between the floor and the image maximum (the reference's 256 / sample rate 4)
 MIN_RUN = 4  # steps a component count must hold to be a stable run
 ERODE = np.ones((6, 6), dtype=bool)  # the reference's erosion kernel
 _EIGHT = np.ones((3, 3), dtype=bool)
-BINARIZATIONS = ("global", "mebin")  # how predicted defect masks are cut from a map
+HYSTERESIS_FRACTION = 0.5  # low threshold: this far from the normal pixel mean to the strict threshold
+MIN_AREA_PATCHES = 1.0  # hysteresis regions smaller than this many backbone patches (map pixels) are removed
 
 
-def defect_mask(amap: np.ndarray, pixel_threshold: float, method: str = "global") -> np.ndarray:
-    """The predicted defect pixels of one map, as every front end and metric cuts them: above the global
-    pixel threshold, or (`mebin`) above this image's own most stable threshold at or over it. Compared in
-    float64 (a float16 map against a Python float would round the threshold to float16), as the metrics do."""
-    if method == "mebin":
-        return adaptive_mask(amap, pixel_threshold)
-    if method != "global":
+@dataclass(frozen=True)
+class Cut:
+    """What a cut strategy may use: the strict threshold, the lower one regions grow down to, and the
+    smallest region kept (map pixels). Thresholds are float64, exact against float16 or float32 maps."""
+
+    threshold: float
+    low: float
+    min_area: float = 0.0
+
+
+def global_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
+    """Pixels above the strict threshold (compared in float64: a float16 map against a Python float would
+    round the threshold to float16), as the pooled SegF1 of `evaluation.metrics` counts them."""
+    return amap > np.float64(cut.threshold)
+
+
+def mebin_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
+    """This image's most stable threshold at or over the strict one (`adaptive_mask`)."""
+    return adaptive_mask(amap, cut.threshold)
+
+
+def hysteresis_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
+    """Regions above the low threshold holding a pixel above the strict one, at least `min_area` pixels."""
+    return hysteresis_mask(amap, cut.threshold, cut.low, cut.min_area)
+
+
+def mebin_or_hysteresis_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
+    """MEBin's mask united with the hysteresis mask."""
+    return mebin_cut(amap, cut) | hysteresis_cut(amap, cut)
+
+
+CUTS: dict[str, Callable[[np.ndarray, Cut], np.ndarray]] = {
+    "global": global_cut, "mebin": mebin_cut, "hysteresis": hysteresis_cut, "mebin+hysteresis": mebin_or_hysteresis_cut}
+BINARIZATIONS = tuple(CUTS)  # the `binarize` setting's choices
+
+
+def low_threshold(threshold: float, normal_mean: float | None) -> float:
+    """The level hysteresis regions grow down to: `HYSTERESIS_FRACTION` of the way from the normal pixel
+    mean to the strict threshold (never above it); the strict threshold itself when no mean is known."""
+    if normal_mean is None:
+        return float(threshold)
+    return float(min(threshold, normal_mean + HYSTERESIS_FRACTION * (threshold - normal_mean)))
+
+
+def defect_mask(amap: np.ndarray, pixel_threshold: float, method: str = "global", *, normal_mean: float | None = None,
+                patch_side: float = 0.0, is_anomalous: bool | None = None) -> np.ndarray:
+    """The predicted defect pixels of one map by cut `method` (see the module docstring).
+
+    `normal_mean` (the validation pixel mean) places the hysteresis low threshold, `patch_side` (one backbone
+    patch's side in map pixels) the minimum region area; `is_anomalous=False` (a pass verdict, given only when
+    the model outlines flagged images alone) gives an empty mask whatever the cut.
+    """
+    if method not in CUTS:
         raise ValueError(f"binarisation must be one of {BINARIZATIONS}, got {method!r}")
-    return amap > np.float64(pixel_threshold)
+    if is_anomalous is not None and not is_anomalous:  # numpy's False is not `False`
+        return np.zeros(amap.shape, dtype=bool)
+    cut = Cut(float(pixel_threshold), low_threshold(pixel_threshold, normal_mean), MIN_AREA_PATCHES * patch_side**2)
+    return CUTS[method](amap, cut)
+
+
+def model_mask(amap: np.ndarray, settings: Any, thresholds: Any, is_anomalous: bool | None = None) -> np.ndarray:
+    """The mask a model outputs for one map: its stored cut (`settings.binarize`), its pixel threshold and
+    validation pixel mean (`thresholds`), the patch size of its views, and — if `settings.outline_only_flagged`
+    — the image's verdict. `settings` is `Settings` or the scoring head's `HeadConfig` (same names)."""
+    return defect_mask(amap, thresholds.pixel_threshold, settings.binarize,
+                       normal_mean=thresholds.validation_stats.get("pixel_score_mean"),
+                       patch_side=patch_side(settings, amap.shape),
+                       is_anomalous=is_anomalous if settings.outline_only_flagged else None)
+
+
+def patch_side(settings: Any, shape: tuple[int, ...]) -> float:
+    """Side of one backbone patch in pixels of a map of `shape` (maps are at the original image size): the
+    reference (finest) view's short side is `image_size` (or the image is scaled by `tile_scale` when tiling)."""
+    if settings.tile_size:
+        return PATCH / settings.tile_scale
+    return PATCH * min(shape[:2]) / max(settings.scales or (settings.image_size,))
+
+
+def hysteresis_mask(amap: np.ndarray, threshold: float, low: float, min_area: float = 0.0) -> np.ndarray:
+    """8-connected regions of `amap > low` that hold a pixel `> threshold` and cover `>= min_area` pixels."""
+    regions, count = ndimage.label(amap > np.float64(low), structure=_EIGHT)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[regions[amap > np.float64(max(threshold, low))]] = True
+    if min_area > 0:
+        keep &= np.bincount(regions.ravel(), minlength=count + 1) >= min_area
+    keep[0] = False
+    return keep[regions]
 
 
 def adaptive_mask(amap: np.ndarray, floor: float, steps: int = STEPS) -> np.ndarray:
