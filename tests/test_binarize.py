@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_each_cut_is_a_stored_setting_used_by_predict_and_evaluate(method, fitte
     from anomalyvfm.evaluation.evaluate import evaluate
 
     detector = AnomalyDetector.load(fitted_model)
-    detector.pipeline.settings = replace(detector.settings, binarize=method, outline_only_flagged=True)
+    detector.pipeline.configure(binarize=method, outline_only_flagged=True)
     detector.save(tmp_path / "m")
     detector = AnomalyDetector.load(tmp_path / "m")
     assert detector.settings.binarize == method and detector.settings.outline_only_flagged
@@ -166,32 +167,23 @@ def test_each_cut_is_a_stored_setting_used_by_predict_and_evaluate(method, fitte
     assert metrics["seg_f1"] == pytest.approx(expected, nan_ok=True)
 
 
-def test_hysteresis_and_the_verdict_option_travel_in_exported_bundles(fitted_model, tmp_path, data_root,
-                                                                     one_thread) -> None:
-    import json
-
+def test_hysteresis_and_the_verdict_option_travel_in_exported_forms(fitted_model, tmp_path, data_root,
+                                                                   one_thread) -> None:
     from anomalyvfm.data import load_dataset
-    from anomalyvfm.deploy.bundle import read_manifest
-    from anomalyvfm.deploy.export import export_bundle
-    from anomalyvfm.deploy.runtime import BUNDLE_DEFAULTS, BundlePredictor
+    from anomalyvfm.deploy.export import export_model
+    from anomalyvfm.deploy.load import load_predictor
 
     detector = AnomalyDetector.load(fitted_model)
-    detector.pipeline.settings = replace(detector.settings, binarize="hysteresis", outline_only_flagged=True)
+    detector.pipeline.configure(binarize="hysteresis", outline_only_flagged=True)
     paths = [s.path for s in load_dataset(data_root, "demo").split("test_public")]
     preds = detector.predict(paths, progress=False)
-    directory = export_bundle(detector, tmp_path / "bundle")
-    bundle = BundlePredictor(directory)
-    assert bundle.settings.binarize == "hysteresis" and bundle.settings.outline_only_flagged
-    for b, p in zip(bundle.predict(paths, progress=False), preds):
-        assert np.array_equal(b.mask, model_mask(b.anomaly_map, bundle.settings, bundle.thresholds(), b.is_anomalous))
+    detector.save(tmp_path / "model")
+    graph = load_predictor(export_model(tmp_path / "model", out=tmp_path / "linepc")[0], backend="openvino")
+    assert graph.settings.binarize == "hysteresis" and graph.settings.outline_only_flagged
+    for b, p in zip(graph.predict(paths, progress=False), preds):
+        assert np.array_equal(b.mask, model_mask(b.anomaly_map, graph.settings, graph.thresholds(), b.is_anomalous))
         assert b.is_anomalous or not b.mask.any()
         assert (b.mask != p.mask).mean() < 0.01  # fp32 maps agree to 1e-5: at most a few pixels at the cut
     # a bundle exported before these settings existed still loads, with what it did then
-    assert BUNDLE_DEFAULTS["binarize"] == "global" and BUNDLE_DEFAULTS["outline_only_flagged"] is False
-    manifest = read_manifest(directory)
-    for key in ("binarize", "outline_only_flagged"):
-        del manifest["config"][key]
-    manifest_path = next(p for p in directory.iterdir() if p.suffix == ".json" and "config" in json.loads(p.read_text()))
-    manifest_path.write_text(json.dumps(manifest))
-    old = BundlePredictor(directory)
+    old = load_predictor(Path(__file__).parent / "fixtures" / "bundle_v1")
     assert old.settings.binarize == "global" and old.settings.outline_only_flagged is False
