@@ -21,6 +21,7 @@ import torch
 from anomalyvfm.adaptation.heads import AnomalyHeads, head_scores
 from anomalyvfm.adaptation.lora import load_lora
 from anomalyvfm.data.images import ImageLike
+from anomalyvfm.detector.out_of_fold import OOF_FOLDS, FeatureSpill, out_of_fold_scores
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError, failure
 from anomalyvfm.features.backbone import Backbone, load_backbone
@@ -46,6 +47,7 @@ class Pipeline:
         self.foreground_model: ForegroundModel | None = None
         self.heads: AnomalyHeads | None = None
         self.head: ScoringHead | None = None  # everything after the backbone, built from the fitted parts
+        self.out_of_fold: list[ViewScores] | None = None  # training images scored out of fold (fit time only)
 
     def load_backbone(self, source: str | Path | None = None, adapter_dir: Path | None = None) -> Backbone:
         """Load the backbone (from `source`, default the settings' reference) and, if given, its LoRA adapter.
@@ -77,10 +79,21 @@ class Pipeline:
             failed = [item for item in items if isinstance(item, FailedImage)]  # a view can fail alone (out of memory)
             yield failed[0] if failed else list(items)
 
-    def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
-        """Fit every view's scorer (and the foreground model) on `images`; return how many were used."""
-        fitted = self.accumulate(images, progress)
-        self.finalize_scorers()
+    def fit_scorers(self, images: Sequence[ImageLike], progress: bool, out_of_fold: bool = False) -> int:
+        """Fit every view's scorer (and the foreground model) on `images`; return how many were used.
+
+        With `out_of_fold`, the training images are also scored against the fitted state without what
+        came from each of them (`detector.out_of_fold`), into `self.out_of_fold`, for the thresholds.
+        """
+        spill = FeatureSpill(len(images)) if out_of_fold else None
+        try:
+            fitted = self.accumulate(images, progress, spill=spill)
+            self.finalize_scorers()
+            if spill is not None:
+                self.out_of_fold = out_of_fold_scores(self.head, self.scorers, spill)
+        finally:
+            if spill is not None:
+                spill.close()
         return fitted
 
     def finalize_scorers(self) -> None:
@@ -105,17 +118,21 @@ class Pipeline:
         self.head = ScoringHead(config, arrays, "numpy" if device == "cpu" else "torch", device)
         return self.head
 
-    def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None, shard: int = 0) -> int:
+    def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None, shard: int = 0,
+                   spill: FeatureSpill | None = None) -> int:
         """Stream `images` into fresh, unfinalised scorers (and foreground model); return how many were used.
 
         This is the part of a fit that can run in shards on several workers, their parts merged after
         (`merge` of each scorer): `total` is the number of images of the whole fit, and `shard` offsets
-        the random seeds so that shards draw independent samples.
+        the random seeds so that shards draw independent samples. `spill` (local fits only) keeps the
+        features of the images to be scored out of fold once the bank is final.
         """
         s, seed = self.settings, self.settings.seed + shard
         torch.manual_seed(seed)
-        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank)
+        self.scorers = [make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank,
+                                    OOF_FOLDS if spill is not None else 0)
                         for _ in s.views()]
+        self.out_of_fold = None
         self.foreground_model = (None if s.foreground == "off"
                                  else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed))
         self.image_bank = ImageBank(len(s.layers))
@@ -124,10 +141,12 @@ class Pipeline:
             if isinstance(items, FailedImage):
                 raise UserInputError(f"training image unreadable: {items.error}")
             for scorer, item in zip(self.scorers, items):
-                scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
+                scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]), fitted)
             if self.foreground_model:
                 self.foreground_model.partial_fit(items[-1].features)
             self.image_bank.partial_fit(items[-1].features)
+            if spill is not None:
+                spill.add(fitted, items)
             fitted += 1
         return fitted
 
