@@ -19,6 +19,7 @@ from pathlib import Path
 
 from anomalyvfm.checksums import sha256
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.files import write_edited_copy
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,3 +63,16 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
         if sha256(file) != digest:
             raise UserInputError(f"{file}: corrupt (checksum differs from {MANIFEST}); copy the bundle again")
     return manifest
+
+
+def write_config(source: str | Path, target: str | Path, updates: dict) -> Path:
+    """Bundle `source` with `updates` merged into its manifest's config (new thresholds from `anomalyvfm
+    calibrate`), written atomically at `target` (which may be `source`). The graph and scorer files are
+    copied unchanged, so their checksums still hold."""
+    source, target = Path(source), Path(target)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_bundle(target))):
+        raise UserInputError(f"{target}: exists and is not a bundle or an empty folder; choose a new --out")
+    manifest = read_manifest(source)
+    manifest["config"] = {**manifest["config"], **updates}
+    return write_edited_copy(source, target,
+                             lambda tmp: (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n"))

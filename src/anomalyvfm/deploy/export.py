@@ -69,7 +69,7 @@ def _settings(detector) -> dict:
     return json.loads(json.dumps({
         **to_dict(detector.settings), **to_dict(detector.runtime), "score": detector.score_mode,
         "image_threshold": t.image_threshold, "pixel_threshold": t.pixel_threshold,
-        "validation_stats": t.validation_stats, "evidence": t.evidence, "view_stats": c.view_stats, "foreground_stats": c.foreground,
+        "validation_stats": t.validation_stats, "evidence": t.evidence, "normal_samples": t.normal_samples, "view_stats": c.view_stats, "foreground_stats": c.foreground,
         "image_stats": c.image_stats,
         "train_images": detector.record.train_images, "fitted_at": detector.record.fitted_at,
         "version": detector.record.package_version}))

@@ -16,11 +16,8 @@ still read; it is converted on load and written back as format 2.
 """
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from anomalyvfm.declare import from_dict, to_dict
 from anomalyvfm.detector.pipeline import Pipeline
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
+from anomalyvfm.files import swap_into_place as _swap_into_place, sync_tree as _sync, temporary_sibling, write_edited_copy
 from anomalyvfm.features.foreground import ForegroundModel
 from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.scoring.scorers import ImageBank, make_scorer
@@ -89,11 +87,7 @@ def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, r
           store_backbone: bool = True) -> Path:
     """Write a fitted detector to `directory` atomically (see module doc); return the directory."""
     directory = check_writable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model should be as readable as any new folder
+    tmp = temporary_sibling(directory)
     try:
         save_file(_scorer_state(pipeline), str(tmp / SCORER_FILE))
         if store_backbone:
@@ -109,6 +103,21 @@ def write(directory: str | Path, pipeline: Pipeline, calibration: Calibration, r
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap this is the old model; after a failure, the new one
     return directory
+
+
+def write_calibration(source: str | Path, target: str | Path, calibration: Calibration) -> Path:
+    """Model directory `source` with `calibration` in place of its own, written atomically at `target` (which
+    may be `source`): new thresholds without refitting (`anomalyvfm calibrate`). Every other file is copied
+    unchanged, so the checksums in config.json still hold."""
+    source, target = Path(source), check_writable(target)
+    read(source)  # a damaged or foreign directory fails here, in one line, before anything is copied
+    config = json.loads((source / CONFIG_FILE).read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise UserInputError(f"{source}: model format {config.get('format_version', 1)}; load and save it with this "
+                             "anomalyvfm first (AnomalyDetector.load(M).save(M)) to calibrate it")
+    config["calibration"] = calibration.to_dict()
+    return write_edited_copy(source, target,
+                             lambda tmp: (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def _scorer_state(pipeline: Pipeline) -> dict[str, torch.Tensor]:
@@ -141,35 +150,6 @@ def _save_backbone(pipeline: Pipeline, out: Path) -> None:
 def _checksums(directory: Path) -> dict[str, str]:
     return {str(path.relative_to(directory)): sha256(path)
             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CONFIG_FILE}
-
-
-def _sync(directory: Path) -> None:
-    """Flush every file to disk before the rename makes them visible (a power cut must not leave empty files)."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Make `new` appear at `target` in one step; the old `target` (if any) ends up at `new`'s path.
-
-    Linux's renameat2(RENAME_EXCHANGE) swaps two directories atomically. Where it is missing, the old
-    directory is first moved aside, which leaves a moment with no directory at `target` but never a mix.
-    """
-    if not target.exists():
-        os.rename(new, target)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2 is not None and renameat2(at_fdcwd, bytes(new), at_fdcwd, bytes(target), rename_exchange) == 0:
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, aside / target.name)
-    os.rename(new, target)
-    os.rename(aside / target.name, new)
-    aside.rmdir()
 
 
 # -- reading ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.calibration import Thresholds
-from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
+from anomalyvfm.maps.thresholds import BudgetRule, NormalScores, ThresholdRule
 
 BUDGET_SOURCES = ("out_of_fold", "added")
 SOURCE_WORDS = {"out_of_fold": "training images out of fold", "added": "added good images"}
@@ -56,3 +56,13 @@ def budget_thresholds(samples: dict[str, dict[str, list[float]]], rules: dict[st
         evidence[level] = decision.evidence
         thresholds.append(decision.threshold)
     return Thresholds(thresholds[0], thresholds[1], validation_stats, evidence, samples)
+
+
+def add_good_images(thresholds: Thresholds, scores: list[float], maxima: list[float], rate: float) -> Thresholds:
+    """`thresholds` re-estimated as budgets at false-alarm `rate` (both levels) after adding good images'
+    scores and map maxima to its normal samples (to any added before): `anomalyvfm calibrate`."""
+    samples = dict(thresholds.normal_samples)
+    before = samples.get("added", {"image": [], "map_max": []})
+    samples["added"] = sample([*before["image"], *scores], [*before["map_max"], *maxima])
+    rule = BudgetRule(rate)
+    return budget_thresholds(samples, {"image": rule, "pixel": rule}, thresholds.validation_stats)
