@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -206,3 +205,28 @@ def test_calibrate_bad_input_is_one_line(case, fitted_model, data_root, tmp_path
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("anomalyvfm: error:"), err
     if case == "occupied-out":
         assert (out / "precious.txt").read_text() == "x"
+
+
+def test_calibrate_an_exported_bundle(fitted_model, data_root, tmp_path, one_thread):
+    pytest.importorskip("onnxruntime")
+    from anomalyvfm.deploy.export import export_bundle
+    from anomalyvfm.deploy.load import load_predictor
+
+    bundle = export_bundle(AnomalyDetector.load(fitted_model), tmp_path / "bundle", "onnx", "fp32")
+    good = data_root / "demo" / "test_public" / "good"
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", "--model", str(bundle), "--good", str(good), "--false-alarm-rate", "0.2",
+                 "--out", str(out)]) == 0
+    preds = list(load_predictor(bundle).predict_iter(sorted(good.iterdir()), None, decide=False))
+    image, pixel = NormalScores(), NormalScores()
+    image.update(np.array([p.score for p in preds]))
+    pixel.update(np.array([float(p.anomaly_map.max()) for p in preds]))
+    calibrated = load_predictor(out)  # checksums verified: only the manifest changed
+    t = calibrated.thresholds()
+    assert t.image_threshold == BudgetRule(0.2).decide(image, "x").threshold
+    assert t.pixel_threshold == BudgetRule(0.2).decide(pixel, "x").threshold
+    assert t.evidence["image"]["rule"] == "budget" and "validation false alarms" in t.evidence["image"]["text"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["config"]["normal_samples"]["added"]["image"]) == len(preds)
+    assert [p.is_anomalous for p in calibrated.predict_iter(sorted(good.iterdir()), None)] == \
+        [p.score > t.image_threshold for p in preds]
