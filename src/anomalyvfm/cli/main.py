@@ -30,7 +30,7 @@ from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
                                         predict_on_ray_command)
 from anomalyvfm.errors import UserInputError, failure
-from anomalyvfm.evaluation.report import format_table
+from anomalyvfm.evaluation.report import format_table, threshold_lines
 from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
 from anomalyvfm.scoring.names import SCORE_MODES
@@ -73,6 +73,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
           f"pixel threshold {thresholds.pixel_threshold:.4g})")
+    if detector.settings.threshold_rule == "budget":  # the budget and its check on validation, as the report shows them
+        print(threshold_lines(thresholds.evidence), end="")
     if detector.settings.lora is not None:
         r = detector.record.lora
         size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size
