@@ -40,7 +40,10 @@ class RayPipeline(Pipeline):
         super().__init__(settings, runtime)
         self.ray, self.workers = ray, workers
 
-    def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
+    def fit_scorers(self, images: Sequence[ImageLike], progress: bool, out_of_fold: bool = False) -> int:
+        if out_of_fold:  # shards index their images from 0 and would need their features back on the driver
+            raise UserInputError("--threshold-rule budget needs out-of-fold scores of the training images, which "
+                                 "--engine ray fits do not compute: fit with --engine local")
         if any(not isinstance(image, str) and not hasattr(image, "__fspath__") for image in images):
             raise UserInputError("--engine ray fits on image paths (workers read the files themselves)")
         paths = [str(image) for image in images]
