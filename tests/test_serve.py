@@ -141,6 +141,7 @@ def test_health_model_info_and_openapi(url, detector, fitted_model):
     assert info["model"] == fitted_model.name and info["backbone"] == s.backbone and info["layers"] == list(s.layers)
     assert info["image_size"] == 112 and info["scorer"] == s.scorer and info["package_version"] == __version__
     assert info["image_threshold"] == t.image_threshold and info["pixel_threshold"] == t.pixel_threshold
+    assert info["threshold_evidence"] == {level: e["text"] for level, e in t.evidence.items()}
     assert info["train_images"] == detector.record.train_images > 0 and info["fitted_at"].startswith("20")
     assert info["score"] == "distance" and info["lora"] is None and set(to_dict(s)) <= set(info)
     assert info["limits"] == vars(LIMITS) and info["max_aspect_ratio"] == detector.runtime.max_aspect_ratio

@@ -1,4 +1,4 @@
-"""Command-line interface: `anomalyvfm fit | predict | serve | demo …`.
+"""Command-line interface: `anomalyvfm fit | predict | calibrate | serve | demo …`.
 
 User mistakes (missing folders, bad options, unreadable models) end in one line on stderr and exit
 code 2. In `predict`, an unreadable image is reported and recorded, the rest are still scored, and the
@@ -29,7 +29,7 @@ from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.distributed.cli import (add_engine_options, check_local, engine_detector, fit_on_ray,
                                         predict_on_ray_command)
 from anomalyvfm.errors import UserInputError, failure
-from anomalyvfm.evaluation.report import format_table
+from anomalyvfm.evaluation.report import format_table, threshold_lines
 from anomalyvfm.maps.render import display_range, save_pictures
 from anomalyvfm.optional import require
 from anomalyvfm.prediction import Predictor
@@ -67,6 +67,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
           f"pixel threshold {thresholds.pixel_threshold:.4g})")
+    if detector.settings.threshold_rule == "budget":  # the budget and its check on validation, as the report shows them
+        print(threshold_lines(thresholds.evidence), end="")
     if detector.settings.lora is not None:
         r = detector.record.lora
         size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size
@@ -115,6 +117,49 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"scored {len(files) - failures} of {len(files)} images → {out / PREDICTIONS_CSV}"
           + (f"; {failures} failed (see stderr)" if failures else ""))
     return 1 if failures else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Re-estimate a model's thresholds as false-alarm budgets from more good images, no refit."""
+    from dataclasses import replace
+
+    from anomalyvfm.deploy.bundle import is_bundle
+    from anomalyvfm.detector import model_dir
+    from anomalyvfm.detector.settings import IMAGE_FALSE_ALARM_RATE
+    from anomalyvfm.head.budget import add_good_images
+
+    rate = args.false_alarm_rate
+    if rate is not None and not 0 < rate < 1:
+        raise UserInputError(f"--false-alarm-rate must be between 0 and 1 (exclusive), got {rate:g}")
+    good = Path(args.good)
+    if not good.is_dir():
+        raise UserInputError(f"{good}: --good is not a folder")
+    files = list_images(good)
+    if not files:
+        raise UserInputError(f"{good}: no images ({', '.join(IMAGE_SUFFIXES)}) in --good")
+    if is_bundle(args.model):
+        raise UserInputError(f"{args.model}: a bundle of the format before model format 3; export the model again "
+                             "(anomalyvfm export --model M) and calibrate that")
+    model_dir.check_writable(args.out)  # before any scoring
+    stored = model_dir.read(args.model)
+    predictor = load_model(args)  # whichever backend: an exported form needs no torch
+    old = predictor.thresholds()
+    scores, maxima = [], []
+    for pred in predictor.predict_iter(files, "calibrate (good images)", decide=False):
+        if pred.error:
+            raise UserInputError(f"good image unreadable: {pred.error}")
+        scores.append(pred.score)
+        maxima.append(float(pred.anomaly_map.max()))
+    rate = rate or stored.settings.false_alarm_rate or IMAGE_FALSE_ALARM_RATE
+    new = add_good_images(old, scores, maxima, rate)
+    calibration = replace(stored.calibration, modes={**stored.calibration.modes, predictor.score_mode: new})
+    out = model_dir.write(args.out, replace(stored, calibration=calibration), copy_from=stored.directory)
+    print(f"calibrated {out} from {len(files)} good images at a false-alarm rate of {rate:g}: image threshold "
+          f"{old.image_threshold:.4g} → {new.image_threshold:.4g}, pixel threshold {old.pixel_threshold:.4g} → "
+          f"{new.pixel_threshold:.4g}")
+    for level, evidence in new.evidence.items():
+        print(f"  {level}: {evidence['text']}")
+    return 0
 
 
 def cmd_synth_preview(args: argparse.Namespace) -> int:
@@ -341,6 +386,19 @@ def _add_export(sub) -> None:
     exp.set_defaults(func=cmd_export)
 
 
+def _add_calibrate(sub) -> None:
+    calibrate = sub.add_parser("calibrate", help="re-estimate thresholds as false-alarm budgets from more good "
+                                                 "images, without refitting (model directory or bundle)")
+    _model_option(calibrate)
+    calibrate.add_argument("--good", required=True, help="folder of good (defect-free) images, e.g. the first shift's parts")
+    calibrate.add_argument("--false-alarm-rate", type=float, metavar="R",
+                           help="reject at most this fraction of good parts, and outline something on at most this "
+                                "fraction of good images (default: the model's --false-alarm-rate, else 0.01)")
+    calibrate.add_argument("--out", required=True, help="model directory (or bundle) to write; may be --model itself")
+    add_runtime_options(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+
 def _add_synth_preview(sub) -> None:
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
     _dataset_options(synth)
@@ -376,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_fit, _add_predict, _add_evaluate, _add_benchmark, _add_export_submission, _add_export,
-                _add_synth_preview, _add_serve, _add_demo):
+                _add_calibrate, _add_synth_preview, _add_serve, _add_demo):
         add(sub)
     return parser
 

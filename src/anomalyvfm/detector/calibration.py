@@ -14,6 +14,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.features.extraction import FailedImage
 from anomalyvfm.features.foreground import looks_like_object, mask_stats
+from anomalyvfm.head.budget import budget_thresholds, sample
 from anomalyvfm.head.calibration import Calibration, Thresholds
 from anomalyvfm.head.scores import RawScores, combine, standardisation_stats, view_statistics
 from anomalyvfm.maps.anomaly_maps import anomaly_map
@@ -50,27 +51,53 @@ def calibrate(pipeline, images: Sequence[ImageLike], mode: str, progress: bool) 
         calibration.head_stats = standardisation_stats(raws)
     modes = SCORE_MODES if pipeline.heads is not None else ("distance",)
     sigma, rules = pipeline.settings.sigma, pipeline.settings.threshold_rules()
-    calibration.modes = {m: _mode_thresholds(raws, shapes, m, calibration.head_stats, sigma, rules) for m in modes}
+    out_of_fold = None
+    if pipeline.out_of_fold is not None:  # training images scored out of fold (only the distance mode has them)
+        out_of_fold = ([pipeline.head.fuse(item, calibration) for item in pipeline.out_of_fold],
+                       [(item.processed_shape, item.image_shape) for item in pipeline.out_of_fold])
+    calibration.modes = {m: _mode_thresholds(raws, shapes, m, calibration.head_stats, sigma, rules,
+                                             out_of_fold if m == "distance" else None) for m in modes}
     calibration.thresholds()  # fail now, not at the first prediction, if the asked mode is not available
     return calibration
 
 
 def _mode_thresholds(raws: list[RawScores], shapes: list[tuple], mode: str, head_stats: dict, sigma: float,
-                     rules: dict[str, ThresholdRule]) -> Thresholds:
-    """One mode's image and pixel thresholds, each by its level's rule, from the validation images."""
+                     rules: dict[str, ThresholdRule],
+                     out_of_fold: tuple[list[RawScores], list[tuple]] | None = None) -> Thresholds:
+    """One mode's image and pixel thresholds, each by its level's rule: from the validation images, or,
+    for a rule whose sample is the normal images beyond validation (budget), from the `out_of_fold`
+    training images with validation as the check. Each image's score and map maximum are kept."""
     pixels, scores = NormalScores(), NormalScores()
-    for raw, (processed_shape, image_shape) in zip(raws, shapes):
-        grid, score = combine(raw, mode, head_stats)
-        pixels.update(anomaly_map(grid, processed_shape, image_shape, sigma))
-        scores.update(np.array([score]))
-    return thresholds_from(scores, pixels, rules)
+    records = {}
+    for source, (items, item_shapes) in (("validation", (raws, shapes)), ("out_of_fold", out_of_fold or ([], []))):
+        image_scores, maxima = [], []
+        for raw, (processed_shape, image_shape) in zip(items, item_shapes):
+            grid, score = combine(raw, mode, head_stats)
+            amap = anomaly_map(grid, processed_shape, image_shape, sigma)
+            if source == "validation":
+                pixels.update(amap)
+                scores.update(np.array([score]))
+            image_scores.append(score)
+            maxima.append(float(amap.max()))
+        if items:
+            records[source] = sample(image_scores, maxima)
+    if rules["image"].sample != "validation":
+        return budget_thresholds(records, rules, validation_stats(scores, pixels))
+    thresholds = thresholds_from(scores, pixels, rules)
+    thresholds.normal_samples = records
+    return thresholds
 
 
 def thresholds_from(scores: NormalScores, pixels: NormalScores, rules: dict[str, ThresholdRule]) -> Thresholds:
     """Thresholds from validation image scores and map pixels (also used by benchmarks on cached maps)."""
     image = rules["image"].decide(scores, "defect-free validation image scores")
     pixel = rules["pixel"].decide(pixels, "defect-free validation map pixels")
+    return Thresholds(image.threshold, pixel.threshold, validation_stats(scores, pixels),
+                      {"image": image.evidence, "pixel": pixel.evidence})
+
+
+def validation_stats(scores: NormalScores, pixels: NormalScores) -> dict[str, float]:
+    """Mean and std of validation image scores and map pixels (displays scale maps by them)."""
     s, p = scores.moments, pixels.moments
-    stats = {"images": s.n, "image_score_mean": s.mean, "image_score_std": s.std,
-             "pixel_score_mean": p.mean, "pixel_score_std": p.std}
-    return Thresholds(image.threshold, pixel.threshold, stats, {"image": image.evidence, "pixel": pixel.evidence})
+    return {"images": s.n, "image_score_mean": s.mean, "image_score_std": s.std,
+            "pixel_score_mean": p.mean, "pixel_score_std": p.std}

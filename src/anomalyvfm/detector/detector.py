@@ -87,7 +87,7 @@ class AnomalyDetector:
             adapter, heads, self.record.lora = train_adapter(backbone, images, validation_images, s.lora, s.image_size,
                                                              s.seed, progress)
             self.pipeline.adapt(adapter, heads)
-        self.record.train_images = self.pipeline.fit_scorers(images, progress)
+        self.record.train_images = self.pipeline.fit_scorers(images, progress, self.settings.out_of_fold)
         self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
         if self.settings.auto:  # the image evidence is chosen on the fitted model (it needs its calibration)
             from anomalyvfm.detector.evidence import choose_image_evidence

@@ -24,6 +24,7 @@ from anomalyvfm.adaptation.lora import load_lora
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.model_dir import StoredModel
+from anomalyvfm.detector.out_of_fold import OOF_FOLDS, FeatureSpill, out_of_fold_scores
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError, failure
 from anomalyvfm.features.backbone import Backbone, load_backbone, save_blocks
@@ -50,8 +51,8 @@ class FitParts:
 
     def partial_fit(self, items: list[ImageFeatures]) -> None:
         """Add one image's features of every view (finest last)."""
-        for scorer, item in zip(self.scorers, items):
-            scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]))
+        for scorer, item in zip(self.scorers, items):  # the image's index: bank-row sources, Mahalanobis folds
+            scorer.partial_fit(item.features.reshape(-1, item.features.shape[-1]), self.images)
         if self.foreground is not None:
             self.foreground.partial_fit(items[-1].features)
         self.image_bank.partial_fit(items[-1].features)
@@ -99,6 +100,7 @@ class Pipeline:
         self.adapter = None  # peft model wrapping `backbone.model` when adapted
         self.heads: AnomalyHeads | None = None
         self.head: ScoringHead | None = None  # everything after the backbone, built from the fitted parts
+        self.out_of_fold: list[ViewScores] | None = None  # training images scored out of fold (fit time only)
 
     @classmethod
     def restore(cls, stored: StoredModel, runtime: Runtime, backbone: str | Path | None = None) -> "Pipeline":
@@ -165,12 +167,25 @@ class Pipeline:
             failed = [item for item in items if isinstance(item, FailedImage)]  # a view can fail alone (out of memory)
             yield failed[0] if failed else list(items)
 
-    def fit_scorers(self, images: Sequence[ImageLike], progress: bool) -> int:
+    def fit_scorers(self, images: Sequence[ImageLike], progress: bool, out_of_fold: bool = False) -> int:
         """Fit every view's scorer, the foreground model and the image bank on `images` (streamed by this
-        pipeline's `accumulator`), then the scoring head from them; return how many images were used."""
-        parts = self.accumulator(self, images, progress)
-        parts.finalize()
-        self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *self.search())
+        pipeline's `accumulator`), then the scoring head from them; return how many images were used.
+
+        With `out_of_fold`, the training images are also scored against the fitted state without what came
+        from each of them (`detector.out_of_fold`), into `self.out_of_fold`, for the thresholds.
+        """
+        if out_of_fold and self.accumulator is not local_accumulator:  # shards cannot send their features back
+            raise UserInputError("--threshold-rule budget needs out-of-fold scores of the training images, which "
+                                 "--engine ray fits do not compute: fit with --engine local")
+        spill = FeatureSpill(len(images)) if out_of_fold else None
+        try:
+            parts = self.accumulate(images, progress, spill=spill) if spill else self.accumulator(self, images, progress)
+            parts.finalize()
+            self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *self.search())
+            self.out_of_fold = out_of_fold_scores(self.head, parts.scorers, spill) if spill else None
+        finally:
+            if spill is not None:
+                spill.close()
         return parts.images
 
     def search(self) -> tuple[str, str]:
@@ -179,22 +194,26 @@ class Pipeline:
         return ("numpy" if device == "cpu" else "torch"), device
 
     def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None,
-                   shard: int = 0) -> FitParts:
+                   shard: int = 0, spill: FeatureSpill | None = None) -> FitParts:
         """Stream `images` into fresh, unfinalised fitting parts.
 
         This is the part of a fit that can run in shards on several workers, their parts merged after
         (`FitParts.merge`): `total` is the number of images of the whole fit, and `shard` offsets the random
-        seeds so that shards draw independent samples.
+        seeds so that shards draw independent samples. `spill` (local fits only) keeps the features of the
+        images to be scored out of fold once the bank is final.
         """
         s, seed = self.settings, self.settings.seed + shard
         torch.manual_seed(seed)
-        parts = FitParts([make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank)
+        folds = OOF_FOLDS if spill is not None else 0
+        parts = FitParts([make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank, folds)
                           for _ in s.views()],
                          None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed),
                          ImageBank(len(s.layers)))
         for items in self.view_features(images, "features (train)" if progress else None):
             if isinstance(items, FailedImage):
                 raise UserInputError(f"training image unreadable: {items.error}")
+            if spill is not None:
+                spill.add(parts.images, items)
             parts.partial_fit(items)
         return parts
 

@@ -44,17 +44,21 @@ class Settings:
                                            "distance to the training images (both standardised on validation, summed)",
                                   choices=IMAGE_EVIDENCE)
     sigma: float = setting(4.0, "Gaussian smoothing of maps (px at backbone size)", low=0)
-    threshold_rule: str | None = setting(None, "how thresholds are read off validation scores: sigma (mean + N std), "
-                                               "quantile, max (+ margin std), gpd (Pareto tail fit); default sigma, "
-                                               "or gpd at a level whose false-alarm rate is given",
+    threshold_rule: str | None = setting(None, "how thresholds are read off normal scores: sigma (mean + N std), "
+                                               "quantile, max (+ margin std), gpd (Pareto tail fit) on validation "
+                                               "scores, or budget (false-alarm budget on out-of-fold training image "
+                                               "scores and per-image map maxima, checked on validation); default "
+                                               "sigma, or gpd at a level whose false-alarm rate is given",
                                          choices=THRESHOLD_RULES)
     threshold_sigma: float = setting(3.0, "sigma rule: thresholds = validation mean + N std")
     threshold_margin: float = setting(0.0, "max rule: thresholds = validation maximum + N std")
     false_alarm_rate: float | None = setting(None, "image level: reject at most this fraction of good parts "
-                                                   f"(quantile/gpd rules; unset: {IMAGE_FALSE_ALARM_RATE})",
+                                                   f"(quantile/gpd/budget rules; unset: {IMAGE_FALSE_ALARM_RATE}); "
+                                                   "budget: also the pixel level's, unless that is given",
                                              low=0, low_open=True, high=1)
     pixel_false_alarm_rate: float | None = setting(None, "pixel level: flag at most this fraction of good pixels "
-                                                         f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE})",
+                                                         f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE}); "
+                                                         "budget: of good images with any flagged pixel",
                                                    low=0, low_open=True, high=1)
     binarize: str = setting("global", "defect masks: pixels above the global pixel threshold; mebin: above each "
                                       "image's own most stable threshold over it; hysteresis: regions above a lower "
@@ -85,6 +89,9 @@ class Settings:
                                f"size, got {self.tile_size} and {self.tile_overlap}")
         if self.scales and self.tile_size:
             raise SettingError(f"{{scales}} needs no {{tile_size}}, got {list(self.scales)} and {self.tile_size}")
+        if self.threshold_rule == "budget" and self.lora is not None:
+            raise SettingError("{threshold_rule} budget needs out-of-fold scores, which LoRA-adapted models "
+                               "do not have (their heads were trained on the training images): drop {lora}")
 
     def views(self) -> list[tuple[int, Tiling | None]]:
         """(image_size, tiling) of each view, coarsest first; the last one is the reference grid."""
@@ -92,12 +99,20 @@ class Settings:
             return [(self.image_size, Tiling(self.tile_size, self.tile_overlap, self.tile_scale))]
         return [(size, None) for size in sorted(self.scales or (self.image_size,))]
 
+    @property
+    def out_of_fold(self) -> bool:
+        """Whether the fit scores the training images out of fold (the budget rule reads those scores)."""
+        return self.threshold_rule == "budget"
+
     def threshold_rules(self) -> dict[str, ThresholdRule]:
         """The rule of each level ("image", "pixel"): `threshold_rule`, else sigma, or gpd at a level whose
-        false-alarm rate the user gave (so `--false-alarm-rate 0.01` alone does what it says)."""
+        false-alarm rate the user gave (so `--false-alarm-rate 0.01` alone does what it says). The budget
+        rule's pixel level counts good *images* with any flagged pixel, so its default rate is the image one."""
         rules = {}
+        image_rate = self.false_alarm_rate or IMAGE_FALSE_ALARM_RATE
+        pixel_default = image_rate if self.threshold_rule == "budget" else PIXEL_FALSE_ALARM_RATE
         for level, rate, default in (("image", self.false_alarm_rate, IMAGE_FALSE_ALARM_RATE),
-                                     ("pixel", self.pixel_false_alarm_rate, PIXEL_FALSE_ALARM_RATE)):
+                                     ("pixel", self.pixel_false_alarm_rate, pixel_default)):
             name = self.threshold_rule or ("sigma" if rate is None else "gpd")
             rules[level] = make_rule(name, self.threshold_sigma, default if rate is None else rate, self.threshold_margin)
         return rules

@@ -24,6 +24,9 @@ class Thresholds:
     pixel_threshold: float
     validation_stats: dict[str, float]
     evidence: dict[str, dict[str, Any]] = field(default_factory=dict)  # per level: the rule and its figures
+    # per source ("validation", "out_of_fold", "added"): each normal image's score and map maximum, so
+    # that budget thresholds can be re-estimated from more images without the features (`head.budget`)
+    normal_samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -6,6 +6,10 @@ The fitted state is a flat dict of float32 arrays (`state_dict`), keyed `<part>.
 `global.embeddings` (the training images' global embeddings, for image evidence). The torch fit produces
 it (`detector.pipeline`), the model directory and the exported bundle store it; the head reads nothing else.
 
+Out-of-fold scores of training images (fit time, `detector.out_of_fold`) go through the same
+`score_views` with a `HeldOut`: what of the fitted state came from that image (its kNN bank rows, its
+global embedding) is left out, or, for Mahalanobis, the Gaussian fitted without its fold is used.
+
 The calibration (thresholds and validation statistics) is passed in, not held: it is fitted *through* the
 head (`detector.calibration.calibrate` scores validation images with it), and owned by the model.
 """
@@ -24,7 +28,7 @@ from anomalyvfm.head.search import BankSearch, make_search
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.prediction import Prediction
-from anomalyvfm.scoring.distances import fuse_views, mahalanobis_distance, suppress_background
+from anomalyvfm.scoring.distances import fuse_views, knn_distance, mahalanobis_distance, suppress_background
 from anomalyvfm.scoring.image_evidence import fuse_image_evidence, global_distance, image_embedding
 from anomalyvfm.scoring.pooling import image_score
 
@@ -53,6 +57,20 @@ class HeadConfig:
         names = ("bank",) if self.scorer == "knn" else ("mean", "whitener")
         required = [f"view{i}.{name}" for i in range(self.views) for name in names]
         return required + (["global.embeddings"] if self.image_evidence != "patch" else [])
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What to leave out when scoring one training image out of fold (fit time only).
+
+    `bank_rows`: per view, the kNN bank rows that came from the image; `gaussians`: per view, the
+    Mahalanobis (mean, whitener) fitted without the image's fold; `global_row`: the image's own row of
+    the global embeddings (every training image has one, so in-sample its global distance is ~0).
+    """
+
+    bank_rows: tuple[np.ndarray, ...] = ()
+    gaussians: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    global_row: int | None = None
 
 
 class ScoringHead:
@@ -91,22 +109,32 @@ class ScoringHead:
 
     # -- per image ------------------------------------------------------------------------------------
     def score_views(self, features: Sequence[np.ndarray], source: str, processed_shape: tuple[int, int],
-                    image_shape: tuple[int, int], head: HeadLogits | None = None) -> ViewScores:
+                    image_shape: tuple[int, int], head: HeadLogits | None = None,
+                    held_out: HeldOut | None = None) -> ViewScores:
         """Patch scores of every view's `(h, w, C)` features (finest last), the foreground mask and the global
-        distance of the reference (last) view; `head` carries a LoRA head's logits through."""
+        distance of the reference (last) view; `head` carries a LoRA head's logits through; `held_out`
+        scores a training image out of fold."""
         features = [np.asarray(f, np.float32) for f in features]
-        grids = [self.patch_scores(view, f).reshape(f.shape[:2]) for view, f in enumerate(features)]
+        grids = [self.patch_scores(view, f, held_out).reshape(f.shape[:2]) for view, f in enumerate(features)]
         ref, a = features[-1], self._arrays
         mask = (foreground_mask(ref, a["foreground.mean"], a["foreground.component"], float(a["foreground.threshold"][0]))
                 if self.has_foreground else None)
-        distance = (global_distance(image_embedding(ref, self.config.blocks), a["global.embeddings"])
-                    if self.has_global else None)
+        distance = None
+        if self.has_global:
+            embeddings = a["global.embeddings"]
+            if held_out is not None and held_out.global_row is not None and len(embeddings) > 1:
+                embeddings = np.delete(embeddings, held_out.global_row, axis=0)
+            distance = global_distance(image_embedding(ref, self.config.blocks), embeddings)
         return ViewScores(source, grids, mask, tuple(processed_shape), tuple(image_shape), head, distance)
 
-    def patch_scores(self, view: int, features: np.ndarray) -> np.ndarray:
-        """Flat patch scores of one view's features against that view's scorer."""
+    def patch_scores(self, view: int, features: np.ndarray, held_out: HeldOut | None = None) -> np.ndarray:
+        """Flat patch scores of one view's features against that view's scorer (without what `held_out` names)."""
         if self._search:
+            if held_out is not None and held_out.bank_rows:
+                return knn_distance(features, self._arrays[f"view{view}.bank"], held_out.bank_rows[view])
             return self._search[view](features)
+        if held_out is not None and held_out.gaussians:
+            return mahalanobis_distance(features, *held_out.gaussians[view])
         return mahalanobis_distance(features, self._arrays[f"view{view}.mean"], self._arrays[f"view{view}.whitener"])
 
     def fuse(self, scored: ViewScores, calibration: Calibration, evidence: str | None = None) -> RawScores:

@@ -15,6 +15,12 @@ uncertainty.
 * `ParetoRule` — a generalized Pareto fit (`scipy.stats.genpareto`) to the largest normal values,
   extrapolated to a target false-alarm `rate` smaller than the validation set can show
   (peaks over threshold); inside what the data shows it is the empirical quantile.
+* `BudgetRule` — a false-alarm budget: the `ParetoRule` threshold at `rate`, read off a larger normal
+  sample than the validation set: the out-of-fold scores of the training images
+  (`detector.out_of_fold`) and any good images added later (`anomalyvfm calibrate`). At the pixel level
+  its values are each normal image's map *maximum*, so at most `rate` of good images show any outlined
+  pixel. The validation images stay an independent check (`check`): how many of them the threshold
+  rejects against the predicted rate, with the Clopper–Pearson interval of the observed rate.
 
 Nothing here ever sees a defect: rules that would need labels do not belong in this module.
 """
@@ -30,7 +36,7 @@ import numpy as np
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.scoring.moments import RunningMoments
 
-THRESHOLD_RULES = ("sigma", "quantile", "max", "gpd")
+THRESHOLD_RULES = ("sigma", "quantile", "max", "gpd", "budget")
 TAIL_KEPT = 200_000  # largest pixel values kept exactly: 1.6 MB, enough for rates down to 200 000 / pixels
 GPD_MIN_TAIL = 5  # fewer exceedances than this cannot fit two parameters
 GPD_MAX_FIT = 20_000  # exceedances the fit sees at most (evenly spaced order statistics): bounds its time
@@ -110,25 +116,38 @@ class Decision:
 
 
 class ThresholdRule(abc.ABC):
-    """Reads a threshold off defect-free scores of one level; `what` names the values in the report line."""
+    """Reads a threshold off defect-free scores of one level; `what` names the values in the report line.
+
+    `sample` says which normal values the rule reads: "validation" (map pixels / image scores of the
+    validation images) or "normal" (out-of-fold and added good images, per-image map maxima at the pixel level).
+    """
 
     name: str
+    sample = "validation"
 
     @abc.abstractmethod
     def _threshold(self, sample: NormalScores) -> tuple[float, dict[str, Any], str]:
         """(threshold, the figures used, how it was computed in words)."""
 
-    def decide(self, sample: NormalScores, what: str) -> Decision:
+    def decide(self, sample: NormalScores, what: str, check: NormalScores | None = None) -> Decision:
+        """The threshold from `sample` with its evidence; `check` (rules whose sample is not the validation
+        set) is the validation set, counted against the threshold as an independent test."""
         if sample.n == 0:
-            raise UserInputError("no validation values: thresholds need defect-free validation images")
+            raise UserInputError(f"no {what}: thresholds need defect-free images")
         threshold, figures, how = self._threshold(sample)
         evidence = {"rule": self.name, **self.parameters(), **figures, "values": sample.n}
         rejected = sample.above(threshold)
         line = f"{threshold:.6g} = {how} of {sample.n} {what}"
-        if rejected is not None:
+        if rejected is not None and self.sample == "validation":
             low, high = clopper_pearson(rejected, sample.n)
             evidence.update(validation_false_alarms=rejected, false_alarm_ci95=[low, high])
             line += f"; validation false alarms {rejected}/{sample.n} (95 % CI of the rate {low:.2g}–{high:.2g})"
+        elif rejected is not None:
+            low, high = clopper_pearson(rejected, sample.n)
+            evidence.update(sample_false_alarms=rejected, sample_false_alarm_ci95=[low, high])
+            line += f" ({rejected} above it)"
+        if check is not None and check.n and (observed := check.above(threshold)) is not None:
+            line += "; " + _check_evidence(evidence, observed, check.n, getattr(self, "rate", None))
         evidence["text"] = line
         return Decision(float(threshold), evidence)
 
@@ -223,9 +242,30 @@ class ParetoRule(ThresholdRule):
                                     f"{u:.6g}) extrapolated to a false-alarm rate of {self.rate:g}")
 
 
+class BudgetRule(ParetoRule):
+    """A false-alarm budget read off the normal sample (out of fold + added good images), checked on
+    validation: see the module docstring."""
+
+    name = "budget"
+    sample = "normal"
+
+
+def _check_evidence(evidence: dict[str, Any], observed: int, n: int, predicted: float | None) -> str:
+    """Record in `evidence` how many of `n` validation values lie above the threshold, the Clopper–Pearson
+    interval of that rate, and whether the `predicted` rate lies inside it; return the report phrase."""
+    low, high = clopper_pearson(observed, n)
+    evidence.update(validation_false_alarms=observed, validation_values=n, false_alarm_ci95=[low, high])
+    phrase = f"validation false alarms {observed}/{n} (95 % CI of the rate {low:.2g}–{high:.2g})"
+    if predicted is not None:
+        within = low <= predicted <= high
+        evidence.update(predicted_rate=predicted, prediction_within_ci=within)
+        phrase += f", predicted {predicted:g}: {'consistent' if within else 'NOT consistent'}"
+    return phrase
+
+
 def make_rule(name: str, num_sigma: float = 3.0, rate: float = 0.01, margin: float = 0.0) -> ThresholdRule:
-    """A rule by name with its one parameter: k for sigma, the false-alarm rate for quantile and gpd,
-    the margin (in std) for max."""
+    """A rule by name with its one parameter: k for sigma, the false-alarm rate for quantile, gpd and
+    budget, the margin (in std) for max."""
     if name == "sigma":
         return SigmaRule(num_sigma)
     if name == "quantile":
@@ -234,4 +274,6 @@ def make_rule(name: str, num_sigma: float = 3.0, rate: float = 0.01, margin: flo
         return MaxRule(margin)
     if name == "gpd":
         return ParetoRule(rate)
+    if name == "budget":
+        return BudgetRule(rate)
     raise ValueError(f"unknown threshold rule '{name}' (choose from {', '.join(THRESHOLD_RULES)})")

@@ -65,6 +65,10 @@ class StreamingCoreset:
 
     The state is mergeable (distributed fitting): `absorb(other)` adds another stream's held rows, as if
     they had been streamed here.
+
+    Each row carries the index of the image it came from (`sources`, -1 when not given) through every
+    reduction, so that a training image can later be scored against the bank without its own rows
+    (out-of-fold scores); `result_sources` holds those of the final coreset.
     """
 
     def __init__(self, capacity: int, ratio: float, seed: int = 0) -> None:
@@ -74,32 +78,37 @@ class StreamingCoreset:
         # reductions must free room, so an intermediate summary never fills more than half the capacity
         self.summary_size = max(1, min(round(ratio * capacity), capacity // 2))
         self._rows: list[torch.Tensor] = []
+        self._sources: list[torch.Tensor] = []  # int32 image index of each held row, parallel to `_rows`
+        self.result_sources: torch.Tensor | None = None
         self.held = 0  # rows in `_rows`
         self.seen = 0  # rows ever added (absorbed streams included)
         self.reductions = 0
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, source: int = -1) -> None:
+        """Stream `rows` in, all from image `source`."""
         self.seen += len(rows)
-        self._hold(rows)
+        self._hold(rows, torch.full((len(rows),), source, dtype=torch.int32))
 
-    def _hold(self, rows: torch.Tensor) -> None:
+    def _hold(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
         while len(rows):
             room = self.capacity - self.held
             self._rows.append(rows[:room])
+            self._sources.append(sources[:room])
             self.held += len(rows[:room])
-            rows = rows[room:]
+            rows, sources = rows[room:], sources[room:]
             if self.held >= self.capacity:
                 self._reduce(self.summary_size)
 
-    def _pool(self) -> torch.Tensor:
-        pool = torch.cat(self._rows) if len(self._rows) > 1 else self._rows[0]
-        self._rows = [pool]
-        return pool
+    def _pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._rows) > 1:
+            self._rows, self._sources = [torch.cat(self._rows)], [torch.cat(self._sources)]
+        return self._rows[0], self._sources[0]
 
     def _reduce(self, size: int) -> torch.Tensor:
-        pool = self._pool()
-        kept = pool[greedy_coreset(pool, size, self.seed + self.reductions)].contiguous()
-        self._rows, self.held = [kept], len(kept)
+        pool, sources = self._pool()
+        keep = greedy_coreset(pool, size, self.seed + self.reductions)
+        kept = pool[keep].contiguous()
+        self._rows, self._sources, self.held = [kept], [sources[keep]], len(kept)
         self.reductions += 1
         return kept
 
@@ -107,10 +116,12 @@ class StreamingCoreset:
         """Merge another stream's state into this one (its held rows are streamed here)."""
         self.seen += other.seen
         if other.held:
-            self._hold(other._pool())
+            self._hold(*other._pool())
 
     def result(self) -> torch.Tensor:
-        """The final coreset of everything seen."""
+        """The final coreset of everything seen (its rows' images in `result_sources`)."""
         if not self.held:
             raise ValueError("no rows were added")
-        return self._reduce(max(1, round(self.ratio * min(self.seen, self.capacity))))
+        kept = self._reduce(max(1, round(self.ratio * min(self.seen, self.capacity))))
+        self.result_sources = self._sources[0]
+        return kept

@@ -27,10 +27,24 @@ def unit_rows(features) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
-def knn_distance(features, bank: np.ndarray) -> np.ndarray:
-    """Cosine distance of each feature row to its nearest row of the unit-norm `bank`."""
+def knn_distance(features, bank: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Cosine distance of each feature row to its nearest row of the unit-norm `bank`.
+
+    `exclude`: indices of bank rows left out of the search. Out-of-fold scoring of a training image
+    excludes the rows that came from that image, so its scores are those of a normal image the bank
+    has not seen (in-sample, its own patches would be at distance ~0). At least one row must remain.
+    """
     x = unit_rows(features)
-    return np.concatenate([1 - (x[i : i + CHUNK] @ bank.T).max(axis=1) for i in range(0, len(x), CHUNK)])
+    if exclude is None or not len(exclude):
+        return np.concatenate([1 - (x[i : i + CHUNK] @ bank.T).max(axis=1) for i in range(0, len(x), CHUNK)])
+    if len(np.unique(exclude)) >= len(bank):
+        raise ValueError("knn_distance: every bank row is excluded")
+    out = []
+    for i in range(0, len(x), CHUNK):
+        similarity = x[i : i + CHUNK] @ bank.T
+        similarity[:, exclude] = -np.inf
+        out.append(1 - similarity.max(axis=1))
+    return np.concatenate(out)
 
 
 def prefix_knn_distances(features, bank: np.ndarray, prefixes: dict[Hashable, int]) -> dict[Hashable, np.ndarray]:

@@ -11,6 +11,13 @@ to plain tensors for safetensors.
   is its cosine distance to the nearest bank entry. The candidates are a seeded reservoir of
   `max_candidates` patches (`bank="reservoir"`, default) or every training patch, reduced chunk by
   chunk within the same memory (`bank="merge"`, see `coreset.StreamingCoreset`).
+
+Out-of-fold scores (fit time only): `partial_fit(features, image)` tells a scorer which training image
+the features come from. The kNN scorer then carries each candidate's image index through the reservoir,
+merges and the coreset (`bank_sources`), so that a training image can be scored against the bank without
+its own rows; the Mahalanobis scorer keeps the streamed sums of `folds` image folds, and `fold_params`
+gives the Gaussian of all images but one fold (totals minus that fold's sums). Neither is saved with
+the model: the decisions store only what they were used for (thresholds, `head.calibration`).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from anomalyvfm.scoring.image_evidence import global_distance, image_embedding
 class PatchScorer(Protocol):
     name: str
 
-    def partial_fit(self, features: torch.Tensor) -> None: ...
+    def partial_fit(self, features: torch.Tensor, image: int = -1) -> None: ...
     def finalize(self) -> None: ...
     def score(self, features: torch.Tensor) -> torch.Tensor: ...
     def state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -51,23 +58,34 @@ class MahalanobisScorer:
 
     name = "mahalanobis"
 
-    def __init__(self, ridge: float = 1e-3) -> None:
-        self.ridge = ridge
+    def __init__(self, ridge: float = 1e-3, folds: int = 0) -> None:
+        self.ridge, self.folds = ridge, folds
         self._n = 0
         self._sum: torch.Tensor | None = None
         self._outer: torch.Tensor | None = None
+        self._fold_sums: list[list] = []  # per fold: [n, sum, outer] of its images (only with folds)
+        self.fold_params: list[tuple[np.ndarray, np.ndarray]] = []  # per fold: (mean, whitener) without it
         self.mean: torch.Tensor | None = None
         self.whitener: torch.Tensor | None = None  # L with L L^T = precision
         self.shrinkage: float | None = None
 
-    def partial_fit(self, features: torch.Tensor) -> None:
+    def partial_fit(self, features: torch.Tensor, image: int = -1) -> None:
+        """Add one image's features; with `folds`, also to the sums of fold `image % folds`."""
         x = features.reshape(-1, features.shape[-1]).double()
         if self._sum is None:
             self._sum = torch.zeros(x.shape[1], dtype=torch.float64)
             self._outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-        self._sum += x.sum(0)
-        self._outer += x.T @ x
+            self._fold_sums = [[0, torch.zeros_like(self._sum), torch.zeros_like(self._outer)]
+                               for _ in range(self.folds)]
+        total, outer = x.sum(0), x.T @ x
+        self._sum += total
+        self._outer += outer
         self._n += x.shape[0]
+        if self.folds and image >= 0:
+            fold = self._fold_sums[image % self.folds]
+            fold[0] += x.shape[0]
+            fold[1] += total
+            fold[2] += outer
 
     def subset(self, dims: torch.Tensor) -> "MahalanobisScorer":
         """An unfinalised scorer over feature dimensions `dims`, sharing these streamed sums.
@@ -98,16 +116,26 @@ class MahalanobisScorer:
     def finalize(self) -> None:
         if self._n < 2:
             raise ValueError("Mahalanobis scorer needs at least 2 patch features")
-        mean = self._sum / self._n
-        cov = ((self._outer - self._n * torch.outer(mean, mean)) / (self._n - 1)).numpy()
-        self.shrinkage = oas_shrinkage(cov, self._n)
+        mean, whitener, self.shrinkage = self._gaussian(self._n, self._sum, self._outer)
+        self.mean, self.whitener = torch.from_numpy(mean), torch.from_numpy(whitener)
+        # a fold holding every image (fewer images than folds) has no out-of-fold Gaussian: it gets none
+        self.fold_params = [self._gaussian(self._n - n, self._sum - s, self._outer - o)[:2]
+                            for n, s, o in self._fold_sums if self._n - n >= 2]
+        if len(self.fold_params) != len(self._fold_sums):
+            self.fold_params = []
+        self._sum = self._outer = None
+        self._fold_sums = []
+
+    def _gaussian(self, n: int, total: torch.Tensor, outer: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+        """(mean, whitener, shrinkage) of `n` features from their streamed sums, as float32."""
+        mean = total / n
+        cov = ((outer - n * torch.outer(mean, mean)) / (n - 1)).numpy()
+        shrinkage = oas_shrinkage(cov, n)
         mu = np.trace(cov) / cov.shape[0]
-        shrunk = (1 - self.shrinkage) * cov + (self.shrinkage + self.ridge) * mu * np.eye(cov.shape[0])
+        shrunk = (1 - shrinkage) * cov + (shrinkage + self.ridge) * mu * np.eye(cov.shape[0])
         precision = np.linalg.inv(shrunk)
         precision = (precision + precision.T) / 2
-        self.mean = mean.float()
-        self.whitener = torch.from_numpy(np.linalg.cholesky(precision)).float()
-        self._sum = self._outer = None
+        return mean.float().numpy(), np.linalg.cholesky(precision).astype(np.float32), shrinkage
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(mahalanobis_distance(features, self.mean.numpy(), self.whitener.numpy()))
@@ -134,28 +162,35 @@ class KNNScorer:
         self.coreset_ratio, self.max_candidates, self.seed = coreset_ratio, max_candidates, seed
         self._rng = np.random.default_rng(seed)
         self._reservoir: torch.Tensor | None = None
+        self._sources: torch.Tensor | None = None  # int32 training-image index of each reservoir row
         self._seen = 0
         self._stream = StreamingCoreset(max_candidates, coreset_ratio, seed) if bank == "merge" else None
         self.bank: torch.Tensor | None = None
+        self.bank_sources: np.ndarray | None = None  # image index of each bank row (fit time; -1 unknown)
 
-    def partial_fit(self, features: torch.Tensor) -> None:
+    def partial_fit(self, features: torch.Tensor, image: int = -1) -> None:
         """Reservoir sampling (Algorithm R, vectorised): every patch seen has equal chance to be kept;
-        or, with `bank="merge"`, every patch goes through the streaming coreset."""
+        or, with `bank="merge"`, every patch goes through the streaming coreset. `features` are all from
+        training image `image` (its index is kept with each row, for out-of-fold scores)."""
         x = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=1)
         if self._stream is not None:
-            self._stream.add(x)
+            self._stream.add(x, image)
             return
         if self._reservoir is None:
             self._reservoir = torch.empty(0, x.shape[1])
+            self._sources = torch.empty(0, dtype=torch.int32)
         room = self.max_candidates - len(self._reservoir)
         if room > 0:
             self._reservoir = torch.cat([self._reservoir, x[:room]])
+            self._sources = torch.cat([self._sources, torch.full((len(x[:room]),), image, dtype=torch.int32)])
             self._seen += min(room, len(x))
             x = x[room:]
         if len(x):
             slots = self._rng.integers(0, self._seen + np.arange(1, len(x) + 1))
             keep = slots < self.max_candidates
+            # duplicate slots within one call all come from the same image: sources stay consistent
             self._reservoir[torch.from_numpy(slots[keep])] = x[torch.from_numpy(keep)]
+            self._sources[torch.from_numpy(slots[keep])] = image
             self._seen += len(x)
 
     def merge(self, other: "KNNScorer") -> None:
@@ -177,7 +212,7 @@ class KNNScorer:
         if other._reservoir is None or other._seen == 0:
             return
         if self._reservoir is None or self._seen == 0:
-            self._reservoir, self._seen = other._reservoir.clone(), other._seen
+            self._reservoir, self._sources, self._seen = other._reservoir.clone(), other._sources.clone(), other._seen
             return
         total = self._seen + other._seen
         size = min(total, self.max_candidates)
@@ -185,19 +220,22 @@ class KNNScorer:
         keep = [torch.from_numpy(self._rng.choice(len(part), count, replace=False))
                 for part, count in ((self._reservoir, mine), (other._reservoir, size - mine))]
         self._reservoir = torch.cat([self._reservoir[keep[0]], other._reservoir[keep[1]]])
+        self._sources = torch.cat([self._sources[keep[0]], other._sources[keep[1]]])
         self._seen = total
 
     def finalize(self) -> None:
         if self._stream is not None:
             if not self._stream.held:
                 raise ValueError("kNN scorer needs at least 1 patch feature")
-            self.bank, self._stream = self._stream.result(), None
+            self.bank = self._stream.result()
+            self.bank_sources, self._stream = self._stream.result_sources.numpy(), None
             return
         if self._reservoir is None or len(self._reservoir) == 0:
             raise ValueError("kNN scorer needs at least 1 patch feature")
         size = max(1, round(len(self._reservoir) * self.coreset_ratio))
-        self.bank = self._reservoir[greedy_coreset(self._reservoir, size, self.seed)].contiguous()
-        self._reservoir = None
+        selected = greedy_coreset(self._reservoir, size, self.seed)
+        self.bank, self.bank_sources = self._reservoir[selected].contiguous(), self._sources[selected].numpy()
+        self._reservoir = self._sources = None
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(knn_distance(features, self.bank.numpy()))
@@ -248,10 +286,10 @@ class ImageBank:
 
 
 def make_scorer(name: str, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0,
-                bank: str = "reservoir") -> PatchScorer:
-    """Build an unfitted scorer by name."""
+                bank: str = "reservoir", folds: int = 0) -> PatchScorer:
+    """Build an unfitted scorer by name; `folds` > 0 makes a Mahalanobis scorer keep per-fold sums."""
     if name == "mahalanobis":
-        return MahalanobisScorer()
+        return MahalanobisScorer(folds=folds)
     if name == "knn":
         return KNNScorer(coreset_ratio, max_candidates, seed, bank)
     raise ValueError(f"unknown scorer '{name}' (choose from {', '.join(SCORERS)})")

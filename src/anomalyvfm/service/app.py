@@ -163,6 +163,7 @@ class Service:
         return ModelInfo(
             model=self.name, **{k: v for k, v in declared.items() if k in DECLARED_NAMES},
             image_threshold=t.image_threshold, pixel_threshold=t.pixel_threshold, validation_stats=t.validation_stats,
+            threshold_evidence={level: e["text"] for level, e in (t.evidence or {}).items() if "text" in e},
             train_images=d.record.train_images, fitted_at=d.record.fitted_at,
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
         )

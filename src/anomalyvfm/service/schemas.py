@@ -57,6 +57,9 @@ ModelInfo = create_model(
     image_threshold=(float, ...),
     pixel_threshold=(float, ...),
     validation_stats=(dict[str, int | float], ...),
+    threshold_evidence=(dict[str, str], Field(default_factory=dict, description="per level (image, pixel): how the "
+                        "threshold was read off the normal scores, and, for false-alarm budgets, the validation false "
+                        "alarms observed against the predicted rate with their 95 % interval")),
     train_images=(int, Field(description="training images the model was fitted on")),
     fitted_at=(str, Field(description="when the model was fitted (ISO 8601, UTC; empty for older models)")),
     fitted_with_version=(str, Field(description="anomalyvfm version that fitted the model")),

@@ -109,7 +109,9 @@ const CARD = [
   ["scorer", (m) => `${m.scorer} (top ${m.top_percent} %, σ ${m.sigma})`],
   ["image threshold", (m) => fmt(m.image_threshold)],
   ["pixel threshold", (m) => fmt(m.pixel_threshold)],
-  ["thresholds from", (m) => `${(m.validation_stats || {}).images ?? "?"} validation images, mean + ${m.threshold_sigma} std`],
+  ["image threshold from", (m) => (m.threshold_evidence || {}).image
+    ?? `${(m.validation_stats || {}).images ?? "?"} validation images, mean + ${m.threshold_sigma} std`],
+  ["pixel threshold from", (m) => (m.threshold_evidence || {}).pixel ?? "validation map pixels"],
   ["train images", (m) => m.train_images ?? "not reported by this server"],
   ["fitted at", (m) => m.fitted_at ?? "not recorded in this model"],
   ["fitted with", (m) => `anomalyvfm ${m.fitted_with_version || "?"}`],
