@@ -179,10 +179,11 @@ class Pipeline:
                                  "--engine ray fits do not compute: fit with --engine local")
         spill = FeatureSpill(len(images)) if out_of_fold else None
         try:
-            parts = self.accumulate(images, progress, spill=spill) if spill else self.accumulator(self, images, progress)
+            parts = (self.accumulator(self, images, progress) if spill is None
+                     else self.accumulate(images, progress, spill=spill))
             parts.finalize()
             self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *self.search())
-            self.out_of_fold = out_of_fold_scores(self.head, parts.scorers, spill) if spill else None
+            self.out_of_fold = None if spill is None else out_of_fold_scores(self.head, parts.scorers, spill)
         finally:
             if spill is not None:
                 spill.close()
