@@ -173,7 +173,7 @@ def test_calibrate_round_trip(fitted_model, data_root, tmp_path, capsys, one_thr
     assert t.pixel_threshold == BudgetRule(0.2).decide(pixel, "x").threshold
     assert t.evidence["image"]["validation_values"] == len(AnomalyDetector.load(fitted_model).thresholds()
                                                                .normal_samples["validation"]["image"])
-    assert (out / "scorer.safetensors").read_bytes() == (fitted_model / "scorer.safetensors").read_bytes()
+    assert (out / "head.safetensors").read_bytes() == (fitted_model / "head.safetensors").read_bytes()
     preds = AnomalyDetector.load(out).predict(paths, progress=False)
     assert [p.is_anomalous for p in preds] == [s > t.image_threshold for s in scores]
     # again, in place: the added sample grows, the model stays a valid, verified directory
