@@ -81,6 +81,11 @@ class FitParts:
                 for key, value in state.items()}
 
 
+def search(runtime: Runtime) -> tuple[str, str]:
+    """The kNN backend and its device: numpy on the CPU, torch where the backbone runs on a GPU."""
+    return ("numpy" if runtime.device == "cpu" else "torch"), runtime.device
+
+
 Accumulator = Callable[["Pipeline", Sequence[ImageLike], bool], FitParts]  # how a fit streams its images
 
 
@@ -112,14 +117,14 @@ class Pipeline:
             pipeline.heads = AnomalyHeads.load(stored.directory / model_dir.HEADS_FILE)
             adapter_dir = stored.directory / model_dir.ADAPTER_DIR
         pipeline.load_backbone(stored.backbone_dir or backbone, adapter_dir)
-        pipeline.head = ScoringHead(pipeline.settings.head_config(), stored.head, *pipeline.search())
+        pipeline.head = ScoringHead(pipeline.settings.head_config(), stored.head, *search(pipeline.runtime))
         return pipeline
 
     def configure(self, **changes) -> None:
         """Change settings (the `--auto` and image-evidence choices of a fit): the head, if fitted, follows."""
         self.settings = replace(self.settings, **changes)
         if self.head is not None:
-            self.head = ScoringHead(self.settings.head_config(), self.head.state_dict(), *self.search())
+            self.head = ScoringHead(self.settings.head_config(), self.head.state_dict(), *search(self.runtime))
 
     def use_runtime(self, **changes) -> None:
         """Change how this process runs the model (e.g. the score mode)."""
@@ -182,17 +187,12 @@ class Pipeline:
             parts = (self.accumulator(self, images, progress) if spill is None
                      else self.accumulate(images, progress, spill=spill))
             parts.finalize()
-            self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *self.search())
+            self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *search(self.runtime))
             self.out_of_fold = None if spill is None else out_of_fold_scores(self.head, parts.scorers, spill)
         finally:
             if spill is not None:
                 spill.close()
         return parts.images
-
-    def search(self) -> tuple[str, str]:
-        """The kNN backend and its device: numpy on the CPU, torch where the backbone runs on a GPU."""
-        device = self.runtime.device
-        return ("numpy" if device == "cpu" else "torch"), device
 
     def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None,
                    shard: int = 0, spill: FeatureSpill | None = None) -> FitParts:
