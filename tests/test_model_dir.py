@@ -243,3 +243,19 @@ def test_format_2_models_and_earlier_bundles_score_as_they_did(name, backbone_di
         assert pred.score == pytest.approx(score, rel=1e-6)
         assert float(pred.anomaly_map.sum(dtype=np.float64)) == pytest.approx(map_sum, rel=1e-6)
         assert int(pred.mask.sum()) == mask_pixels and pred.is_anomalous == anomalous
+
+
+def test_the_model_version_follows_what_decides_a_verdict(fitted_model, tmp_path):
+    """Copying a model (as `export` does when it adds a form) keeps its version; new thresholds change it."""
+    from dataclasses import replace
+
+    stored = model_dir.read(fitted_model)
+    assert len(stored.version) == 12
+    copy = model_dir.read(model_dir.write(tmp_path / "copy", stored, copy_from=stored.directory))
+    assert copy.version == stored.version
+    mode = stored.calibration.mode
+    moved = replace(stored.calibration.modes[mode], image_threshold=stored.calibration.modes[mode].image_threshold + 1)
+    calibration = replace(stored.calibration, modes={**stored.calibration.modes, mode: moved})
+    recalibrated = model_dir.read(model_dir.write(tmp_path / "new", replace(stored, calibration=calibration),
+                                                  copy_from=stored.directory))
+    assert recalibrated.version != stored.version

@@ -22,6 +22,7 @@ Bundles of the earlier separate format (manifest.json + scorer.npz) are read by 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,7 @@ class StoredModel:
     record: FitRecord
     head: dict[str, np.ndarray]  # the scoring head's arrays, keyed `<part>.<name>`
     forms: dict[str, dict[str, Any]] = field(default_factory=dict)  # exported backbone graphs, by folder name
+    version: str = ""  # what judged an image (`model_version`); "" until written and read back
 
     @property
     def backbone_dir(self) -> Path | None:
@@ -208,7 +210,19 @@ def read(directory: str | Path) -> StoredModel:
         if missing:
             raise UserInputError(f"{head_path}: no {', '.join(missing)} for this model's settings; it does not "
                                  f"belong to this {CONFIG_FILE}")
-    return StoredModel(directory, settings, calibration, record, arrays, forms)
+    return StoredModel(directory, settings, calibration, record, arrays, forms, model_version(config, head_path))
+
+
+def model_version(config: dict[str, Any], head_path: Path) -> str:
+    """A short content identity of what decides a verdict: settings, calibration and the head's arrays.
+
+    Records of the inspection store name it, so two models that judge alike share it whatever their folder:
+    adding a backbone form (`export`) keeps it; refitting, `calibrate` or `update` change it.
+    """
+    head = (config.get("files") or {}).get(head_path.name) or sha256(head_path)
+    identity = json.dumps({"settings": config["settings"], "calibration": config["calibration"], "head": head},
+                          sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def _loaded_files(directory: Path, forms: dict[str, Any]) -> list[str]:
