@@ -95,7 +95,7 @@ def run_view(data: str, backbone_dir: str, category: str, view: str) -> list[dic
     from anomalyvfm.detector.calibration import thresholds_from
     from anomalyvfm.detector.candidates import with_synthetic_anomalies
     from anomalyvfm.detector.settings import Settings
-    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm import metrics as M
     from anomalyvfm.evaluation.evaluate import peak_rss_mb
     from anomalyvfm.features.backbone import load_backbone
     from anomalyvfm.features.extraction import FailedImage, extract_features

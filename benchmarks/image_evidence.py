@@ -23,7 +23,7 @@ from anomalyvfm.data import evenly_spaced, load_dataset, load_mask
 from anomalyvfm.detector.calibration import calibrate
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.evidence import choose_image_evidence
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm import metrics as M
 from anomalyvfm.evaluation.benchmark import find_categories
 from anomalyvfm.evaluation.evaluate import peak_rss_mb, reset_peak_rss
 from anomalyvfm.features.extraction import FailedImage

@@ -23,7 +23,7 @@ import numpy as np
 
 from anomalyvfm.detector.settings import Settings
 from anomalyvfm.evaluation import bootstrap
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm import metrics as M
 from anomalyvfm.maps.binarize import BINARIZATIONS, MIN_AREA_PATCHES, defect_mask, hysteresis_mask, patch_side
 
 CATEGORIES = ("bottle", "ball_screw_drive", "kolektor", "magnetic_tile")

@@ -24,7 +24,7 @@ def run_one(data: str, category: str, backbone: str, bank: str, max_train: int |
     from anomalyvfm.data import load_dataset, load_mask
     from anomalyvfm.data.datasets import evenly_spaced
     from anomalyvfm.detector.detector import AnomalyDetector
-    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm import metrics as M
     from anomalyvfm.evaluation.evaluate import peak_rss_mb
 
     dataset = load_dataset(data, category)

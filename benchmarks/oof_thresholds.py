@@ -32,7 +32,7 @@ from anomalyvfm.data import evenly_spaced, load_dataset  # noqa: E402
 from anomalyvfm.detector import out_of_fold, pipeline  # noqa: E402
 from anomalyvfm.detector.calibration import calibrate  # noqa: E402
 from anomalyvfm.detector.detector import AnomalyDetector  # noqa: E402
-from anomalyvfm.evaluation import metrics as M  # noqa: E402
+from anomalyvfm import metrics as M  # noqa: E402
 from anomalyvfm.maps.thresholds import clopper_pearson  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from anomalyvfm.data import load_dataset, load_mask, load_rgb
 from anomalyvfm.data.datasets import evenly_spaced
 from anomalyvfm.data.synthesis import synthetic_set
 from anomalyvfm.detector.detector import AnomalyDetector
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm import metrics as M
 from anomalyvfm.maps.binarize import adaptive_mask
 from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule, make_rule
 

@@ -143,7 +143,7 @@ def test_model_mask_reads_the_stored_cut_thresholds_and_verdict_option() -> None
 def test_each_cut_is_a_stored_setting_used_by_predict_and_evaluate(method, fitted_model, data_root, tmp_path,
                                                                  one_thread) -> None:
     from anomalyvfm.data import load_dataset, load_mask
-    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm import metrics as M
     from anomalyvfm.evaluation.evaluate import evaluate
 
     detector = AnomalyDetector.load(fitted_model)

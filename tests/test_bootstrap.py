@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from anomalyvfm.evaluation import bootstrap as B
-from anomalyvfm.evaluation.metrics import PerImage, evaluate_arrays, evaluate_images, mask_counts, seg_f1_masks
+from anomalyvfm.metrics import PerImage, evaluate_arrays, evaluate_images, mask_counts, seg_f1_masks
 
 
 def category(seed: int, n_good: int, n_bad: int, dtype: type = np.float16, side: int = 16):

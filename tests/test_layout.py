@@ -14,7 +14,7 @@ STAGES = {
     "data": 1,
     "features": 2,
     "scoring": 3, "adaptation": 3,  # adaptation trains heads that score modes use: one stage
-    "maps": 4, "evaluation.metrics": 4,  # the metrics are pure array code below the detector
+    "maps": 4, "metrics": 4,  # pure array code: maps and masks against the ground truth, below the detector
     "head": 5,  # everything after the backbone, torch-free: the detector and the exported runtime call it
     "detector": 6,
     "deploy": 7, "evaluation": 7, "distributed": 7,
@@ -69,4 +69,9 @@ def test_no_module_imports_a_later_stage():
 def test_the_check_sees_an_upward_import():
     """The rule must be able to fail: a scorer importing the detector would be caught."""
     assert stage("anomalyvfm.detector.detector") > stage("anomalyvfm.scoring.scorers")
-    assert stage("anomalyvfm.evaluation.metrics") < stage("anomalyvfm.detector.candidates") < stage("anomalyvfm.evaluation.evaluate")
+    assert stage("anomalyvfm.metrics") < stage("anomalyvfm.detector.candidates") < stage("anomalyvfm.evaluation.evaluate")
+
+
+def test_every_package_has_one_stage():
+    """No exceptions: a stage belongs to a whole top-level package or module, never to a module inside one."""
+    assert not [key for key in STAGES if "." in key]

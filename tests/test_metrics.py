@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 
-from anomalyvfm.evaluation.metrics import (
+from anomalyvfm.metrics import (
     aupro,
     class_f1,
     evaluate_arrays,

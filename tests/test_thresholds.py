@@ -144,7 +144,7 @@ def test_adaptive_binarisation_finds_each_blob_and_never_goes_below_the_floor() 
 
 
 def test_defect_mask_methods_and_pooled_mask_f1() -> None:
-    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm import metrics as M
     from anomalyvfm.maps.binarize import adaptive_mask, defect_mask
 
     rng = np.random.default_rng(3)
@@ -163,7 +163,7 @@ def test_mebin_masks_are_a_stored_setting_used_by_predict_evaluate_and_bundles(f
     from anomalyvfm.data import load_dataset, load_mask
     from anomalyvfm.deploy.export import export_model
     from anomalyvfm.deploy.load import load_predictor
-    from anomalyvfm.evaluation import metrics as M
+    from anomalyvfm import metrics as M
     from anomalyvfm.evaluation.evaluate import evaluate
     from anomalyvfm.maps.binarize import adaptive_mask
 

@@ -15,7 +15,7 @@ import torch
 
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.data.synthesis import SynthesisConfig, synthetic_set
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm import metrics as M
 from anomalyvfm.features.backbone import Backbone
 from anomalyvfm.features.extraction import FailedImage, extract_features
 from anomalyvfm.features.tiles import Tiling

@@ -18,7 +18,7 @@ from anomalyvfm.data import evenly_spaced, load_rgb
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.data.synthesis import GLOBAL_STAGES, STAGES, SynthesisConfig
 from anomalyvfm.detector.candidates import with_synthetic_anomalies
-from anomalyvfm.evaluation import metrics as M
+from anomalyvfm import metrics as M
 from anomalyvfm.features.extraction import FailedImage
 from anomalyvfm.scoring.image_evidence import fuse_image_evidence
 from anomalyvfm.scoring.names import IMAGE_EVIDENCE

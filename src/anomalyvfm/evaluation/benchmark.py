@@ -23,7 +23,7 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation import bootstrap, html_report
 from anomalyvfm.evaluation.bootstrap import INTERVAL_METRICS
 from anomalyvfm.evaluation.evaluate import PER_IMAGE_NAME, evaluate, reset_peak_rss
-from anomalyvfm.evaluation.metrics import PerImage
+from anomalyvfm.metrics import PerImage
 from anomalyvfm.outputs import open_text, write_text
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",

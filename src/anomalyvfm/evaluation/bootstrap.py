@@ -5,7 +5,7 @@ The unit resampled is the *image* (pixels of one image are not independent draws
 each label: a test split's numbers of good and defective images are fixed by its design, not random, and
 resampling them jointly could draw a set without defects, where AUROC and AU-PRO are undefined.
 
-Every figure of a resample is recomputed exactly as `evaluation.metrics` computes it on the full set, but from
+Every figure of a resample is recomputed exactly as `anomalyvfm.metrics` computes it on the full set, but from
 the per-image reductions `metrics.PerImage` already holds: a resample is a vector of image multiplicities,
 so its pooled pixel histogram (AU-PRO(0.05)) is one sparse matrix product, its pixel and image (TP, FP, FN)
 (SegF1, ClassF1) one dense product, and its image AUROC a weighted Mann–Whitney sum, all for a block of
@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from anomalyvfm.evaluation.metrics import PerImage
+from anomalyvfm.metrics import PerImage
 
 RESAMPLES = 1000
 SEED = 0

@@ -2,7 +2,7 @@
 metrics, write `metrics.json` and the report pictures; export maps in the benchmark server's layout.
 
 Memory policy: maps are kept as float16 (2 bytes a pixel) and masks as bool, so one MVTec AD 2
-category (~750 M pixels) needs about 2.3 GB for the arrays; `anomalyvfm.evaluation.metrics` works on them
+category (~750 M pixels) needs about 2.3 GB for the arrays; `anomalyvfm.metrics` works on them
 without full-size float64 copies.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from anomalyvfm.evaluation import bootstrap, metrics as M
-from anomalyvfm.evaluation import html_report, report
+from anomalyvfm import metrics as M
+from anomalyvfm.evaluation import bootstrap, html_report, report
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.prediction import Predictor

@@ -67,7 +67,7 @@ class Cut:
 
 def global_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
     """Pixels above the strict threshold (compared in float64: a float16 map against a Python float would
-    round the threshold to float16), as the pooled SegF1 of `evaluation.metrics` counts them."""
+    round the threshold to float16), as the pooled SegF1 of `anomalyvfm.metrics` counts them."""
     return amap > np.float64(cut.threshold)
 
 
