@@ -157,8 +157,8 @@ def run_view(data: str, backbone_dir: str, category: str, view: str) -> list[dic
                 t = thresholds_from(normal, pixels, rules)
                 test_scores = scores["test"][top]
                 if pixel_figures is None:  # the pixel figures do not depend on the pooling
-                    pixel_figures = M.evaluate_arrays(labels["test"], test_scores, truth["test"], maps["test"],
-                                                      t.image_threshold, t.pixel_threshold)
+                    pixel_figures = M.evaluate_images(labels["test"], test_scores, truth["test"], maps["test"],
+                                                      t.image_threshold, t.pixel_threshold)[0]
                 test_figures = {**pixel_figures, "image_auroc": M.image_auroc(labels["test"], test_scores),
                                 "class_f1": M.class_f1(labels["test"], test_scores, t.image_threshold),
                                 "f1_max_oracle": M.f1_max(labels["test"], test_scores)[0]}

@@ -69,7 +69,7 @@ def run_category(data: str, category: str, backbone: str, max_train: int | None)
     for evidence, cal in (("patch", patch_cal), ("patch+global", fused_cal)):
         scores = np.array([fuse_image_evidence(p, d, stats, evidence) for p, d in zip(patch, distance)])
         t = cal.thresholds()
-        result = M.evaluate_arrays(labels, scores, masks, maps, t.image_threshold, t.pixel_threshold)
+        result = M.evaluate_images(labels, scores, masks, maps, t.image_threshold, t.pixel_threshold)[0]
         rows.append({"category": category, "evidence": evidence, **{k: round(float(result[k]), 4) for k in KEYS},
                      "val_image_auroc": round(choice["figures"][evidence]["val_image_auroc"], 4),
                      "val_image_auroc_global_synth": round(choice["figures"][evidence]["val_image_auroc_global_anomalies"], 4),

@@ -42,8 +42,8 @@ def run_one(data: str, category: str, backbone: str, bank: str, max_train: int |
         masks.append(load_mask(sample.mask_path, pred.anomaly_map.shape) if sample.label
                      else np.zeros(pred.anomaly_map.shape, bool))
     t = detector.thresholds()
-    result = M.evaluate_arrays(np.array([s.label for s in test]), np.array(scores), masks, maps,
-                               t.image_threshold, t.pixel_threshold)
+    result = M.evaluate_images(np.array([s.label for s in test]), np.array(scores), masks, maps,
+                               t.image_threshold, t.pixel_threshold)[0]
     return {"category": category, "bank": bank, **{k: round(result[k], 4) for k in KEYS},
             "bank_rows": len(detector.pipeline.head.state_dict()["view0.bank"]), "train_images": len(train),
             "fit_seconds": round(fit_seconds, 1),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from anomalyvfm.evaluation import bootstrap as B
-from anomalyvfm.metrics import PerImage, evaluate_arrays, evaluate_images, mask_counts, seg_f1_masks
+from anomalyvfm.metrics import PerImage, evaluate_images, mask_counts, seg_f1_masks
 
 
 def category(seed: int, n_good: int, n_bad: int, dtype: type = np.float16, side: int = 16):
@@ -35,12 +35,12 @@ def test_every_resample_equals_a_full_recomputation(seed: int, dtype: type) -> N
     got = B.resampled(images, indices)
     for r, pick in enumerate(indices):
         assert (labels[pick] == labels).all()  # resampled within each label
-        full = evaluate_arrays(labels[pick], scores[pick], [masks[i] for i in pick], [maps[i] for i in pick], 2.3, 1.8)
+        full = evaluate_images(labels[pick], scores[pick], [masks[i] for i in pick], [maps[i] for i in pick], 2.3, 1.8)[0]
         for name in B.INTERVAL_METRICS:
             assert got[name][r] == pytest.approx(full[name], abs=1e-12, nan_ok=True), (name, r)
     # the interval is the central 95 % of those values
-    brute = {name: np.quantile([evaluate_arrays(labels[p], scores[p], [masks[i] for i in p], [maps[i] for i in p],
-                                                2.3, 1.8)[name] for p in indices], [0.025, 0.975])
+    brute = {name: np.quantile([evaluate_images(labels[p], scores[p], [masks[i] for i in p], [maps[i] for i in p],
+                                                2.3, 1.8)[0][name] for p in indices], [0.025, 0.975])
              for name in B.INTERVAL_METRICS}
     for name, interval in B.intervals(images, 30, seed).items():
         assert interval == pytest.approx(list(brute[name]), abs=1e-12), name

@@ -16,7 +16,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from anomalyvfm.metrics import (
     aupro,
     class_f1,
-    evaluate_arrays,
+    evaluate_images,
     f1_at_threshold,
     f1_max,
     image_auroc,
@@ -123,8 +123,8 @@ def test_float16_and_float64_paths_agree(seed: int) -> None:
     maps64 = [m.astype(np.float64) for m in maps16]
     labels = np.array([m.any() for m in masks], dtype=int)
     scores = np.array([m.max() for m in maps64])
-    got16 = evaluate_arrays(labels, scores, masks, maps16, image_threshold=1.0, pixel_threshold=0.7)
-    got64 = evaluate_arrays(labels, scores, masks, maps64, image_threshold=1.0, pixel_threshold=0.7)
+    got16 = evaluate_images(labels, scores, masks, maps16, image_threshold=1.0, pixel_threshold=0.7)[0]
+    got64 = evaluate_images(labels, scores, masks, maps64, image_threshold=1.0, pixel_threshold=0.7)[0]
     assert got16.keys() == got64.keys()
     for key in got16:
         assert got16[key] == pytest.approx(got64[key], abs=1e-12), key
@@ -185,7 +185,7 @@ def test_perfect_detector() -> None:
     masks, _ = random_category(2, np.float64)
     maps = [m.astype(np.float16) for m in masks]
     labels = np.array([m.any() for m in masks], dtype=int)
-    got = evaluate_arrays(labels, labels * 2.0, masks, maps, image_threshold=1.0, pixel_threshold=0.5)
+    got = evaluate_images(labels, labels * 2.0, masks, maps, image_threshold=1.0, pixel_threshold=0.5)[0]
     for key in ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
                 "seg_f1_max_oracle"):
         assert got[key] == 1.0, key
@@ -195,7 +195,7 @@ def test_category_without_anomalies() -> None:
     masks = [np.zeros((5, 5), dtype=bool)] * 3
     maps = [np.random.default_rng(k).random((5, 5)).astype(np.float16) for k in range(3)]
     labels, scores = np.zeros(3, dtype=int), np.array([0.1, 0.5, 0.9])
-    got = evaluate_arrays(labels, scores, masks, maps, image_threshold=0.5, pixel_threshold=0.5)
+    got = evaluate_images(labels, scores, masks, maps, image_threshold=0.5, pixel_threshold=0.5)[0]
     assert got["num_images"] == 3 and got["num_anomalous"] == 0
     for key in ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "f1_max_oracle", "seg_f1_max_oracle"):
         assert np.isnan(got[key]), key
@@ -274,15 +274,15 @@ def test_seg_f1_max_matches_brute_force(seed: int, dtype: type) -> None:
     assert best == pytest.approx(want, abs=1e-12)
     assert seg_f1(masks, maps, threshold) == pytest.approx(best, abs=1e-12)
     labels = np.array([m.any() for m in masks], dtype=int)
-    got = evaluate_arrays(labels, np.array([float(m.max()) for m in maps]), masks, maps, 0.5, 0.5)
+    got = evaluate_images(labels, np.array([float(m.max()) for m in maps]), masks, maps, 0.5, 0.5)[0]
     assert got["seg_f1_max_oracle"] == best and got["seg_f1_max_oracle"] >= got["seg_f1"]
 
 
-def test_evaluate_arrays_matches_individual_functions() -> None:
+def test_evaluate_images_matches_individual_functions() -> None:
     masks, maps = random_category(3, np.float16)
     labels = np.array([m.any() for m in masks], dtype=int)
     scores = np.array([float(m.max()) for m in maps])
-    got = evaluate_arrays(labels, scores, masks, maps, image_threshold=1.5, pixel_threshold=0.8)
+    got = evaluate_images(labels, scores, masks, maps, image_threshold=1.5, pixel_threshold=0.8)[0]
     assert got == pytest.approx(
         {
             "image_auroc": image_auroc(labels, scores),
@@ -313,7 +313,7 @@ def test_invalid_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
         image_auroc([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="maps"):
-        evaluate_arrays([0, 1], [0.1, 0.2], [mask], [amap], 0.5, 0.5)
+        evaluate_images([0, 1], [0.1, 0.2], [mask], [amap], 0.5, 0.5)
 
 
 def test_float16_path_memory_stays_per_image() -> None:
@@ -323,7 +323,7 @@ def test_float16_path_memory_stays_per_image() -> None:
     maps = [rng.random((500, 500), dtype=np.float32).astype(np.float16) for _ in range(20)]
     tracemalloc.start()
     try:
-        evaluate_arrays(np.ones(20, dtype=int), np.ones(20), masks, maps, 0.5, 0.5)
+        evaluate_images(np.ones(20, dtype=int), np.ones(20), masks, maps, 0.5, 0.5)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -401,23 +401,6 @@ class PerImage:
                        ImageHistograms(**matrices, regions=f["regions"]), f["values"])
 
 
-def evaluate_arrays(
-    labels: ArrayLike,
-    image_scores: ArrayLike,
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    image_threshold: float,
-    pixel_threshold: float,
-) -> dict[str, float | int]:
-    """Every MVTec AD 2 figure for one category, from one pass over the maps and one PRO curve.
-
-    `masks[k]` and `maps[k]` belong to image k (all-False mask for a good image); thresholds follow the
-    score > threshold convention. `f1_max_oracle` and `seg_f1_max_oracle` are the oracles of `f1_max` and
-    `seg_f1_max`, for reference only.
-    """
-    return evaluate_images(labels, image_scores, masks, maps, image_threshold, pixel_threshold)[0]
-
-
 def evaluate_images(
     labels: ArrayLike,
     image_scores: ArrayLike,
@@ -427,7 +410,12 @@ def evaluate_images(
     pixel_threshold: float,
     seg_counts: np.ndarray | None = None,
 ) -> tuple[dict[str, float | int], PerImage]:
-    """`evaluate_arrays`, plus every image reduced to a `PerImage` row (same single pass over the maps).
+    """Every MVTec AD 2 figure for one category, and every image reduced to a `PerImage` row, from one pass
+    over the maps and one PRO curve.
+
+    `masks[k]` and `maps[k]` belong to image k (all-False mask for a good image); thresholds follow the
+    score > threshold convention. `f1_max_oracle` and `seg_f1_max_oracle` are the oracles of `f1_max` and
+    `seg_f1_max`, for reference only.
 
     `seg_counts` ((n, 3) pixel TP, FP, FN per image, see `mask_counts`) are those of the masks the model
     outputs when it cuts them otherwise than at `pixel_threshold` (`maps.binarize`); SegF1 then comes from them.
