@@ -152,19 +152,16 @@ class ThresholdRule(abc.ABC):
         return Decision(float(threshold), evidence)
 
     def parameters(self) -> dict[str, float]:
-        return {}
+        """The rule's own parameters (its dataclass fields), as stored in the evidence."""
+        return dict(vars(self))
 
 
+@dataclass
 class SigmaRule(ThresholdRule):
     """mean + k·std: cheap and stable, but on heavy tails with few images it lands far inside the tail."""
 
+    k: float = 3.0
     name = "sigma"
-
-    def __init__(self, k: float = 3.0) -> None:
-        self.k = k
-
-    def parameters(self) -> dict[str, float]:
-        return {"k": self.k}
 
     def _threshold(self, sample: NormalScores) -> tuple[float, dict[str, Any], str]:
         m = sample.moments
@@ -172,32 +169,24 @@ class SigmaRule(ThresholdRule):
                 f"mean {m.mean:.6g} + {self.k:g} × std {m.std:.6g}")
 
 
+@dataclass
 class QuantileRule(ThresholdRule):
     """The empirical upper quantile: the smallest order statistic with at most ⌊rate·n⌋ values above."""
 
+    rate: float
     name = "quantile"
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-
-    def parameters(self) -> dict[str, float]:
-        return {"rate": self.rate}
 
     def _threshold(self, sample: NormalScores) -> tuple[float, dict[str, Any], str]:
         allowed = math.floor(self.rate * sample.n)
         return sample.largest(allowed + 1), {}, f"upper {self.rate:g} quantile (value ranked {allowed + 1} from the top)"
 
 
+@dataclass
 class MaxRule(ThresholdRule):
     """The largest validation value plus `margin`·std: no validation item is rejected."""
 
+    margin: float = 0.0
     name = "max"
-
-    def __init__(self, margin: float = 0.0) -> None:
-        self.margin = margin
-
-    def parameters(self) -> dict[str, float]:
-        return {"margin": self.margin}
 
     def _threshold(self, sample: NormalScores) -> tuple[float, dict[str, Any], str]:
         top, std = sample.largest(1), sample.moments.std
@@ -205,6 +194,7 @@ class MaxRule(ThresholdRule):
                 f"max {top:.6g} + {self.margin:g} × std {std:.6g}")
 
 
+@dataclass
 class ParetoRule(ThresholdRule):
     """Peaks over threshold: P(X > t) = (m/n)·(1 − G(t − u)), G a generalized Pareto fitted (location 0)
     to the m largest values' excesses over u, the next one down; solved for P = `rate`.
@@ -215,13 +205,8 @@ class ParetoRule(ThresholdRule):
     most what is kept.
     """
 
+    rate: float
     name = "gpd"
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-
-    def parameters(self) -> dict[str, float]:
-        return {"rate": self.rate}
 
     def _threshold(self, sample: NormalScores) -> tuple[float, dict[str, Any], str]:
         from scipy.stats import genpareto
