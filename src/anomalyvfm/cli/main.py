@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -336,15 +337,23 @@ def _add_predict(sub) -> None:
     predict.set_defaults(func=cmd_predict)
 
 
-def _add_evaluate(sub) -> None:
-    evaluate = sub.add_parser("evaluate", help="MVTec AD 2 metrics, report.html and report pictures for a saved model")
-    _model_option(evaluate)
-    _dataset_options(evaluate)
-    evaluate.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
-    evaluate.add_argument("--out", required=True, help="folder for metrics.json and report files")
-    add_runtime_options(evaluate)
-    add_engine_options(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate)
+def _add_dataset_scoring(sub, name: str, help: str, func, out: str, split: bool = False,
+                         category_required: bool = False) -> None:
+    """A verb that scores a dataset's splits with a saved model: evaluate, export-submission."""
+    verb = sub.add_parser(name, help=help)
+    _model_option(verb)
+    _dataset_options(verb, category_required=category_required)
+    if split:
+        verb.add_argument("--split", default="test_public", help="labelled split to score (default: test_public)")
+    verb.add_argument("--out", required=True, help=out)
+    add_runtime_options(verb)
+    add_engine_options(verb)
+    verb.set_defaults(func=func)
+
+
+_add_evaluate = partial(_add_dataset_scoring, name="evaluate", split=True, func=cmd_evaluate,
+                        help="MVTec AD 2 metrics, report.html and report pictures for a saved model",
+                        out="folder for metrics.json and report files")
 
 
 def _add_benchmark(sub) -> None:
@@ -360,14 +369,9 @@ def _add_benchmark(sub) -> None:
     bench.set_defaults(func=cmd_benchmark)
 
 
-def _add_export_submission(sub) -> None:
-    export = sub.add_parser("export-submission", help="write MVTec AD 2 benchmark-server files for test_private(_mixed)")
-    _model_option(export)
-    _dataset_options(export, category_required=True)
-    export.add_argument("--out", required=True, help="submission folder")
-    add_runtime_options(export)
-    add_engine_options(export)
-    export.set_defaults(func=cmd_export_submission)
+_add_export_submission = partial(_add_dataset_scoring, name="export-submission", category_required=True,
+                                 help="write MVTec AD 2 benchmark-server files for test_private(_mixed)",
+                                 func=cmd_export_submission, out="submission folder")
 
 
 def _add_export(sub) -> None:
