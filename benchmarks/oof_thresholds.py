@@ -15,7 +15,6 @@ budget's predicted rate (nothing is chosen here: the default stays).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from threshold_rules import CATEGORIES, _predict  # noqa: E402  (the benchmark next to this one)
+from threshold_rules import _predict, study_parser  # noqa: E402  (the benchmark next to this one)
 
 from anomalyvfm.data import evenly_spaced, load_dataset  # noqa: E402
 from anomalyvfm.detector import out_of_fold, pipeline  # noqa: E402
@@ -134,11 +133,8 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--backbone", required=True)
+    parser = study_parser(__doc__)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--max-train", type=int, default=60)
     parser.add_argument("--rate", type=float, default=0.01)
     parser.add_argument("--ab", default="", help="categories that also get a plain default fit, timed (comma list)")

@@ -228,12 +228,18 @@ def table(cache: Path, categories: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every real-data threshold study (this one and `oof_thresholds.py`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--backbone", required=True)
-    parser.add_argument("--cache", required=True, type=Path)
     parser.add_argument("--categories", default=",".join(CATEGORIES))
+    return parser
+
+
+def main() -> None:
+    parser = study_parser(__doc__)
+    parser.add_argument("--cache", required=True, type=Path)
     parser.add_argument("--cache-only", action="store_true", help="stage 1 only")
     args = parser.parse_args()
     categories = args.categories.split(",")
