@@ -65,29 +65,14 @@ class Cut:
     min_area: float = 0.0
 
 
-def global_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
-    """Pixels above the strict threshold (compared in float64: a float16 map against a Python float would
-    round the threshold to float16), as the pooled SegF1 of `anomalyvfm.metrics` counts them."""
-    return amap > np.float64(cut.threshold)
-
-
-def mebin_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
-    """This image's most stable threshold at or over the strict one (`adaptive_mask`)."""
-    return adaptive_mask(amap, cut.threshold)
-
-
-def hysteresis_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
-    """Regions above the low threshold holding a pixel above the strict one, at least `min_area` pixels."""
-    return hysteresis_mask(amap, cut.threshold, cut.low, cut.min_area)
-
-
-def mebin_or_hysteresis_cut(amap: np.ndarray, cut: Cut) -> np.ndarray:
-    """MEBin's mask united with the hysteresis mask."""
-    return mebin_cut(amap, cut) | hysteresis_cut(amap, cut)
-
-
+# One strategy per cut (module docstring). Thresholds are compared in float64: a float16 map against a Python
+# float would round the threshold to float16; this is how the pooled SegF1 of `anomalyvfm.metrics` counts pixels.
 CUTS: dict[str, Callable[[np.ndarray, Cut], np.ndarray]] = {
-    "global": global_cut, "mebin": mebin_cut, "hysteresis": hysteresis_cut, "mebin+hysteresis": mebin_or_hysteresis_cut}
+    "global": lambda amap, cut: amap > np.float64(cut.threshold),
+    "mebin": lambda amap, cut: adaptive_mask(amap, cut.threshold),
+    "hysteresis": lambda amap, cut: hysteresis_mask(amap, cut.threshold, cut.low, cut.min_area),
+    "mebin+hysteresis": lambda amap, cut: CUTS["mebin"](amap, cut) | CUTS["hysteresis"](amap, cut),
+}
 BINARIZATIONS = tuple(CUTS)  # the `binarize` setting's choices
 
 
