@@ -34,6 +34,7 @@ FORMATS = ("openvino", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
 AUTO = "auto"  # export's choice: the fastest precision meeting parity that this machine can write
 EXPORT_PRECISIONS = (AUTO, *PRECISIONS)
+CPU_NEEDS = {"bf16": "BF16", "int8": "INT8"}  # the OpenVINO CPU optimisation capability each precision needs
 GRAPH_FILES = {"openvino": ("backbone.xml", "backbone.bin"), "onnx": ("backbone.onnx",)}
 # the forms, fastest first (docs/deploy.md, measured end to end on magnetic_tile: OpenVINO bf16 5.1x torch
 # fp32, int8 4.0x, fp32 1.7x; ONNX Runtime int8 1.6x, fp32 1.5x)

@@ -11,25 +11,24 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from anomalyvfm.deploy.bundle import FORM_PREFERENCE, is_bundle, read_bundle
+from anomalyvfm.deploy.bundle import CPU_NEEDS, FORM_PREFERENCE, is_bundle, read_bundle
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.model_dir import StoredModel
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.prediction import Predictor
 
 ENGINE_MODULES = {"openvino": "openvino", "onnx": "onnxruntime"}
-CPU_NEEDS = {"openvino-bf16": "BF16", "openvino-int8": "INT8"}  # OpenVINO CPU capability each form needs
 
 
 def runnable(form: str) -> bool:
     """Whether this machine has the engine for `form` and, for OpenVINO, the CPU units its precision needs."""
-    engine = form.split("-")[0]
+    engine, precision = form.split("-")
     if importlib.util.find_spec(ENGINE_MODULES[engine]) is None:
         return False
-    if form in CPU_NEEDS:
+    if engine == "openvino" and precision in CPU_NEEDS:
         from anomalyvfm.head.search import cpu_capabilities
 
-        return CPU_NEEDS[form] in cpu_capabilities()
+        return CPU_NEEDS[precision] in cpu_capabilities()
     return True
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from anomalyvfm.data.images import ImageLike, load_rgb
 from anomalyvfm.data.transforms import resized_unit
-from anomalyvfm.deploy.bundle import GRAPH_FILES
+from anomalyvfm.deploy.bundle import CPU_NEEDS, GRAPH_FILES
 from anomalyvfm.detector.model_dir import StoredModel
 from anomalyvfm.detector.settings import Runtime
 from anomalyvfm.errors import ImageReadError, UserInputError
@@ -33,7 +33,6 @@ from anomalyvfm.head.search import cpu_capabilities
 from anomalyvfm.prediction import Prediction
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantised ops int8, the rest f32
-CPU_NEEDS = {"bf16": "BF16", "int8": "INT8"}  # OpenVINO CPU optimisation capability each precision needs
 
 
 def view_crops(image: np.ndarray, image_size: int, tiling: Tiling | None, patch: int):
@@ -165,12 +164,9 @@ class GraphPredictor:
     def _predict_batch(self, items: list[_Prepared], decide: bool) -> list[Prediction]:
         """Predictions of several decoded images, their backbone work batched (`_features`)."""
         per_view = [self._features([item.views[v] for item in items]) for v in range(len(self.views))]
-        return [self._finish(item, [grids[k] for grids in per_view], decide) for k, item in enumerate(items)]
-
-    def _finish(self, item: _Prepared, features: list[np.ndarray], decide: bool) -> Prediction:
-        """Scores, fused map and verdict of one image from each view's features."""
-        return self.head.predict(features, item.source, item.views[-1][0], item.image_shape, self.calibration,
-                                 self.score_mode, self.thresholds() if decide else None)
+        thresholds = self.thresholds() if decide else None
+        return [self.head.predict([grids[k] for grids in per_view], item.source, item.views[-1][0], item.image_shape,
+                                  self.calibration, self.score_mode, thresholds) for k, item in enumerate(items)]
 
     def predict_iter(self, images: Sequence[ImageLike], progress: str | None = "predict",
                      decide: bool = True) -> Iterator[Prediction]:
