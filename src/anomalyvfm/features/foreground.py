@@ -22,8 +22,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from anomalyvfm.features.masks import foreground_mask
-
 SAMPLE_PATCHES = 20_000  # training patches kept for the PCA: ample for one direction, bounded memory
 AUTO_MAX_COVERAGE = 0.9  # a mask covering more than this of validation patches: texture, no background
 AUTO_MIN_CONTRAST = 0.3  # centre coverage must exceed border coverage by this for an object
@@ -91,17 +89,9 @@ class ForegroundModel:
         self.threshold, self.separability = otsu(projection.numpy())
         self._sample, self._regions = [], []
 
-    def mask(self, grid: torch.Tensor) -> torch.Tensor:
-        """`(h, w)` bool: patches of an `(h, w, C)` grid on the foreground side of the threshold."""
-        return torch.from_numpy(foreground_mask(grid, self.mean.numpy(), self.component.numpy(), self.threshold))
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "component": self.component,
                 "threshold": torch.tensor([self.threshold]), "separability": torch.tensor([self.separability])}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.mean, self.component = state["mean"].float(), state["component"].float()
-        self.threshold, self.separability = float(state["threshold"][0]), float(state["separability"][0])
 
 
 def mask_stats(separability: float, masks: list[torch.Tensor]) -> dict[str, float]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from anomalyvfm.scoring.names import MEMORY_BANKS, SCORERS
 from anomalyvfm.scoring.coreset import StreamingCoreset, greedy_coreset
 from anomalyvfm.scoring.distances import knn_distance, mahalanobis_distance
-from anomalyvfm.scoring.image_evidence import global_distance, image_embedding
+from anomalyvfm.scoring.image_evidence import image_embedding
 
 
 
@@ -41,7 +41,6 @@ class PatchScorer(Protocol):
     def finalize(self) -> None: ...
     def score(self, features: torch.Tensor) -> torch.Tensor: ...
     def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 def oas_shrinkage(cov: np.ndarray, n_samples: int) -> float:
@@ -143,10 +142,6 @@ class MahalanobisScorer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "whitener": self.whitener, "shrinkage": torch.tensor([self.shrinkage])}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.mean, self.whitener = state["mean"].float(), state["whitener"].float()
-        self.shrinkage = float(state["shrinkage"][0])
-
 
 class KNNScorer:
     """Nearest-neighbour cosine distance to a coreset memory bank of normal patches."""
@@ -243,9 +238,6 @@ class KNNScorer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"bank": self.bank}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.bank = state["bank"].float()
-
 
 class ImageBank:
     """Every training image's global embedding (`scoring.image_evidence`): one vector per image, all kept.
@@ -274,15 +266,8 @@ class ImageBank:
             raise ValueError("image bank needs at least 1 image")
         self.bank, self._rows = torch.from_numpy(np.stack(self._rows)), []
 
-    def score(self, features: torch.Tensor) -> float:
-        """Global distance of one image's `(h, w, C)` patch features to the training images."""
-        return global_distance(image_embedding(features.float().numpy(), self.blocks), self.bank.numpy())
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"embeddings": self.bank}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.bank = state["embeddings"].float()
 
 
 def make_scorer(name: str, coreset_ratio: float = 0.1, max_candidates: int = 100_000, seed: int = 0,
