@@ -14,6 +14,8 @@ file permissions and the one-line error for a failed write.
   bytes; Python reads a name that is not valid UTF-8 as a `str` with lone surrogates, and surrogateescape
   writes those back as the original bytes. So a CSV's `path` holds exactly the bytes of the file name
   (lossless; read it back with the same error handler, e.g. pandas `encoding_errors="surrogateescape"`).
+* **Whole files** (`write_atomic`): written under a hidden temporary name, then renamed over the target,
+  so a reader (a browser, a resumed run) sees the old file or the new one, never half of one.
 * **Permissions** (`follow_umask`): safetensors and `tempfile` create files and folders 0600/0700; the
   model and bundle writers call this once on the finished tree, so every file is as readable as any
   file the user creates (a service account can read a model fitted by another user).
@@ -27,6 +29,7 @@ import io
 import os
 import re
 import tempfile
+import uuid
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,6 +154,16 @@ def write_text(path: str | Path, text: str) -> None:
     """`Path.write_text` with the tool's text policy."""
     with open_text(path) as handle:
         handle.write(text)
+
+
+def write_atomic(target: Path, write: Callable[[Path], Any]) -> None:
+    """`write(temporary_path)`, then rename over `target`: readers see the old file or the new, never half."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def current_umask() -> int:

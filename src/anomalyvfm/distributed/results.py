@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 import uuid
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, write_text
+from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, write_atomic, write_text
 
 PARTS_DIR = "predictions.parquet"
 CSV_FILE = PREDICTIONS_CSV
@@ -47,16 +46,6 @@ def model_identity(model: Path, score_mode: str) -> dict[str, str]:
     except OSError as exc:
         raise UserInputError(f"{config}: cannot read the model ({exc.strerror or exc})") from None
     return {"config_sha256": digest, "score": score_mode, "model": str(model.absolute())}
-
-
-def _write_atomic(target: Path, write: Any) -> None:
-    """`write(temporary_path)`, then rename over `target`: readers see the old file or the new, never half."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ResultStore:
@@ -93,7 +82,7 @@ class ResultStore:
             (self.out / CSV_FILE).unlink(missing_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
         with output_errors(record):
-            _write_atomic(record, lambda tmp: write_text(tmp, json.dumps(identity, indent=2) + "\n"))
+            write_atomic(record, lambda tmp: write_text(tmp, json.dumps(identity, indent=2) + "\n"))
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet"))
@@ -131,7 +120,7 @@ class ResultStore:
         if self._rows:
             table = pa.concat_tables(self._buffer).cast(schema())
             with output_errors(self.parts, lambda: f"{len(self.done)} results are committed in it; run again to resume"):
-                _write_atomic(self.parts / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
+                write_atomic(self.parts / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet",
                               lambda tmp: pq.write_table(table, tmp))
             self.done.update(self._pending)
         self._buffer, self._pending, self._rows, self._last_flush = [], set(), 0, time.monotonic()
@@ -151,5 +140,5 @@ class ResultStore:
                         errors += error is not None
                         table.add(path, score, anomalous, error)
 
-        _write_atomic(self.out / CSV_FILE, write)  # a failed rebuild leaves the previous CSV, and all the parts
+        write_atomic(self.out / CSV_FILE, write)  # a failed rebuild leaves the previous CSV, and all the parts
         return rows, errors

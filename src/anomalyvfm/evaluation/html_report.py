@@ -30,7 +30,7 @@ from anomalyvfm.declare import to_dict
 from anomalyvfm.evaluation.report import METRIC_LABELS, metric_text
 from anomalyvfm.maps.binarize import HYSTERESIS_FRACTION, model_mask
 from anomalyvfm.maps.render import display_range, overlay
-from anomalyvfm.outputs import write_text
+from anomalyvfm.outputs import write_atomic, write_text
 
 REPORT_NAME = "report.html"
 INDEX_NAME = "index.html"
@@ -83,7 +83,7 @@ def write_report(out: Path, detector: Any, dataset: Dataset, split: str, samples
     ]
     title = f"Evaluation of {dataset.category or dataset.root.name} on {split}"
     path = Path(out) / REPORT_NAME
-    _write_atomic(path, _page(title, "".join(sections)))
+    write_atomic(path, lambda tmp: write_text(tmp, _page(title, "".join(sections))))
     return path
 
 
@@ -104,7 +104,8 @@ def write_index(out: Path, rows: Sequence[dict], reports: dict[tuple[str, str], 
         body.append(f"<tr>{''.join(cells)}</tr>")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     path = out / INDEX_NAME
-    _write_atomic(path, _page("Benchmark", _section("Results (one report per category)", table)))
+    page = _page("Benchmark", _section("Results (one report per category)", table))
+    write_atomic(path, lambda tmp: write_text(tmp, page))
     return path
 
 
@@ -280,10 +281,3 @@ def _relative(path: Path, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never opens half a page."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_text(temporary, text)
-    os.replace(temporary, path)
