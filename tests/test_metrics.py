@@ -17,7 +17,6 @@ from anomalyvfm.metrics import (
     aupro,
     class_f1,
     evaluate_images,
-    f1_at_threshold,
     f1_max,
     image_auroc,
     pixel_auroc,
@@ -25,6 +24,7 @@ from anomalyvfm.metrics import (
     seg_f1,
     seg_f1_at,
     seg_f1_max,
+    seg_f1_masks,
 )
 
 SEEDS = range(8)
@@ -223,7 +223,7 @@ def test_image_auroc_matches_sklearn(seed: int) -> None:
 def test_f1_functions_match_sklearn(seed: int) -> None:
     rng = np.random.default_rng(seed)
     y_true, y_pred = rng.random(50) < 0.3, rng.random(50) < 0.4
-    assert f1_at_threshold(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred), abs=1e-12)
+    assert seg_f1_masks([y_true], [y_pred]) == pytest.approx(f1_score(y_true, y_pred), abs=1e-12)
 
     masks, maps = random_category(seed, np.float16)
     pixels_true, pixel_scores = pooled(masks, maps)
@@ -237,8 +237,8 @@ def test_f1_functions_match_sklearn(seed: int) -> None:
 
 
 def test_f1_edge_conventions() -> None:
-    assert np.isnan(f1_at_threshold([False, False], [False, False]))
-    assert f1_at_threshold([True, False], [False, True]) == 0.0
+    assert np.isnan(seg_f1_masks([[False, False]], [[False, False]]))
+    assert seg_f1_masks([[True, False]], [[False, True]]) == 0.0
     # Strictly greater: a score equal to the threshold is predicted good.
     assert class_f1([1, 0], [0.5, 0.2], threshold=0.5) == 0.0
     # float16 map vs a threshold that rounds up to the map value in float16: still compared exactly.

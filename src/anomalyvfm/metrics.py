@@ -298,19 +298,6 @@ def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: fl
     return _aupro(_full_pro_curve(_score_counts(masks, maps, regions=True)), fpr_limit)
 
 
-def f1_at_threshold(y_true: ArrayLike, y_pred: ArrayLike) -> float:
-    """F1 of boolean predictions against boolean truth.
-
-    Returns 0 when there are positives to find but none is found, and nan when there is nothing to find
-    and nothing was flagged: a perfect but empty result is not a score that averages meaningfully.
-    """
-    y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"truth shape {y_true.shape} differs from prediction shape {y_pred.shape}")
-    tp = int(np.count_nonzero(y_true & y_pred))
-    return _f1(tp, int(np.count_nonzero(y_pred)) - tp, int(np.count_nonzero(y_true)) - tp)
-
-
 def seg_f1(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: float) -> float:
     """SegF1: pixel F1 pooled over all images, a pixel being anomalous when its score > `threshold`.
 
