@@ -138,14 +138,14 @@ class ThresholdRule(abc.ABC):
         evidence = {"rule": self.name, **self.parameters(), **figures, "values": sample.n}
         rejected = sample.above(threshold)
         line = f"{threshold:.6g} = {how} of {sample.n} {what}"
-        if rejected is not None and self.sample == "validation":
+        if rejected is not None:
             low, high = clopper_pearson(rejected, sample.n)
-            evidence.update(validation_false_alarms=rejected, false_alarm_ci95=[low, high])
-            line += f"; validation false alarms {rejected}/{sample.n} (95 % CI of the rate {low:.2g}–{high:.2g})"
-        elif rejected is not None:
-            low, high = clopper_pearson(rejected, sample.n)
-            evidence.update(sample_false_alarms=rejected, sample_false_alarm_ci95=[low, high])
-            line += f" ({rejected} above it)"
+            if self.sample == "validation":
+                evidence.update(validation_false_alarms=rejected, false_alarm_ci95=[low, high])
+                line += f"; validation false alarms {rejected}/{sample.n} (95 % CI of the rate {low:.2g}–{high:.2g})"
+            else:
+                evidence.update(sample_false_alarms=rejected, sample_false_alarm_ci95=[low, high])
+                line += f" ({rejected} above it)"
         if check is not None and check.n and (observed := check.above(threshold)) is not None:
             line += "; " + _check_evidence(evidence, observed, check.n, getattr(self, "rate", None))
         evidence["text"] = line
