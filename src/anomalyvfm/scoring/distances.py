@@ -1,8 +1,8 @@
 """Scoring arithmetic in numpy, shared by the torch pipeline and the torch-free runtime.
 
-The fitted state (kNN bank, Mahalanobis mean and whitener, view statistics, foreground direction) is
-learnt by the torch classes in `scorers`, `views` and `foreground`; applying it is the few lines here,
-so an exported bundle scores with exactly the code the model was validated with.
+The fitted state (kNN bank, Mahalanobis mean and whitener, foreground direction) is learnt by the torch
+classes in `scorers` and `features.foreground`, the view statistics by `head.scores`; applying it is the few
+lines here, so an exported model scores with exactly the code the model was validated with.
 """
 from __future__ import annotations
 
@@ -34,15 +34,14 @@ def knn_distance(features, bank: np.ndarray, exclude: np.ndarray | None = None) 
     excludes the rows that came from that image, so its scores are those of a normal image the bank
     has not seen (in-sample, its own patches would be at distance ~0). At least one row must remain.
     """
-    x = unit_rows(features)
-    if exclude is None or not len(exclude):
-        return np.concatenate([1 - (x[i : i + CHUNK] @ bank.T).max(axis=1) for i in range(0, len(x), CHUNK)])
-    if len(np.unique(exclude)) >= len(bank):
+    x, excluding = unit_rows(features), exclude is not None and len(exclude) > 0
+    if excluding and len(np.unique(exclude)) >= len(bank):
         raise ValueError("knn_distance: every bank row is excluded")
     out = []
     for i in range(0, len(x), CHUNK):
         similarity = x[i : i + CHUNK] @ bank.T
-        similarity[:, exclude] = -np.inf
+        if excluding:
+            similarity[:, exclude] = -np.inf
         out.append(1 - similarity.max(axis=1))
     return np.concatenate(out)
 
