@@ -9,7 +9,7 @@ distance to the `GLOBAL_K` nearest training images' embeddings; every training i
 each, N is small).
 
 With `image_evidence="patch+global"` the image score is the sum of both evidences, each standardised by
-its mean and std over the validation (good) images, as views are fused (`scoring.views`): "one std above
+its mean and std over the validation (good) images, as views are fused (`head.scores`): "one std above
 normal" then counts the same in both, and an image anomalous in either way stands out.
 """
 from __future__ import annotations
