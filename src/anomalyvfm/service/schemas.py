@@ -79,6 +79,10 @@ class Readiness(BaseModel):
     worker_alive: bool
     queue_depth: int
     queue_capacity: int
+    store: Literal["ok", "degraded"] | None = Field(None, description="with --store: degraded while records go to "
+                                                                     "the spill file (verdicts are unaffected)")
+    records_waiting: int | None = Field(None, description="with --store: records in the spill file waiting for the store")
+    last_error: str | None = Field(None, description="with --store: why the store is degraded")
 
 
 class ErrorResponse(BaseModel):

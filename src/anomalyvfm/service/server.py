@@ -131,6 +131,7 @@ def run_server(
     port: int = 8000,
     api_key: str | None = None,
     limits: ServiceLimits | None = None,
+    store: Any = None,
     **overrides: Any,
 ) -> None:
     """Take the port, load the model, then serve until interrupted (Ctrl-C, SIGTERM or SIGHUP shut down
@@ -140,7 +141,7 @@ def run_server(
     """
     limits = limits or ServiceLimits()
     sock = listening_socket(host, port)
-    app = create_app(model_dir, api_key, limits, **overrides)
+    app = create_app(model_dir, api_key, limits, store=store, **overrides)
     configure_logging()
     server = DrainingServer(server_config(app, limits, host, port))
     try:

@@ -5,8 +5,8 @@ its verdicts (spilling while the store is down); `labelled()` is what `anomalyvf
 docs/line.md describes the loop from a plant's point of view.
 """
 from anomalyvfm.store.inspections import DEFAULT, InspectionStore, UnknownInspection, open_store
-from anomalyvfm.store.records import Filters, Inspection, LabelledInspection
+from anomalyvfm.store.records import Filters, Inspection, LabelledInspection, verdict_record
 from anomalyvfm.store.recorder import Recorder
 
 __all__ = ["DEFAULT", "Filters", "Inspection", "InspectionStore", "LabelledInspection", "Recorder", "UnknownInspection",
-           "open_store"]
+           "open_store", "verdict_record"]

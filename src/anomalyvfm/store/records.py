@@ -9,6 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
+from anomalyvfm.prediction import Prediction
+
 STATION = socket.gethostname()
 
 
@@ -55,6 +59,19 @@ class Inspection:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         return cls(**{**values, "time": datetime.fromisoformat(values["time"].replace("Z", "+00:00"))})
+
+
+def verdict_record(predictor: Any, model_name: str, source: str, digest: str, size: int, pred: Prediction,
+                   request_id: str | None) -> Inspection:
+    """The record of one verdict: the image, the model that judged it, the thresholds in force, the outline."""
+    thresholds = predictor.thresholds()
+    mask = pred.mask
+    return Inspection.new(source=source, sha256=digest, size_bytes=size, model_name=model_name,
+                          model_version=getattr(predictor, "version", ""), score=float(pred.score),
+                          image_threshold=float(thresholds.image_threshold),
+                          pixel_threshold=float(thresholds.pixel_threshold), is_anomalous=bool(pred.is_anomalous),
+                          outlined_fraction=None if mask is None else float(np.count_nonzero(mask)) / max(mask.size, 1),
+                          request_id=request_id)
 
 
 def public(row: Any) -> dict[str, Any]:
