@@ -270,10 +270,10 @@ def test_kill_9_under_load_leaves_every_answered_verdict_stored_once(fitted_mode
 
     try:
         wait_until_serving(process, base)
-        clients = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(3)]
+        clients = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(2)]
         for thread in clients:
             thread.start()
-        wait_for(lambda: len(answered) >= 15, "15 verdicts answered")
+        wait_for(lambda: len(answered) >= 8, "8 verdicts answered")
         process.kill()  # SIGKILL: no shutdown, no flush, requests in flight cut off
         process.wait(60)
         for thread in clients:

@@ -10,15 +10,17 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.optional import require
 from anomalyvfm.outputs import current_umask, open_text, output_errors
-from anomalyvfm.store.inspections import DEFAULT, InspectionStore, open_store
-from anomalyvfm.store.recorder import Recorder
+from anomalyvfm.store.images import DEFAULT
 from anomalyvfm.store.records import Filters, verdict_record
-from anomalyvfm.store.schema import inspections
+
+if TYPE_CHECKING:  # SQLAlchemy and Alembic are imported by the commands that open a store (package doc)
+    from anomalyvfm.store.inspections import InspectionStore
+    from anomalyvfm.store.recorder import Recorder
 
 STORE_HELP = ("inspection store: a SQLite file (results.db) or a postgresql://user@host/db URL; every scored image is "
               "recorded there (docs/line.md)")
@@ -41,6 +43,8 @@ def store_from_args(args: argparse.Namespace) -> InspectionStore | None:
     """The store the options name, opened and migrated; None without `--store`."""
     if not getattr(args, "store", None):
         return None
+    from anomalyvfm.store.inspections import open_store
+
     cap = getattr(args, "keep_images_max_gb", 10.0)
     if not cap > 0:
         raise UserInputError(f"--keep-images-max-gb must be positive, got {cap:g}")
@@ -54,6 +58,8 @@ def recording(store: InspectionStore | None) -> Iterator[Recorder | None]:
     if store is None:
         yield None
         return
+    from anomalyvfm.store.recorder import Recorder
+
     recorder = Recorder(store)
     try:
         yield recorder
@@ -95,6 +101,8 @@ def add_history_filters(parser: argparse.ArgumentParser) -> None:
 
 def export_history(store: InspectionStore, out: str | Path, filters: Filters = Filters()) -> int:
     """Write the matching records, oldest first, to `out` (.csv or .parquet) atomically; return how many."""
+    from anomalyvfm.store.schema import inspections
+
     out = Path(out)
     if out.suffix.lower() not in EXPORT_SUFFIXES:
         raise UserInputError(f"--out {out}: name a .csv or .parquet file")

@@ -28,6 +28,7 @@ log = logging.getLogger("anomalyvfm.error")
 SIGNATURES = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"),
               (b"BM", ".bmp"))
 DEFAULT_MAX_BYTES = 10 * 2**30  # 10 GiB
+DEFAULT = "default"  # --keep-images: a folder beside a SQLite file; none for PostgreSQL (`open_store`)
 
 
 def suffix_of(data: bytes) -> str:

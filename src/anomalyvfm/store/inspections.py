@@ -14,11 +14,10 @@ from sqlalchemy.engine import Engine
 
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.store.database import connect, engine_url, shown
-from anomalyvfm.store.images import DEFAULT_MAX_BYTES, ImageKeeper
+from anomalyvfm.store.images import DEFAULT, DEFAULT_MAX_BYTES, ImageKeeper
 from anomalyvfm.store.records import Filters, Inspection, LabelledInspection, public, utc
 from anomalyvfm.store.schema import LABELS, SCHEMA_VERSION, inspections
 
-DEFAULT = "default"  # --keep-images: a folder beside a SQLite file; none for PostgreSQL
 MAX_PAGE = 1000
 
 
