@@ -179,6 +179,7 @@ class Service:
             threshold_evidence={level: e["text"] for level, e in (t.evidence or {}).items() if "text" in e},
             train_images=d.record.train_images, fitted_at=d.record.fitted_at,
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
+            store=self.store.name if self.store else None,
         )
 
     def readiness(self) -> Readiness:

@@ -65,6 +65,8 @@ ModelInfo = create_model(
     fitted_with_version=(str, Field(description="anomalyvfm version that fitted the model")),
     package_version=(str, Field(description="anomalyvfm version serving it")),
     limits=(dict[str, Any], Field(description="the server's limits and timeouts (docs/serving.md)")),
+    store=(str | None, Field(None, description="the inspection store every verdict is recorded in (serve --store; "
+                                               "password hidden), or null")),
 )
 DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 
