@@ -207,9 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Export the store's records (oldest first, optionally filtered) to CSV or Parquet."""
-    from anomalyvfm.store import Filters, open_store
+    from anomalyvfm.store import Filters
 
-    store = open_store(args.store, keep_images=None)
+    store = store_from_args(args)  # no images kept: history only reads
     try:
         filters = Filters(args.since, args.until, args.verdict, args.label, args.model_version)
         count = export_history(store, args.out, filters)

@@ -43,6 +43,8 @@ def store_from_args(args: argparse.Namespace) -> InspectionStore | None:
     """The store the options name, opened and migrated; None without `--store`."""
     if not getattr(args, "store", None):
         return None
+    require("sqlalchemy", "store", "--store")
+    require("alembic", "store", "--store")
     from anomalyvfm.store.inspections import open_store
 
     cap = getattr(args, "keep_images_max_gb", 10.0)
