@@ -33,6 +33,12 @@ RNG = np.random.default_rng(23)
 IMAGES = [png(textured_image(RNG, 112, 154)) for _ in range(3)]
 
 
+@pytest.fixture(autouse=True)
+def own_state_folder(tmp_path, monkeypatch) -> None:
+    """A PostgreSQL store's spill file lives under $XDG_STATE_HOME: one per test, never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer()
