@@ -25,7 +25,7 @@ import io
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -44,14 +44,16 @@ from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
 from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memory
 from anomalyvfm.service.docs import mount_docs
-from anomalyvfm.service.inspections import inspection_routes, store_metrics
 from anomalyvfm.service.limits import API_KEY_HEADER, ServiceLimits
 from anomalyvfm.service.observability import Metrics, RequestLog
 from anomalyvfm.service.uploads import receive_uploads
 from anomalyvfm.service.schemas import (DECLARED_NAMES, BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse,
                                         Readiness)
 from anomalyvfm.service.web import mount_web
-from anomalyvfm.store import InspectionStore, Recorder, verdict_record
+from anomalyvfm.store.records import verdict_record
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only when a store is given (service/inspections.py)
+    from anomalyvfm.store.inspections import InspectionStore
 from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
 from anomalyvfm.version import __version__
 
@@ -85,9 +87,11 @@ class Service:
         self.pixels, self.body_bytes = Budget(limits.max_inflight_pixels), Budget(limits.max_inflight_bytes)
         self.metrics = Metrics(queue_depth=lambda: self.worker.depth, inflight_pixels=lambda: self.pixels.used)
         self.worker = InferenceWorker(self.detector, limits.max_queue, on_batch=self.metrics.batch, keep_masks=bool(store))
-        self.store, self.recorder = store, Recorder(store) if store else None  # service/inspections.py
-        if self.recorder:
-            store_metrics(self.metrics, self.recorder)
+        self.store, self.recorder = store, None
+        if store is not None:
+            from anomalyvfm.service.inspections import recorder_for
+
+            self.recorder = recorder_for(store, self.metrics)
 
     def busy(self, reason: str, detail: str) -> HTTPException:
         self.metrics.reject(reason)
@@ -305,6 +309,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, limits: Servic
                                               '`{"detail": "<one line>"}`; limits and errors: docs/serving.md.')
     app.include_router(prediction_routes(service, api_key))
     if store is not None:
+        from anomalyvfm.service.inspections import inspection_routes
+
         app.include_router(inspection_routes(store, [require_api_key(api_key)] if api_key else []))
     add_operations_routes(app, service)
     mount_docs(app)

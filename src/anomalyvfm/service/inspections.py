@@ -40,10 +40,16 @@ class InspectionPage(BaseModel):
     offset: int
 
 
+def recorder_for(store: InspectionStore, metrics: Any) -> Recorder:
+    """The store's `Recorder`, its state exposed as gauges in the service's Prometheus registry (when
+    prometheus-client is there)."""
+    recorder = Recorder(store)
+    if metrics.enabled:
+        store_metrics(metrics, recorder)
+    return recorder
+
+
 def store_metrics(metrics: Any, recorder: Recorder) -> None:
-    """Gauges of the store's state in the service's Prometheus registry (when prometheus-client is there)."""
-    if not metrics.enabled:
-        return
     prom, registry = metrics._prom, metrics.registry
     prom.Gauge("anomalyvfm_store_degraded", "1 while records go to the spill file instead of the store",
                registry=registry).set_function(lambda: float(recorder.degraded))
