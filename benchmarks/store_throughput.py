@@ -7,6 +7,9 @@ URL — and loads each with the same requests (`serve_load.run_load`: --threads 
 connection each, after a warm-up of one request per thread). The configurations alternate within every
 round, so a machine whose load drifts (a shared one) biases none of them; the table gives each round's
 images/s and the median ratio to no store. Every answered verdict is also counted in the store afterwards.
+
+`--record-cost N` instead writes N records one at a time through a `Recorder` (one transaction each, the
+worst case: no group commit) and prints the CPU and wall time per record, SQLite and PostgreSQL.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import run_load, start_server, wait_healthy  # noqa: E402
 
 from anomalyvfm.data import list_images  # noqa: E402
-from anomalyvfm.store import open_store  # noqa: E402
+from anomalyvfm.store import Inspection, Recorder, open_store  # noqa: E402
 
 
 def measure(args: argparse.Namespace, store: str | None, images: list[tuple[str, bytes]]) -> tuple[float, int]:
@@ -48,6 +51,24 @@ def measure(args: argparse.Namespace, store: str | None, images: list[tuple[str,
     return ok / wall, records
 
 
+def record_cost(url: str, count: int) -> str:
+    """CPU and wall milliseconds per record written alone (the caller waits for each commit)."""
+    store = open_store(url, keep_images=None)
+    recorder = Recorder(store)
+    records = [Inspection.new(source=f"part_{i}.png", sha256="0" * 64, size_bytes=1, model_name="m", model_version="v",
+                              score=1.0, image_threshold=1.0, pixel_threshold=1.0, is_anomalous=False,
+                              outlined_fraction=0.0, request_id=str(i)) for i in range(count + 10)]
+    for record in records[:10]:  # warm-up: connections, statements
+        recorder.record(record)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for record in records[10:]:
+        recorder.record(record)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    recorder.close()
+    store.close()
+    return f"{1000 * cpu / count:.2f} ms CPU, {1000 * wall / count:.2f} ms wall per record"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -58,7 +79,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--record-cost", type=int, metavar="N", help="only measure N records written one at a time")
     args = parser.parse_args()
+    if args.record_cost:
+        with tempfile.TemporaryDirectory() as folder:
+            for name, url in (("sqlite", str(Path(folder) / "cost.db")), ("postgresql", args.postgres)):
+                if url:
+                    print(f"{name}: {record_cost(url, args.record_cost)}")
+        return 0
     images = [(path.name, path.read_bytes()) for path in list_images(args.images)]
     rates: dict[str, list[float]] = {"none": [], "sqlite": [], "postgresql": []}
     expected = {"sqlite": 0, "postgresql": 0}

@@ -50,12 +50,12 @@ from anomalyvfm.service.uploads import receive_uploads
 from anomalyvfm.service.schemas import (DECLARED_NAMES, BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse,
                                         Readiness)
 from anomalyvfm.service.web import mount_web
+from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
 from anomalyvfm.store.records import verdict_record
+from anomalyvfm.version import __version__
 
 if TYPE_CHECKING:  # SQLAlchemy is imported only when a store is given (service/inspections.py)
     from anomalyvfm.store.inspections import InspectionStore
-from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
-from anomalyvfm.version import __version__
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 

@@ -16,7 +16,7 @@ import socket
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import h11
 import uvicorn
@@ -26,6 +26,9 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.service.app import create_app
 from anomalyvfm.service.limits import ServiceLimits
 from anomalyvfm.service.observability import configure_logging
+
+if TYPE_CHECKING:
+    from anomalyvfm.store.inspections import InspectionStore
 
 log = logging.getLogger("anomalyvfm.error")
 
@@ -131,7 +134,7 @@ def run_server(
     port: int = 8000,
     api_key: str | None = None,
     limits: ServiceLimits | None = None,
-    store: Any = None,
+    store: InspectionStore | None = None,
     **overrides: Any,
 ) -> None:
     """Take the port, load the model, then serve until interrupted (Ctrl-C, SIGTERM or SIGHUP shut down

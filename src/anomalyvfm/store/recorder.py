@@ -7,8 +7,8 @@ then), so an answered verdict is never lost, and a store that fails never fails 
   one commit (one fsync) covers many verdicts, so the store costs the service little throughput.
 * **Degraded.** When a write fails, that batch goes to the spill file and the store is *degraded*: later
   records go straight to the spill file (in order, and without waiting for a server that does not answer),
-  and a second thread replays the file every `retry_s` seconds until it is empty — then records go to the
-  store again. `status()` says which, and how many records wait (`/health/ready`, `/metrics`).
+  and a second thread replays the file (every `retry_s` seconds while the store still fails, at once
+  again after a replay that wrote) until it is empty — then records go to the store again. `status()` says which, and how many records wait (`/health/ready`, `/metrics`).
 * **Last resort.** If the spill file cannot be written either (a full disk), the record is lost: that is
   logged and counted (`lost`), and the verdict is still answered — the line never stops for its records.
 """
@@ -126,8 +126,11 @@ class Recorder:
         while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()  # before the check: a spill after it wakes the next round
-            while self.degraded and not self._stop.wait(self.retry_s):
-                self.replay()
+            while self.degraded and not self._stop.is_set():
+                # after a replay that wrote, at once again (what came meanwhile), so that under steady
+                # load the backlog shrinks to nothing and records go to the store directly again
+                if not self.replay() and self._stop.wait(self.retry_s):
+                    break
 
     def replay(self) -> int:
         """Write the spill file's records to the store, in order; return how many went (0 if it still fails)."""

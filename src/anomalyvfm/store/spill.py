@@ -78,29 +78,38 @@ class Spill:
 
     def replay(self, write: Callable[[list[dict[str, Any]]], None], chunk: int = 500) -> int:
         """Write the waiting records with `write` (in order, `chunk` at a time), then remove them; return how
-        many. If `write` raises, what it did not write stays (a later replay writes the rest once)."""
+        many. If `write` raises, what it did not write stays (a later replay writes the rest once).
+
+        The lock is held to take the snapshot and to remove it, not while `write` runs, so appends (the
+        service's verdicts) never wait for a long replay. Another process may replay the same lines meanwhile:
+        writes are idempotent, and lines are removed only if the file still starts with them.
+        """
         with self._locked() as fd:
             lines, end = self._complete_lines(fd)
-            done = 0
-            try:
-                for start in range(0, len(lines), chunk):
-                    write([json.loads(line) for line in lines[start:start + chunk]])
-                    done = start + len(lines[start:start + chunk])
-            finally:
-                if done:  # the lock is held: nothing was appended since the read
-                    self._drop_first(fd, lines[:done], end if done == len(lines) else None)
-                self.waiting = len(lines) - done
+        done = 0
+        try:
+            for start in range(0, len(lines), chunk):
+                part = lines[start:start + chunk]
+                write([json.loads(line) for line in part])
+                done = start + len(part)
+        finally:
+            with self._locked() as fd:
+                rest = self._drop_first(fd, lines[:done]) if done else os.pread(fd, os.fstat(fd).st_size, 0)
+                self.waiting = rest.count(b"\n")
         return done
 
-    def _drop_first(self, fd: int, written: list[bytes], end: int | None) -> None:
-        """Remove the written lines: truncate when they were all the file held, else rewrite the rest
-        (to a temporary file renamed over this one, so a crash leaves the old or the new, both replayable)."""
+    def _drop_first(self, fd: int, written: list[bytes]) -> bytes:
+        """Remove the written lines if the file still starts with them: truncate when they are all it holds,
+        else rewrite the rest (to a temporary file renamed over this one, so a crash leaves the old file or
+        the new one, both replayable). Return what the file holds afterwards."""
+        cut = sum(len(line) + 1 for line in written)
         size = os.fstat(fd).st_size
-        if end is not None and end == size:
+        if os.pread(fd, cut, 0) != b"".join(line + b"\n" for line in written):
+            return os.pread(fd, size, 0)  # another process replayed and removed them already
+        if cut == size:
             os.ftruncate(fd, 0)
             os.fsync(fd)
-            return
-        cut = sum(len(line) + 1 for line in written)
+            return b""
         rest = os.pread(fd, size - cut, cut)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "wb") as file:
@@ -108,3 +117,4 @@ class Spill:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, self.path)
+        return rest
