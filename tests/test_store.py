@@ -254,6 +254,8 @@ def test_predict_records_and_history_exports(fitted_model, data_root, tmp_path):
 
     assert pq.read_table(tmp_path / "h.parquet").num_rows == 0
     assert main(["history", "--store", str(db), "--out", str(tmp_path / "h.txt")]) == 2
+    assert main(["history", "--store", str(tmp_path / "typo.db"), "--out", str(tmp_path / "h.csv")]) == 2
+    assert not (tmp_path / "typo.db").exists()
 
 
 def test_kill_9_under_load_leaves_every_answered_verdict_stored_once(fitted_model, tmp_path):

@@ -50,7 +50,8 @@ def store_from_args(args: argparse.Namespace) -> InspectionStore | None:
     cap = getattr(args, "keep_images_max_gb", 10.0)
     if not cap > 0:
         raise UserInputError(f"--keep-images-max-gb must be positive, got {cap:g}")
-    return open_store(args.store, getattr(args, "keep_images", None), int(cap * 2**30))
+    reads_only = not hasattr(args, "keep_images")  # `history`
+    return open_store(args.store, getattr(args, "keep_images", None), int(cap * 2**30), create=not reads_only)
 
 
 @contextmanager

@@ -81,11 +81,10 @@ def _sqlite_settings(connection, _record) -> None:
     cursor.close()
 
 
-def migrate(engine: Engine, url: str) -> str:
-    """Bring the store's schema up to `SCHEMA_VERSION` (creating it on a new store); return the version.
-
-    Refuses, changing nothing, a store of a version this code does not know and a database with other tables.
-    """
+def migrate(engine: Engine, url: str, create: bool = True) -> str:
+    """Bring the store's schema up to `SCHEMA_VERSION` (creating it on a new store unless not `create`);
+    return the version. Refuses, changing nothing, a store of a version this code does not know and a
+    database with other tables (or none, when not `create`: a command that only reads a store)."""
     script = ScriptDirectory(str(MIGRATIONS))
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":  # one migrating process at a time (SQLite: BEGIN IMMEDIATE)
@@ -96,6 +95,9 @@ def migrate(engine: Engine, url: str) -> str:
             if tables:
                 raise UserInputError(f"--store {shown(url)}: a database that is not an inspection store "
                                      f"(it has tables {', '.join(tables[:5])}); use a new file or database")
+            if not create:
+                raise UserInputError(f"--store {shown(url)}: no inspection store there yet (serve or predict "
+                                     "with --store creates one)")
         elif current not in {rev.revision for rev in script.walk_revisions()}:
             raise UserInputError(f"--store {shown(url)}: schema version {current} is newer than this anomalyvfm "
                                  f"knows (up to {SCHEMA_VERSION}); upgrade: pip install -U anomalyvfm")
@@ -111,11 +113,14 @@ def _upgrade(connection: sa.Connection) -> None:
     command.upgrade(config, SCHEMA_VERSION)
 
 
-def connect(url: str) -> Engine:
+def connect(url: str, create: bool = True) -> Engine:
     """A migrated store's engine; every connection problem is one `UserInputError` line naming the store."""
+    target = engine_url(url)
+    if not create and target.drivername == "sqlite" and not Path(target.database or "").is_file():
+        raise UserInputError(f"--store {url}: no such file")
     engine = create_engine(url)
     try:
-        migrate(engine, url)
+        migrate(engine, url, create)
     except UserInputError:
         engine.dispose()
         raise

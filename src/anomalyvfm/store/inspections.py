@@ -125,17 +125,18 @@ def _conditions(f: Filters) -> list[Any]:
 
 
 def open_store(url: str, keep_images: str | Path | None = DEFAULT, max_image_bytes: int = DEFAULT_MAX_BYTES,
-               spill: str | Path | None = None) -> InspectionStore:
+               spill: str | Path | None = None, create: bool = True) -> InspectionStore:
     """Connect to (and migrate) the store at `url`; `UserInputError` in one line if it cannot be used.
 
     `keep_images`: a folder for the images, `"none"`/None for none, or `DEFAULT`: `<name>-images/` beside a
     SQLite file, none for PostgreSQL (a folder on one line PC would not be the shared store's; give one all
     PCs mount). `spill`: the file records wait in while the store is down (default: `<file>.spill.jsonl`
-    beside a SQLite file; for a server, one per store under `$XDG_STATE_HOME/anomalyvfm/`).
+    beside a SQLite file; for a server, one per store under `$XDG_STATE_HOME/anomalyvfm/`). Commands that
+    only read a store pass `create=False`: a mistyped path is then an error, not a new empty store.
     """
     target = engine_url(str(url))
     sqlite_file = Path(target.database) if target.drivername == "sqlite" else None
-    engine = connect(str(url))
+    engine = connect(str(url), create)
     folder: Path | None = None
     if keep_images == DEFAULT:
         folder = sqlite_file.with_name(sqlite_file.stem + "-images") if sqlite_file else None

@@ -93,7 +93,13 @@ class Recorder:
     def _write_loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             if batch:
-                outcome = self._write([record for record, _ in batch])
+                try:
+                    outcome = self._write([record for record, _ in batch])
+                except Exception as exc:  # noqa: BLE001 — a bug here must not leave a verdict waiting forever
+                    log.error(f"{len(batch)} inspection records lost ({type(exc).__name__}: {exc})",
+                              exc_info=exc, extra={"fields": {"event": "records_lost"}})
+                    self.counts[LOST] += len(batch)
+                    outcome = LOST
                 for _, future in batch:
                     future.set_result(outcome)
 
@@ -103,7 +109,7 @@ class Recorder:
                 self.store.add(records)
                 self.counts[STORED] += len(records)
                 return STORED
-            except sa.exc.SQLAlchemyError as exc:
+            except sa.exc.SQLAlchemyError as exc:  # any database failure: the batch waits in the spill file
                 self._failed(exc)
         try:
             self.spill.append([record.to_json() for record in records])
