@@ -2,11 +2,12 @@
 
     python benchmarks/store_throughput.py --model M --images DIR --postgres postgresql://postgres@127.0.0.1:5432/bench
 
-Each round starts `anomalyvfm serve` three times — no store, a new SQLite file (`--store`), the PostgreSQL
-URL — and loads each with the same requests (`serve_load.run_load`: --threads client threads, one
-connection each, after a warm-up of one request per thread). The configurations alternate within every
-round, so a machine whose load drifts (a shared one) biases none of them; the table gives each round's
-images/s and the median ratio to no store. Every answered verdict is also counted in the store afterwards.
+Three `anomalyvfm serve` processes start and warm up — no store, a new SQLite file (`--store`), the
+PostgreSQL URL — and then, round after round, each gets one burst of the same requests
+(`serve_load.run_load`: --threads client threads, one connection each) while the others idle. Short
+interleaved bursts on warm servers (the order reversed every other round) spread a shared machine's drifting
+load over all three; the table gives each round's images/s and the median ratio to no store. The records in
+each store are counted at the end (one per answered verdict, warm-up included).
 
 `--record-cost N` instead writes N records one at a time through a `Recorder` (one transaction each, the
 worst case: no group commit) and prints the CPU and wall time per record, SQLite and PostgreSQL.
@@ -18,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,28 +29,23 @@ from anomalyvfm.data import list_images  # noqa: E402
 from anomalyvfm.store import Inspection, Recorder, open_store  # noqa: E402
 
 
-def measure(args: argparse.Namespace, store: str | None, images: list[tuple[str, bytes]]) -> tuple[float, int]:
-    """(images/s of answered requests, records in the store afterwards: -1 without a store)."""
-    with tempfile.TemporaryFile() as log:
-        process, url = start_server(argparse.Namespace(**{**vars(args), "store": store}), log)
-        try:
-            wait_healthy(url, process, timeout=300)
-            run_load(url, images, args.threads, args.threads, {}, False, time.monotonic() + 120)
-            start = time.perf_counter()
-            results = run_load(url, images, args.requests, args.threads, {}, False, time.monotonic() + 600)
-            wall = time.perf_counter() - start
-        finally:
-            process.terminate()
-            process.wait(60)
-    ok = sum(1 for _, status, _ in results if status == 200)
-    if ok != len(results):
-        raise RuntimeError(f"{len(results) - ok} requests failed")
-    records = -1
-    if store:
-        opened = open_store(store, keep_images=None)
-        records = opened.find()[1]
+def burst(url: str, args: argparse.Namespace, images: list[tuple[str, bytes]]) -> float:
+    """Images/s of one burst of --requests requests from --threads clients (every one must be answered)."""
+    start = time.perf_counter()
+    results = run_load(url, images, args.requests, args.threads, {}, False, time.monotonic() + 600)
+    wall = time.perf_counter() - start
+    failed = sum(1 for _, status, _ in results if status != 200)
+    if failed or len(results) != args.requests:
+        raise RuntimeError(f"{failed} of {len(results)} requests failed")
+    return len(results) / wall
+
+
+def count_records(store: str) -> int:
+    opened = open_store(store, keep_images=None)
+    try:
+        return opened.find()[1]
+    finally:
         opened.close()
-    return ok / wall, records
 
 
 def record_cost(url: str, count: int) -> str:
@@ -88,21 +85,28 @@ def main() -> int:
                     print(f"{name}: {record_cost(url, args.record_cost)}")
         return 0
     images = [(path.name, path.read_bytes()) for path in list_images(args.images)]
-    rates: dict[str, list[float]] = {"none": [], "sqlite": [], "postgresql": []}
-    expected = {"sqlite": 0, "postgresql": 0}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
         stores = {"none": None, "sqlite": str(Path(folder) / "bench.db"), "postgresql": args.postgres}
+        stores = {name: store for name, store in stores.items() if name == "none" or store}
+        servers = {}
+        for name, store in stores.items():  # all warm at once; only the one under load works
+            log = stack.enter_context(tempfile.TemporaryFile())
+            process, url = start_server(argparse.Namespace(**{**vars(args), "store": store}), log)
+            stack.callback(process.wait, 60)
+            stack.callback(process.terminate)
+            wait_healthy(url, process, timeout=300)
+            run_load(url, images, args.threads, args.threads, {}, False, time.monotonic() + 120)  # warm-up
+            servers[name] = url
+        rates: dict[str, list[float]] = {name: [] for name in stores}
         for round_ in range(args.rounds):
-            for name, store in stores.items():
-                if name != "none" and store is None:
-                    continue
-                rate, records = measure(args, store, images)
-                rates[name].append(rate)
-                if store:
-                    expected[name] += args.requests + args.threads
-                    assert records == expected[name], f"{name}: {records} records, {expected[name]} answered"
-                print(f"round {round_ + 1} {name:10s} {rate:7.2f} images/s" + (f"  ({records} records)" if store else ""),
-                      flush=True)
+            order = list(stores) if round_ % 2 == 0 else list(stores)[::-1]  # no configuration always first
+            for name in order:
+                rates[name].append(burst(servers[name], args, images))
+            print(f"round {round_ + 1}: " + ", ".join(f"{n} {rates[n][-1]:.2f}" for n in stores) + " images/s", flush=True)
+        for name, store in stores.items():
+            if store:
+                answered = args.rounds * args.requests + args.threads
+                print(f"{name}: {count_records(store)} records for {answered} answered verdicts (a fresh store)")
     base = statistics.median(rates["none"])
     print("\n| store | images/s per round | median | ratio to no store |\n|---|---|---|---|")
     for name, values in rates.items():
