@@ -42,6 +42,8 @@ def start_server(args: argparse.Namespace, log: IO[bytes]) -> tuple[subprocess.P
     port = free_port()
     command = [sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", args.model, "--port", str(port),
                "--device", args.device, "--batch-size", str(args.batch_size)]
+    if getattr(args, "store", None):
+        command += ["--store", args.store]
     return subprocess.Popen(command, stdout=log, stderr=log), f"http://127.0.0.1:{port}"
 
 
@@ -112,6 +114,7 @@ def main() -> int:
     parser.add_argument("--api-key", default=os.environ.get("ANOMALYVFM_API_KEY"), help="X-API-Key to send")
     parser.add_argument("--device", default="cpu", help="device of the started server")
     parser.add_argument("--batch-size", type=int, default=8, help="largest inference batch of the started server")
+    parser.add_argument("--store", help="the started server records every verdict in this store (serve --store)")
     args = parser.parse_args()
     if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.threads <= 64:
         parser.error(f"--requests must be 1..{MAX_REQUESTS} and --threads 1..64")

@@ -17,7 +17,7 @@ STAGES = {
     "maps": 4, "metrics": 4,  # pure array code: maps and masks against the ground truth, below the detector
     "head": 5,  # everything after the backbone, torch-free: the detector and the exported runtime call it
     "detector": 6,
-    "deploy": 7, "evaluation": 7, "distributed": 7,
+    "deploy": 7, "evaluation": 7, "distributed": 7, "store": 7,  # the inspection store: below the front ends
     "cli": 8, "service": 8, "": 8,  # "" is the package's __init__ (the public API)
 }
 

@@ -23,6 +23,7 @@ from PIL import Image
 from anomalyvfm.cli.main import main
 from anomalyvfm.evaluation.html_report import INDEX_NAME, REPORT_NAME
 from anomalyvfm.service.app import create_app
+from anomalyvfm.store import open_store
 from servers import LIMITS, MAX_BYTES, close, live_server
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -260,6 +261,36 @@ def test_api_key_is_asked_once_and_sent_as_header(browser, fitted_model, images)
         row = browser.find_element("css selector", "#history tbody tr:last-child")  # oldest: the first upload
         assert close(float(row.get_attribute("data-score")), expected["score"])
         assert not console_errors(browser, allowed=("status of 401",))
+
+
+def test_stored_history_survives_a_reload_and_takes_one_click_labels(browser, fitted_model, images, tmp_path):
+    """With --store the page shows the server's history (not only this page's), labels a record with one
+    click, and plots the scores with the threshold and the pass rate."""
+    store = open_store(str(tmp_path / "results.db"))
+    stored_rows = lambda: browser.find_elements("css selector", "#stored tbody tr")  # noqa: E731
+    with live_server(create_app(fitted_model, limits=LIMITS, store=store), LIMITS) as base:
+        open_page(browser, base)
+        page_ready(browser)
+        upload(browser, images["bad"], images["good"])
+        wait_for(browser, lambda: len(stored_rows()) == 2, "two stored inspections")
+        open_page(browser, base)  # a reload: this page's own list is empty, the stored history is not
+        page_ready(browser)
+        wait_for(browser, lambda: len(stored_rows()) == 2, "the stored inspections after a reload")
+        assert results(browser) == 0
+        newest, oldest = stored_rows()
+        assert newest.find_elements("css selector", "td")[1].text == images["good"].name
+        oldest.find_element("css selector", "button.label-defect").click()
+        wait_for(browser, lambda: store.find()[0][1]["label"] == "defect", "the label stored")
+        wait_for(browser, lambda: stored_rows()[1].find_element("css selector", "button.label-defect")
+                 .get_attribute("aria-pressed") == "true", "the label shown")
+        assert store.find()[0][0]["label"] is None  # only the clicked record
+        chart = by_id(browser, "stored-chart")
+        assert len(chart.find_elements("css selector", "circle")) == 2
+        assert chart.find_elements("css selector", "polyline.threshold")
+        assert chart.find_elements("css selector", "polyline.pass-rate")
+        assert "50.0 % passed" in by_id(browser, "stored-chart-note").text
+        assert not console_errors(browser)
+    store.close()
 
 
 def test_server_gone_gives_a_message_not_a_frozen_page(browser, fitted_model, images):

@@ -30,6 +30,7 @@ class Predictor(Protocol):
     settings: Any
     record: Any
     score_mode: str
+    version: str  # the model's content identity (`model_dir.StoredModel.version`; "" if unknown)
 
     def thresholds(self) -> Any: ...
 

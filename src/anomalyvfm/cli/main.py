@@ -1,4 +1,4 @@
-"""Command-line interface: `anomalyvfm fit | predict | calibrate | serve | demo …`.
+"""Command-line interface: `anomalyvfm fit | predict | calibrate | serve | history | demo …`.
 
 User mistakes (missing folders, bad options, unreadable models) end in one line on stderr and exit
 code 2. In `predict`, an unreadable image is reported and recorded, the rest are still scored, and the
@@ -14,6 +14,7 @@ import itertools
 import os
 import shlex
 import sys
+import uuid
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,8 @@ from anomalyvfm.optional import require
 from anomalyvfm.prediction import Predictor
 from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, output_names, prepare_output_folder
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, api_key_from, limits_from_args
+from anomalyvfm.store.cli import (add_history_filters, add_store_options, export_history, record_file, recording,
+                                  store_from_args)
 
 
 def load_model(args: argparse.Namespace) -> Predictor:
@@ -94,18 +97,26 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
+        if args.store:
+            raise UserInputError("--store records with --engine local only")
         return predict_on_ray_command(args, runtime_from_args(args))
     check_local(args)
     files = expand_inputs(args.paths)
     out = prepare_output_folder(args.out, files, args.model)  # before the model loads: a mistake costs nothing
-    detector = load_model(args)
+    with recording(store_from_args(args)) as recorder:  # a bad --store also costs nothing
+        return predict_files(args, files, out, load_model(args), recorder)
+
+
+def predict_files(args: argparse.Namespace, files: list[Path], out: Path, detector: Predictor, recorder) -> int:
     thresholds = detector.thresholds()
     value_range = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
-    failures = 0
+    failures, run_id = 0, uuid.uuid4().hex  # the records of one run share its id (`request_id`)
     # closing(): a write error ends the scoring at once, and its progress bar before the error line
     with PredictionsCsv(out / PREDICTIONS_CSV) as table, closing(detector.predict_iter(files)) as predictions:
         for name, pred in zip(output_names(files), predictions):
             table.add(pred.source, pred.score, pred.is_anomalous, pred.error)
+            if recorder is not None and not pred.error:
+                record_file(recorder, detector, args.model, pred, run_id)
             if pred.error:
                 failures += 1
                 print(f"anomalyvfm: skipped {pred.error}", file=sys.stderr)
@@ -185,7 +196,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = api_key_from(args.api_key, os.environ)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomalyvfm: warning: serving on {args.host} without an API key (set {API_KEY_ENV})", file=sys.stderr)
-    run_server(args.model, args.host, args.port, api_key, limits_from_args(args), **runtime_from_args(args))
+    store = store_from_args(args)
+    try:
+        run_server(args.model, args.host, args.port, api_key, limits_from_args(args), store=store,
+                   **runtime_from_args(args))
+    finally:
+        if store is not None:
+            store.close()
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Export the store's records (oldest first, optionally filtered) to CSV or Parquet."""
+    from anomalyvfm.store import Filters
+
+    store = store_from_args(args)  # no images kept: history only reads
+    try:
+        filters = Filters(args.since, args.until, args.verdict, args.label, args.model_version)
+        count = export_history(store, args.out, filters)
+    finally:
+        store.close()
+    print(f"exported {count} inspections from {store.name} → {args.out}")
     return 0
 
 
@@ -334,6 +365,7 @@ def _add_predict(sub) -> None:
                          help="write overlay and mask pictures (default: yes with --engine local, no with ray)")
     add_runtime_options(predict)
     add_engine_options(predict, predict=True)
+    add_store_options(predict)
     predict.set_defaults(func=cmd_predict)
 
 
@@ -425,7 +457,16 @@ def _add_serve(sub) -> None:
                                          "prefer the variable, command lines are visible to other users)")
     add_runtime_options(serve)
     add_limit_options(serve)
+    add_store_options(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def _add_history(sub) -> None:
+    history = sub.add_parser("history", help="export the inspection store's records to CSV or Parquet")
+    add_store_options(history, required=True)
+    history.add_argument("--out", required=True, help="file to write: .csv or .parquet (replaced atomically)")
+    add_history_filters(history)
+    history.set_defaults(func=cmd_history)
 
 
 def _add_demo(sub) -> None:
@@ -438,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_fit, _add_predict, _add_evaluate, _add_benchmark, _add_export_submission, _add_export,
-                _add_calibrate, _add_synth_preview, _add_serve, _add_demo):
+                _add_calibrate, _add_synth_preview, _add_serve, _add_history, _add_demo):
         add(sub)
     return parser
 

@@ -101,6 +101,7 @@ class GraphPredictor:
         self.directory, self.form = Path(graph_dir), form
         self.runtime = Runtime(**runtime)
         self.settings, self.record, self.calibration = stored.settings, stored.record, stored.calibration
+        self.version = stored.version  # "" for a bundle of the earlier format
         self.score_mode = self.runtime.score or self.calibration.mode
         if self.score_mode != "distance":
             raise UserInputError(f"{self.directory}: an exported backbone scores 'distance' only (the LoRA heads are "

@@ -52,6 +52,7 @@ class AnomalyDetector:
         self.pipeline = Pipeline(settings, runtime, accumulator)
         self.calibration: Calibration | None = None
         self.record = model_dir.FitRecord()
+        self.version = ""  # `StoredModel.version` once loaded: what the inspection store names as the judge
 
     @property
     def settings(self) -> Settings:
@@ -170,5 +171,5 @@ class AnomalyDetector:
         stored.calibration.thresholds(runtime.score)  # a mode this model was not fitted for fails here, in one line
         detector = cls(stored.settings, runtime)
         detector.pipeline = Pipeline.restore(stored, detector.runtime, backbone)
-        detector.calibration, detector.record = stored.calibration, stored.record
+        detector.calibration, detector.record, detector.version = stored.calibration, stored.record, stored.version
         return detector

@@ -25,7 +25,7 @@ import io
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -51,7 +51,11 @@ from anomalyvfm.service.schemas import (DECLARED_NAMES, BatchResponse, ErrorResp
                                         Readiness)
 from anomalyvfm.service.web import mount_web
 from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
+from anomalyvfm.store.records import verdict_record
 from anomalyvfm.version import __version__
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only when a store is given (service/inspections.py)
+    from anomalyvfm.store.inspections import InspectionStore
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
@@ -69,7 +73,8 @@ def elapsed_ms(start: float) -> float:
 class Service:
     """A loaded detector plus the limits, budgets and steps every request goes through."""
 
-    def __init__(self, model_dir: str | Path, limits: ServiceLimits, **overrides: Any) -> None:
+    def __init__(self, model_dir: str | Path, limits: ServiceLimits, store: InspectionStore | None = None,
+                 **overrides: Any) -> None:
         limits.validate(Image.MAX_IMAGE_PIXELS)
         self.detector = load_predictor(model_dir, **overrides)  # weights load now, not at the first request
         self.name = Path(model_dir).resolve().name
@@ -81,7 +86,12 @@ class Service:
         self.max_aspect = None if tiled else self.detector.runtime.max_aspect_ratio
         self.pixels, self.body_bytes = Budget(limits.max_inflight_pixels), Budget(limits.max_inflight_bytes)
         self.metrics = Metrics(queue_depth=lambda: self.worker.depth, inflight_pixels=lambda: self.pixels.used)
-        self.worker = InferenceWorker(self.detector, limits.max_queue, on_batch=self.metrics.batch)
+        self.worker = InferenceWorker(self.detector, limits.max_queue, on_batch=self.metrics.batch, keep_masks=bool(store))
+        self.store, self.recorder = store, None
+        if store is not None:
+            from anomalyvfm.service.inspections import recorder_for
+
+            self.recorder = recorder_for(store, self.metrics)
 
     def busy(self, reason: str, detail: str) -> HTTPException:
         self.metrics.reject(reason)
@@ -107,11 +117,13 @@ class Service:
         return {"anomaly_map_png": png_base64(heatmap(pred.anomaly_map, *self.display)),
                 "mask_png": png_base64(mask_image(pred.mask))}
 
-    async def score(self, upload: UploadFile, with_maps: bool, deadline: float) -> dict[str, Any]:
+    async def score(self, upload: UploadFile, with_maps: bool, deadline: float,
+                    request_id: str | None = None) -> dict[str, Any]:
         """Fields of one scored upload; raises `HTTPException` if it is not a usable image or the server is busy.
 
         The image's pixels are taken from the pixel budget before it is decoded and given back once its
         answer (maps included) is built, so decoded images, maps and their PNGs in flight stay within it.
+        With a store, the verdict is recorded (or spilled) before it is answered.
         """
         name = upload.filename or "upload"
         data = await self.read(upload)
@@ -135,6 +147,7 @@ class Service:
                 raise HTTPException(413, f"{name}: {exc}") from None
             except ImageReadError as exc:
                 raise HTTPException(422, f"{name}: {exc}") from None
+            size, digest = len(data), await run_in_threadpool(self.store.keep, data) if self.store else ""
             del data
             try:
                 pred = await self.worker.predict(image, with_maps, deadline - loop.time())
@@ -145,6 +158,10 @@ class Service:
                     self.metrics.reject("queue")
                 raise
             self.metrics.scored(pred.is_anomalous)
+            if self.recorder:
+                record = verdict_record(self.detector, self.name, name, digest, size, pred, request_id)
+                pred.mask = pred.mask if with_maps else None
+                await asyncio.wrap_future(self.recorder.submit(record))
             result: dict[str, Any] = {"score": pred.score, "is_anomalous": pred.is_anomalous}
             if with_maps:
                 result |= await run_in_threadpool(self.maps, pred)
@@ -166,12 +183,14 @@ class Service:
             threshold_evidence={level: e["text"] for level, e in (t.evidence or {}).items() if "text" in e},
             train_images=d.record.train_images, fitted_at=d.record.fitted_at,
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
+            store=self.store.name if self.store else None,
         )
 
     def readiness(self) -> Readiness:
         ready = self.worker.alive and not self.worker.full
+        store = self.recorder.status() if self.recorder else {}  # a degraded store does not make it unready
         return Readiness(status="ready" if ready else "not ready", model_loaded=True, worker_alive=self.worker.alive,
-                         queue_depth=self.worker.depth, queue_capacity=self.limits.max_queue)
+                         queue_depth=self.worker.depth, queue_capacity=self.limits.max_queue, **store)
 
 
 def upload_body(field: str, many: bool) -> dict[str, Any]:
@@ -208,7 +227,7 @@ def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
         """Upload one image in multipart field `file`; get its anomaly score and pass/fail decision."""
         start = time.perf_counter()
         async with service.uploads(request, "file", max_files=1) as (upload,):
-            result = await service.score(upload, maps, service.deadline())
+            result = await service.score(upload, maps, service.deadline(), request.state.request_id)
         return {**result, "threshold": service.threshold, "model": service.name, "elapsed_ms": elapsed_ms(start)}
 
     @router.post("/predict/batch", response_model=BatchResponse, response_model_exclude_none=True,
@@ -221,7 +240,8 @@ def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
         async def item(upload: UploadFile, deadline: float) -> dict[str, Any]:
             name = upload.filename or "upload"
             try:
-                return {"filename": name, "status": 200, **await service.score(upload, maps, deadline)}
+                return {"filename": name, "status": 200,
+                        **await service.score(upload, maps, deadline, request.state.request_id)}
             except HTTPException as exc:
                 return {"filename": name, "status": exc.status_code, "error": exc.detail}
 
@@ -261,29 +281,37 @@ def add_operations_routes(app: FastAPI, service: Service) -> None:
 
 
 def create_app(model_dir: str | Path, api_key: str | None = None, limits: ServiceLimits | None = None,
-               **overrides: Any) -> FastAPI:
+               store: InspectionStore | None = None, **overrides: Any) -> FastAPI:
     """Load the model now (a bad model directory raises `UserInputError` before anything listens).
 
     `model_dir` may be an exported bundle; `overrides` go to `load_predictor` (device, batch_size, precision, max_aspect_ratio). With
     `api_key`, every endpoint but the health checks needs it in `X-API-Key`; health stays open for load
     balancers and orchestrators, and `/docs`, `/openapi.json` and `/metrics` stay open because they
-    describe the API and its load without exposing model or data.
+    describe the API and its load without exposing model or data. With `store` (`anomalyvfm.store.open_store`),
+    every verdict is recorded and `/inspections` serves the history (`service/inspections.py`); the app
+    closes the store's recorder at shutdown, the caller the store.
     """
     if api_key is not None and not api_key.strip():  # "" would otherwise mean "no authentication"
         raise UserInputError("the API key is empty: give a key, or None to serve without one")
     limits = limits or ServiceLimits()
-    service = Service(model_dir, limits, **overrides)
+    service = Service(model_dir, limits, store, **overrides)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.worker.start()
         yield
         await run_in_threadpool(service.worker.stop, limits.shutdown_timeout)
+        if service.recorder:
+            await run_in_threadpool(service.recorder.close)
 
     app = FastAPI(title="AnomalyVFM inspection service", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, description="Score images of parts with a fitted AnomalyVFM model. Every error is "
                                               '`{"detail": "<one line>"}`; limits and errors: docs/serving.md.')
     app.include_router(prediction_routes(service, api_key))
+    if store is not None:
+        from anomalyvfm.service.inspections import inspection_routes
+
+        app.include_router(inspection_routes(store, [require_api_key(api_key)] if api_key else []))
     add_operations_routes(app, service)
     mount_docs(app)
     mount_web(app)

@@ -65,6 +65,8 @@ ModelInfo = create_model(
     fitted_with_version=(str, Field(description="anomalyvfm version that fitted the model")),
     package_version=(str, Field(description="anomalyvfm version serving it")),
     limits=(dict[str, Any], Field(description="the server's limits and timeouts (docs/serving.md)")),
+    store=(str | None, Field(None, description="the inspection store every verdict is recorded in (serve --store; "
+                                               "password hidden), or null")),
 )
 DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 
@@ -79,6 +81,10 @@ class Readiness(BaseModel):
     worker_alive: bool
     queue_depth: int
     queue_capacity: int
+    store: Literal["ok", "degraded"] | None = Field(None, description="with --store: degraded while records go to "
+                                                                     "the spill file (verdicts are unaffected)")
+    records_waiting: int | None = Field(None, description="with --store: records in the spill file waiting for the store")
+    last_error: str | None = Field(None, description="with --store: why the store is degraded")
 
 
 class ErrorResponse(BaseModel):

@@ -16,7 +16,7 @@ import socket
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import h11
 import uvicorn
@@ -26,6 +26,9 @@ from anomalyvfm.errors import UserInputError
 from anomalyvfm.service.app import create_app
 from anomalyvfm.service.limits import ServiceLimits
 from anomalyvfm.service.observability import configure_logging
+
+if TYPE_CHECKING:
+    from anomalyvfm.store.inspections import InspectionStore
 
 log = logging.getLogger("anomalyvfm.error")
 
@@ -131,6 +134,7 @@ def run_server(
     port: int = 8000,
     api_key: str | None = None,
     limits: ServiceLimits | None = None,
+    store: InspectionStore | None = None,
     **overrides: Any,
 ) -> None:
     """Take the port, load the model, then serve until interrupted (Ctrl-C, SIGTERM or SIGHUP shut down
@@ -140,7 +144,7 @@ def run_server(
     """
     limits = limits or ServiceLimits()
     sock = listening_socket(host, port)
-    app = create_app(model_dir, api_key, limits, **overrides)
+    app = create_app(model_dir, api_key, limits, store=store, **overrides)
     configure_logging()
     server = DrainingServer(server_config(app, limits, host, port))
     try:

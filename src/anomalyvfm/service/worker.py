@@ -43,7 +43,8 @@ class Job:
 class InferenceWorker:
     """The thread that calls the detector; jobs queued while it works become its next batch."""
 
-    def __init__(self, detector, max_queue: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(self, detector, max_queue: int, on_batch: Callable[[int], None] = lambda n: None,
+                 keep_masks: bool = False) -> None:
         # `detector`: an AnomalyDetector or a GraphPredictor (both offer predict_iter and runtime)
         self.detector = detector
         self.max_queue = max_queue
@@ -51,6 +52,7 @@ class InferenceWorker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_batch = on_batch
+        self.keep_masks = keep_masks  # the inspection store records the outlined area of every image
 
     # -- lifecycle and state -----------------------------------------------------------------------
     def start(self) -> None:
@@ -146,13 +148,13 @@ class InferenceWorker:
                 for job in rest:
                     self._score([job])
 
-    @staticmethod
-    def _answer(job: Job, pred: Prediction) -> None:
+    def _answer(self, job: Job, pred: Prediction) -> None:
         job.image = None
         if pred.error:
             job.future.set_exception(JobFailed(IN_MEMORY_NAME.sub("", pred.error)))
             return
         if not job.maps:  # the full-size float map is the largest thing a prediction holds
-            pred.anomaly_map = pred.mask = None
+            pred.anomaly_map = None
+            pred.mask = pred.mask if self.keep_masks else None
         job.future.set_result(pred)
 

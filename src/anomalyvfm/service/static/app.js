@@ -1,5 +1,6 @@
 // AnomalyVFM inspection page: sends each chosen image to POST /predict?maps=true and shows the answer.
-// Plain browser JavaScript, no dependencies. All state lives in this page; the server keeps nothing.
+// Plain browser JavaScript, no dependencies. This page's own list lives in the page; a server started with
+// --store also keeps every verdict, which store.js shows (it hears of each check by the "inspected" event).
 "use strict";
 
 const REQUEST_TIMEOUT_MS = 120000;  // a CPU server scoring a large image can take tens of seconds
@@ -137,6 +138,7 @@ function renderCard(model) {
 async function loadModel() {
   try {
     state.model = await api("model");
+    document.dispatchEvent(new CustomEvent("model", { detail: state.model }));  // store.js: is there a store?
     renderCard(state.model);
     setupWhatIf();
     return true;
@@ -239,6 +241,7 @@ async function check(file) {
   forgetOldMaps();
   state.selected = entry.id;
   if (state.model) setupWhatIf(); else { renderHistory(); renderResult(); }
+  if (!entry.error) document.dispatchEvent(new CustomEvent("inspected"));
 }
 
 function loadImage(src) {
