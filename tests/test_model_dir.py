@@ -237,10 +237,14 @@ def test_format_2_models_and_earlier_bundles_score_as_they_did(name, backbone_di
         predictor = load_predictor(FIXTURES / name)
     else:
         predictor = AnomalyDetector.load(FIXTURES / name, backbone=backbone_dir)
+    # The bundle's backbone runs in ONNX Runtime, whose kernels differ by CPU (the fixture was recorded on an
+    # AMD EPYC; a Xeon with AMX moves features by ~1e-7, and a patch at the edge of the top 1 % or a near tie
+    # of global neighbours then moves an image score by up to ~4e-5 relative). Torch runs the same everywhere.
+    score_tolerance = 1e-4 if name == "bundle_v1" else 1e-6
     paths = _test_paths(data_root)
     for path, pred in zip(paths, predictor.predict(paths, progress=False)):
         score, map_sum, mask_pixels, anomalous = expected[f"{path.parent.name}/{path.name}"]
-        assert pred.score == pytest.approx(score, rel=1e-6)
+        assert pred.score == pytest.approx(score, rel=score_tolerance)
         assert float(pred.anomaly_map.sum(dtype=np.float64)) == pytest.approx(map_sum, rel=1e-6)
         assert int(pred.mask.sum()) == mask_pixels and pred.is_anomalous == anomalous
 
