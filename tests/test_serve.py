@@ -54,7 +54,7 @@ def post(url: str, path: str = "/predict", **kwargs) -> requests.Response:
 def test_prediction_equals_detector_and_cli_predict(url, detector, fitted_model, bad_image, tmp_path):
     expected = detector.predict([bad_image], progress=False)[0]
     body = post(url, files={"file": (bad_image.name, bad_image.read_bytes(), "image/png")}).json()
-    assert set(body) == {"score", "is_anomalous", "threshold", "model", "elapsed_ms"}
+    assert set(body) == {"score", "is_anomalous", "threshold", "model", "model_version", "elapsed_ms"}
     assert close(body["score"], expected.score) and body["is_anomalous"] is expected.is_anomalous is True
     assert body["threshold"] == detector.thresholds().image_threshold and body["model"] == fitted_model.name
     assert body["elapsed_ms"] > 0

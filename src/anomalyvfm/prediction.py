@@ -23,6 +23,18 @@ class Prediction:
     error: str | None = None
 
 
+@dataclass
+class ImageViews:
+    """Every view's `(h, w, C)` patch features of one image (finest last), as the scoring head takes them;
+    on a read failure `error` is set and `views` is empty. What `anomalyvfm update` adds to a model."""
+
+    source: str
+    views: list[np.ndarray]
+    processed_shape: tuple[int, int] = (0, 0)  # the reference view's backbone input (height, width)
+    image_shape: tuple[int, int] = (0, 0)
+    error: str | None = None
+
+
 class Predictor(Protocol):
     """What `evaluate`, `predict` and the service need of a model: `AnomalyDetector` and the exported
     `GraphPredictor` both satisfy it, so those front ends run either without knowing which one they hold."""
@@ -38,3 +50,5 @@ class Predictor(Protocol):
                      decide: bool = True) -> Iterator[Prediction]: ...
 
     def features(self, images: Sequence[Any]) -> Iterator[Any]: ...
+
+    def view_features(self, images: Sequence[Any], progress: str | None = None) -> Iterator[ImageViews]: ...

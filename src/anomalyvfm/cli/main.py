@@ -1,4 +1,4 @@
-"""Command-line interface: `anomalyvfm fit | predict | calibrate | serve | history | demo …`.
+"""Command-line interface: `anomalyvfm fit | predict | calibrate | update | serve | history | demo …`.
 
 User mistakes (missing folders, bad options, unreadable models) end in one line on stderr and exit
 code 2. In `predict`, an unreadable image is reported and recorded, the rest are still scored, and the
@@ -171,6 +171,68 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"{new.pixel_threshold:.4g}")
     for level, evidence in new.evidence.items():
         print(f"  {level}: {evidence['text']}")
+    return 0
+
+
+def labelled_in_store(args: argparse.Namespace, done: set[str]) -> tuple[list, list, str]:
+    """The store's labelled inspections to learn from, as `deploy.update.Labelled`: good ones the model flagged
+    (not yet learnt: ids in `done` are skipped) and defects, each once by image digest; and a note of what had
+    no kept image."""
+    from anomalyvfm.deploy.update import Labelled
+
+    store = store_from_args(args, create=False)
+    try:
+        found = {label: store.labelled(label) for label in ("good", "defect")}
+    finally:
+        store.close()
+    chosen: dict[str, list] = {"good": [], "defect": []}
+    seen, missing = set(), 0
+    for label, records in found.items():
+        for r in records:
+            if r.sha256 in seen or r.id in done or (label == "good" and not r.is_anomalous):
+                continue
+            if r.image_path is None:
+                missing += 1
+                continue
+            seen.add(r.sha256)
+            chosen[label].append(Labelled(r.image_path, label, r.is_anomalous, r.id))
+    note = f"; {missing} labelled inspections have no kept image (see --keep-images)" if missing else ""
+    return chosen["good"], chosen["defect"], note
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    """A new model version from operator labels (and/or a folder of good images), without refitting."""
+    from anomalyvfm.deploy.bundle import is_bundle
+    from anomalyvfm.deploy.update import Labelled, update_model
+    from anomalyvfm.detector import model_dir
+
+    if not args.store and not args.good:
+        raise UserInputError("update needs --store URL (operator labels) or --good DIR (good images), or both")
+    if is_bundle(args.model):
+        raise UserInputError(f"{args.model}: a bundle of the format before model format 3; export the model again "
+                             "(anomalyvfm export --model M) and update that")
+    stored = model_dir.read(args.model)
+    done = {i for u in stored.record.updates for i in u.get("inspections", [])}
+    good, defects, note = labelled_in_store(args, done) if args.store else ([], [], "")
+    if args.good:
+        folder = Path(args.good)
+        if not folder.is_dir():
+            raise UserInputError(f"{folder}: --good is not a folder")
+        good += [Labelled(path, "good") for path in list_images(folder)]
+    if not good:
+        where = f"{args.store} has no inspection labelled good that the model flagged" if args.store else f"{args.good} has no images"
+        raise UserInputError(f"nothing to learn: {where}{note}")
+    model_dir.check_writable(args.out)  # before any scoring
+    source = " + ".join(part for part in (args.store and f"store {args.store}", args.good and f"folder {args.good}") if part)
+    report = update_model(load_model(args), stored, args.out, good, defects, source)
+    lineage, t = report.lineage, report.thresholds
+    print(f"updated {report.directory} from {len(good)} good and {len(defects)} defect images ({source}{note}): "
+          f"{', '.join(map(str, lineage['rows_added']))} bank rows added; image threshold "
+          f"{lineage['image_threshold'][0]:.4g} → {t.image_threshold:.4g}, pixel threshold "
+          f"{lineage['pixel_threshold'][0]:.4g} → {t.pixel_threshold:.4g}")
+    if report.defects_still_passed:
+        print(f"  {len(report.defects_still_passed)} labelled defects still pass (the parent passed them too): "
+              + ", ".join(report.defects_still_passed[:5]))
     return 0
 
 
@@ -435,6 +497,17 @@ def _add_calibrate(sub) -> None:
     calibrate.set_defaults(func=cmd_calibrate)
 
 
+def _add_update(sub) -> None:
+    update = sub.add_parser("update", help="a new model version from operator labels and good images, without refitting "
+                                           "(docs/line.md)")
+    _model_option(update)
+    update.add_argument("--good", help="folder of good images to add (e.g. false alarms collected by hand)")
+    update.add_argument("--out", required=True, help="model directory to write (a new version; may be --model itself)")
+    add_store_options(update)
+    add_runtime_options(update)
+    update.set_defaults(func=cmd_update)
+
+
 def _add_synth_preview(sub) -> None:
     synth = sub.add_parser("synth-preview", help="draw a grid of synthetic anomalies with their masks")
     _dataset_options(synth)
@@ -479,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalyvfm", description="Visual anomaly detection on DINOv2 patch features.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_fit, _add_predict, _add_evaluate, _add_benchmark, _add_export_submission, _add_export,
-                _add_calibrate, _add_synth_preview, _add_serve, _add_history, _add_demo):
+                _add_calibrate, _add_update, _add_synth_preview, _add_serve, _add_history, _add_demo):
         add(sub)
     return parser
 

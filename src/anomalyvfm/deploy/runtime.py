@@ -30,7 +30,7 @@ from anomalyvfm.features.tiles import Tiling, crops, describe, prefetch, view_si
 from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.head.search import cpu_capabilities
-from anomalyvfm.prediction import Prediction
+from anomalyvfm.prediction import ImageViews, Prediction
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: quantised ops int8, the rest f32
 
@@ -200,6 +200,17 @@ class GraphPredictor:
 
     def predict(self, images: Sequence[ImageLike], progress: bool = True) -> list[Prediction]:
         return list(self.predict_iter(images, "predict" if progress else None))
+
+    def view_features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageViews]:
+        """Every view's features of each image as the scoring head takes them (`anomalyvfm update`)."""
+        self.load_engine()
+        for item in tqdm(prefetch(self._prepare, enumerate(images)), desc=progress, disable=progress is None,
+                         total=len(images), unit="img"):
+            if isinstance(item, tuple):
+                yield ImageViews(item[0], [], error=item[1])
+            else:
+                yield ImageViews(item.source, [self._features([view])[0] for view in item.views], item.views[-1][0],
+                                 item.image_shape)
 
     def features(self, images: Sequence[ImageLike]) -> Iterator[SimpleNamespace]:
         """The reference view's `(h, w, C)` features per image, or its `error` (for the evaluation's PCA picture)."""

@@ -26,7 +26,7 @@ from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
 from anomalyvfm.head.calibration import Calibration, Thresholds
-from anomalyvfm.prediction import Prediction
+from anomalyvfm.prediction import ImageViews, Prediction
 from anomalyvfm.version import __version__
 
 __all__ = ["AnomalyDetector", "Prediction"]
@@ -137,6 +137,16 @@ class AnomalyDetector:
     def features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageFeatures | FailedImage]:
         """Patch features of each image at the reference view (for analyses such as the report's PCA)."""
         return self.pipeline.features(images, progress)
+
+    def view_features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageViews]:
+        """Every view's features of each image as the scoring head takes them (`anomalyvfm update`)."""
+        for items in self.pipeline.view_features(images, progress):
+            if isinstance(items, FailedImage):
+                yield ImageViews(items.source, [], error=items.error)
+            else:
+                ref = items[-1]
+                yield ImageViews(ref.source, [item.features.numpy() for item in items], ref.processed_shape,
+                                 ref.image_shape)
 
     def summary(self) -> str:
         """The settings that define what is computed, in one line (fit output, benchmark tables)."""

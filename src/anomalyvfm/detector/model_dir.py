@@ -60,6 +60,7 @@ class FitRecord:
     fitted_at: str = ""  # ISO 8601, UTC
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA training: steps, best step, seconds, parameters
     auto_choice: dict[str, Any] = field(default_factory=dict)  # what --auto chose and the figures behind it
+    updates: list[dict[str, Any]] = field(default_factory=list)  # `anomalyvfm update` lineage, oldest first
 
 
 @dataclass

@@ -22,8 +22,10 @@ import asyncio
 import base64
 import hmac
 import io
+import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -39,7 +41,7 @@ from starlette.datastructures import UploadFile
 from anomalyvfm.declare import to_dict
 from anomalyvfm.data.images import check_shape, declared_size, load_rgb
 from anomalyvfm.deploy.load import load_predictor
-from anomalyvfm.prediction import Prediction
+from anomalyvfm.prediction import Prediction, Predictor
 from anomalyvfm.errors import ImageReadError, ImageTooLargeError, UserInputError
 from anomalyvfm.maps.render import display_range, heatmap, mask_image
 from anomalyvfm.service.admission import TRIM_AFTER_PIXELS, Budget, release_memory
@@ -48,7 +50,7 @@ from anomalyvfm.service.limits import API_KEY_HEADER, ServiceLimits
 from anomalyvfm.service.observability import Metrics, RequestLog
 from anomalyvfm.service.uploads import receive_uploads
 from anomalyvfm.service.schemas import (DECLARED_NAMES, BatchResponse, ErrorResponse, Health, ModelInfo, PredictResponse,
-                                        Readiness)
+                                        Readiness, ReloadRequest, ReloadResponse)
 from anomalyvfm.service.web import mount_web
 from anomalyvfm.service.worker import RETRY_AFTER, InferenceWorker, JobFailed
 from anomalyvfm.store.records import verdict_record
@@ -58,6 +60,7 @@ if TYPE_CHECKING:  # SQLAlchemy is imported only when a store is given (service/
     from anomalyvfm.store.inspections import InspectionStore
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+log = logging.getLogger("anomalyvfm.error")  # operational events (reloads) go with the server's JSON log lines
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -70,28 +73,67 @@ def elapsed_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
+@dataclass(frozen=True)
+class Served:
+    """One loaded model and what the service derives from it; a reload replaces it whole, never edits it."""
+
+    detector: Predictor
+    path: Path
+    name: str
+    threshold: float
+    display: tuple[float, float]
+    max_aspect: float | None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any]) -> "Served":
+        detector = load_predictor(path, **overrides)  # weights load now, not at the first request
+        thresholds = detector.thresholds()
+        tiled = detector.settings.tile_size  # tiling bounds work by pixels, not by shape
+        return cls(detector, Path(path), Path(path).resolve().name, float(thresholds.image_threshold),
+                   display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold),
+                   None if tiled else detector.runtime.max_aspect_ratio)
+
+
 class Service:
-    """A loaded detector plus the limits, budgets and steps every request goes through."""
+    """A loaded model plus the limits, budgets and steps every request goes through."""
 
     def __init__(self, model_dir: str | Path, limits: ServiceLimits, store: InspectionStore | None = None,
                  **overrides: Any) -> None:
         limits.validate(Image.MAX_IMAGE_PIXELS)
-        self.detector = load_predictor(model_dir, **overrides)  # weights load now, not at the first request
-        self.name = Path(model_dir).resolve().name
+        self.overrides = overrides
+        self.served = Served.load(model_dir, overrides)
         self.limits = limits
-        thresholds = self.detector.thresholds()
-        self.threshold = float(thresholds.image_threshold)
-        self.display = display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold)
-        tiled = self.detector.settings.tile_size  # tiling bounds work by pixels, not by shape
-        self.max_aspect = None if tiled else self.detector.runtime.max_aspect_ratio
         self.pixels, self.body_bytes = Budget(limits.max_inflight_pixels), Budget(limits.max_inflight_bytes)
         self.metrics = Metrics(queue_depth=lambda: self.worker.depth, inflight_pixels=lambda: self.pixels.used)
-        self.worker = InferenceWorker(self.detector, limits.max_queue, on_batch=self.metrics.batch, keep_masks=bool(store))
+        self.worker = InferenceWorker(self.served, limits.max_queue, on_batch=self.metrics.batch, keep_masks=bool(store))
         self.store, self.recorder = store, None
+        self._reloading = asyncio.Lock()
         if store is not None:
             from anomalyvfm.service.inspections import recorder_for
 
             self.recorder = recorder_for(store, self.metrics)
+
+    @property
+    def detector(self) -> Predictor:
+        return self.served.detector
+
+    @property
+    def name(self) -> str:
+        return self.served.name
+
+    async def reload(self, path: str | Path | None = None) -> dict[str, str]:
+        """Load the model at `path` (default: the one served, e.g. replaced by `anomalyvfm update`) and judge
+        with it from the next batch on; requests in flight finish on the old one. A model that cannot be
+        loaded raises `UserInputError` and the old one keeps serving. One reload at a time."""
+        async with self._reloading:
+            served = await run_in_threadpool(Served.load, path or self.served.path, self.overrides)
+            previous, self.served = self.served, served
+            self.worker.use(served)
+        log.info(f"reloaded {served.path}: model version {previous.detector.version} → {served.detector.version}",
+                 extra={"fields": {"event": "reload", "model": str(served.path), "model_version": served.detector.version,
+                                   "previous_version": previous.detector.version}})
+        return {"model": served.name, "model_version": served.detector.version,
+                "previous_version": previous.detector.version}
 
     def busy(self, reason: str, detail: str) -> HTTPException:
         self.metrics.reject(reason)
@@ -113,8 +155,9 @@ class Service:
             raise HTTPException(400, f"{name}: file is empty")
         return data
 
-    def maps(self, pred: Prediction) -> dict[str, str]:
-        return {"anomaly_map_png": png_base64(heatmap(pred.anomaly_map, *self.display)),
+    @staticmethod
+    def maps(pred: Prediction, display: tuple[float, float]) -> dict[str, str]:
+        return {"anomaly_map_png": png_base64(heatmap(pred.anomaly_map, *display)),
                 "mask_png": png_base64(mask_image(pred.mask))}
 
     async def score(self, upload: UploadFile, with_maps: bool, deadline: float,
@@ -129,7 +172,7 @@ class Service:
         data = await self.read(upload)
         try:
             width, height = await run_in_threadpool(declared_size, data)
-            check_shape(width, height, self.limits.max_pixels, self.max_aspect)
+            check_shape(width, height, self.limits.max_pixels, self.served.max_aspect)
         except ImageTooLargeError as exc:
             raise HTTPException(413, f"{name}: {exc}") from None
         except ImageReadError as exc:
@@ -142,7 +185,7 @@ class Service:
                                             f"(limit {self.pixels.total}); retry shortly") from None
         try:
             try:
-                image = await run_in_threadpool(load_rgb, data, self.limits.max_pixels, self.max_aspect)
+                image = await run_in_threadpool(load_rgb, data, self.limits.max_pixels, self.served.max_aspect)
             except ImageTooLargeError as exc:
                 raise HTTPException(413, f"{name}: {exc}") from None
             except ImageReadError as exc:
@@ -150,7 +193,7 @@ class Service:
             size, digest = len(data), await run_in_threadpool(self.store.keep, data) if self.store else ""
             del data
             try:
-                pred = await self.worker.predict(image, with_maps, deadline - loop.time())
+                pred, served = await self.worker.predict(image, with_maps, deadline - loop.time())
             except JobFailed as exc:
                 raise HTTPException(500, f"{name}: {exc}") from None
             except HTTPException as exc:
@@ -159,12 +202,14 @@ class Service:
                 raise
             self.metrics.scored(pred.is_anomalous)
             if self.recorder:
-                record = verdict_record(self.detector, self.name, name, digest, size, pred, request_id)
+                record = verdict_record(served.detector, served.name, name, digest, size, pred, request_id)
                 pred.mask = pred.mask if with_maps else None
                 await asyncio.wrap_future(self.recorder.submit(record))
-            result: dict[str, Any] = {"score": pred.score, "is_anomalous": pred.is_anomalous}
+            result: dict[str, Any] = {"score": pred.score, "is_anomalous": pred.is_anomalous,
+                                      "threshold": served.threshold, "model": served.name,
+                                      "model_version": served.detector.version}
             if with_maps:
-                result |= await run_in_threadpool(self.maps, pred)
+                result |= await run_in_threadpool(self.maps, pred, served.display)
             return result
         finally:
             self.pixels.give(width * height)
@@ -183,7 +228,8 @@ class Service:
             threshold_evidence={level: e["text"] for level, e in (t.evidence or {}).items() if "text" in e},
             train_images=d.record.train_images, fitted_at=d.record.fitted_at,
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
-            store=self.store.name if self.store else None,
+            store=self.store.name if self.store else None, model_version=d.version,
+            updates=[{k: v for k, v in u.items() if k != "added_scores"} for u in d.record.updates],
         )
 
     def readiness(self) -> Readiness:
@@ -228,7 +274,7 @@ def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
         start = time.perf_counter()
         async with service.uploads(request, "file", max_files=1) as (upload,):
             result = await service.score(upload, maps, service.deadline(), request.state.request_id)
-        return {**result, "threshold": service.threshold, "model": service.name, "elapsed_ms": elapsed_ms(start)}
+        return {**result, "elapsed_ms": elapsed_ms(start)}
 
     @router.post("/predict/batch", response_model=BatchResponse, response_model_exclude_none=True,
                  summary="Score several images", openapi_extra=upload_body("files", many=True))
@@ -239,7 +285,7 @@ def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
 
         async def item(upload: UploadFile, deadline: float) -> dict[str, Any]:
             name = upload.filename or "upload"
-            try:
+            try:  # the response model keeps a batch item's own fields (model and threshold are the batch's)
                 return {"filename": name, "status": 200,
                         **await service.score(upload, maps, deadline, request.state.request_id)}
             except HTTPException as exc:
@@ -248,12 +294,23 @@ def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
         async with service.uploads(request, "files", max_files=service.limits.max_files) as uploads:
             deadline = service.deadline()  # one deadline for all the files, from the body's arrival
             results = await asyncio.gather(*(item(upload, deadline) for upload in uploads))
-        return {"model": service.name, "threshold": service.threshold, "results": results,
+        return {"model": service.name, "threshold": service.served.threshold, "results": results,
                 "elapsed_ms": elapsed_ms(start)}
 
     @router.get("/model", response_model=ModelInfo, summary="Model configuration, thresholds and limits")
     async def model_info() -> ModelInfo:
         return service.info()
+
+    @router.post("/admin/reload", response_model=ReloadResponse, summary="Serve a new model version without a restart",
+                 responses={422: {"model": ErrorResponse}})
+    async def reload(body: ReloadRequest | None = None) -> dict[str, str]:
+        """Load the model again (or `model`, another directory) and judge with it from the next batch on;
+        requests in flight finish on the old version. A model that cannot be loaded is 422, and the old one
+        keeps serving. SIGHUP does the same for the served directory."""
+        try:
+            return await service.reload(body.model if body else None)
+        except UserInputError as exc:
+            raise HTTPException(422, f"reload refused, still serving {service.detector.version}: {exc}") from None
 
     return router
 

@@ -20,6 +20,8 @@ class PredictResponse(BaseModel):
     is_anomalous: bool = Field(description="score > threshold")
     threshold: float = Field(description="the model's image threshold (validation mean + threshold_sigma std)")
     model: str = Field(description="model directory name")
+    model_version: str = Field("", description="content identity of the model that judged the image (changes with "
+                                               "anomalyvfm update or calibrate; picked up by POST /admin/reload)")
     elapsed_ms: float = Field(description="server time for the request: upload, decode, queue, inference, maps")
     anomaly_map_png: MapPNG = None
     mask_png: MaskPNG = None
@@ -67,6 +69,10 @@ ModelInfo = create_model(
     limits=(dict[str, Any], Field(description="the server's limits and timeouts (docs/serving.md)")),
     store=(str | None, Field(None, description="the inspection store every verdict is recorded in (serve --store; "
                                                "password hidden), or null")),
+    model_version=(str, Field("", description="content identity of what decides a verdict (settings, calibration, "
+                                            "head arrays); every stored record names it")),
+    updates=(list[dict[str, Any]], Field(default_factory=list, description="anomalyvfm update lineage, oldest first: "
+                                         "parent version, images added, labels used, thresholds before and after")),
 )
 DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 
@@ -85,6 +91,17 @@ class Readiness(BaseModel):
                                                                      "the spill file (verdicts are unaffected)")
     records_waiting: int | None = Field(None, description="with --store: records in the spill file waiting for the store")
     last_error: str | None = Field(None, description="with --store: why the store is degraded")
+
+
+class ReloadRequest(BaseModel):
+    model: str | None = Field(None, description="model directory to serve from now on (default: the one served, "
+                                                "re-read: e.g. replaced by anomalyvfm update --out on the same path)")
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    model_version: str = Field(description="the version judging from now on")
+    previous_version: str
 
 
 class ErrorResponse(BaseModel):

@@ -79,16 +79,22 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, draining on SIGHUP too, and logging which signal started the shutdown.
+    """uvicorn's server, reloading the model on SIGHUP and logging which signal started a shutdown.
 
     uvicorn handles SIGINT and SIGTERM: stop accepting, let requests in flight finish (at most the
-    graceful-shutdown timeout), then exit. SIGHUP (`systemctl reload`, a closed terminal) used to kill the
-    process at once, resetting requests in flight; here it drains the same way (there is no reload yet),
-    and the process exits 0 afterwards instead of being killed by the re-raised signal. A second Ctrl-C
-    still forces an immediate exit (uvicorn).
+    graceful-shutdown timeout), then exit. SIGHUP (`systemctl reload`) used to kill the process at once,
+    resetting requests in flight; here it reloads the served model directory (`Service.reload`, as
+    `POST /admin/reload` does): requests in flight finish on the old version, the next batch is judged by
+    the new one, and a model that cannot be loaded is logged while the old one keeps serving. A second
+    Ctrl-C still forces an immediate exit (uvicorn).
     """
 
     received: int | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self, config: uvicorn.Config, service: Any = None) -> None:
+        super().__init__(config)
+        self.service = service  # `app.Service`, reloaded on SIGHUP (None: SIGHUP is ignored)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -103,12 +109,25 @@ class DrainingServer(uvicorn.Server):
         finally:
             signal.signal(signal.SIGHUP, previous)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()  # where a SIGHUP's reload runs
+        await super().startup(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.received = self.received or sig
-        if sig == signal.SIGHUP:  # drained, then a normal exit: not re-raised (its default action kills)
-            self.should_exit = True
+        if sig == signal.SIGHUP:  # not an exit: the reload runs in the event loop, not inside the signal handler
+            if self.loop is not None and self.service is not None:
+                self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.reload()))
             return
+        self.received = self.received or sig
         super().handle_exit(sig, frame)
+
+    async def reload(self) -> None:
+        service = self.service
+        try:
+            await service.reload()
+        except UserInputError as exc:
+            log.error(f"SIGHUP: reload refused, still serving {service.detector.version}: {exc}",
+                      extra={"fields": {"event": "reload_failed", "signal": "SIGHUP", "error": str(exc)}})
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.received is not None:  # logged here, in the event loop, not inside the signal handler
@@ -137,8 +156,8 @@ def run_server(
     store: InspectionStore | None = None,
     **overrides: Any,
 ) -> None:
-    """Take the port, load the model, then serve until interrupted (Ctrl-C, SIGTERM or SIGHUP shut down
-    gracefully, waiting at most `shutdown_timeout` for requests in flight: `DrainingServer`).
+    """Take the port, load the model, then serve until interrupted (Ctrl-C or SIGTERM shut down gracefully,
+    waiting at most `shutdown_timeout` for requests in flight; SIGHUP reloads the model: `DrainingServer`).
 
     The port is bound before the model loads, so a port already in use is reported at once, in one line.
     """
@@ -146,7 +165,7 @@ def run_server(
     sock = listening_socket(host, port)
     app = create_app(model_dir, api_key, limits, store=store, **overrides)
     configure_logging()
-    server = DrainingServer(server_config(app, limits, host, port))
+    server = DrainingServer(server_config(app, limits, host, port), app.state.service)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that shutdown is a success

@@ -9,6 +9,10 @@ processing failure into an error `Prediction`; should the batch itself raise (ou
 stacking, a bug), the jobs not yet answered are retried one by one, so the exception reaches only the job
 that causes it alone. Backpressure: a full queue answers 503 at once rather than growing without bound,
 and a job whose request deadline passes while it waits is dropped unscored.
+
+Reload: `use(model)` swaps the model between batches. A batch takes the model once, when it starts, and
+each answer names the model that judged it, so requests in flight finish on the old version and their
+records say so.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import re
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import HTTPException
@@ -33,20 +37,23 @@ class JobFailed(Exception):
     """Scoring one image failed (out of memory, …): the message is the one-line reason."""
 
 
+Judged = tuple[Prediction, Any]  # a prediction and the model (`app.Served`) that made it
+
+
 @dataclass
 class Job:
     image: np.ndarray | None
     maps: bool
-    future: Future[Prediction]
+    future: Future[Judged]
 
 
 class InferenceWorker:
     """The thread that calls the detector; jobs queued while it works become its next batch."""
 
-    def __init__(self, detector, max_queue: int, on_batch: Callable[[int], None] = lambda n: None,
+    def __init__(self, model: Any, max_queue: int, on_batch: Callable[[int], None] = lambda n: None,
                  keep_masks: bool = False) -> None:
-        # `detector`: an AnomalyDetector or a GraphPredictor (both offer predict_iter and runtime)
-        self.detector = detector
+        # `model.detector`: an AnomalyDetector or a GraphPredictor (both offer predict_iter and runtime)
+        self.model = model
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stopping = threading.Event()
@@ -84,16 +91,21 @@ class InferenceWorker:
     def full(self) -> bool:
         return self._jobs.full()
 
+    def use(self, model: Any) -> None:
+        """Judge with `model` from the next batch on (the batch in progress finishes on the one it took)."""
+        self.model = model
+
     # -- request side (event loop) -----------------------------------------------------------------
-    async def predict(self, image: np.ndarray, maps: bool, timeout: float) -> Prediction:
-        """Score `image` within `timeout` s, or raise `HTTPException` 503; `JobFailed` if it cannot be scored.
+    async def predict(self, image: np.ndarray, maps: bool, timeout: float) -> Judged:
+        """Score `image` within `timeout` s, with the model that judged it; raise `HTTPException` 503,
+        or `JobFailed` if it cannot be scored.
 
         The worker takes over the only reference to `image` and drops it once scored, so its memory is
         freed before the maps are encoded.
         """
         if not self.alive:
             raise HTTPException(503, "inference worker is not running", headers=RETRY_AFTER)
-        future: Future[Prediction] = Future()
+        future: Future[Judged] = Future()
         try:
             self._jobs.put_nowait(Job(image, maps, future))
         except queue.Full:
@@ -118,7 +130,7 @@ class InferenceWorker:
             except queue.Empty:
                 continue
         batch = [job]
-        while len(batch) < self.detector.runtime.batch_size:
+        while len(batch) < self.model.detector.runtime.batch_size:
             try:
                 batch.append(self._jobs.get_nowait())
             except queue.Empty:
@@ -134,10 +146,10 @@ class InferenceWorker:
             del batch
 
     def _score(self, batch: list[Job]) -> None:
-        answered = 0
+        answered, model = 0, self.model  # taken once: a reload meanwhile applies to the next batch
         try:
-            for job, pred in zip(batch, self.detector.predict_iter([job.image for job in batch], progress=None)):
-                self._answer(job, pred)
+            for job, pred in zip(batch, model.detector.predict_iter([job.image for job in batch], progress=None)):
+                self._answer(job, pred, model)
                 answered += 1
         except Exception as exc:  # noqa: BLE001 — any failure, MemoryError included, stays with its job
             rest = batch[answered:]
@@ -148,7 +160,7 @@ class InferenceWorker:
                 for job in rest:
                     self._score([job])
 
-    def _answer(self, job: Job, pred: Prediction) -> None:
+    def _answer(self, job: Job, pred: Prediction, model: Any) -> None:
         job.image = None
         if pred.error:
             job.future.set_exception(JobFailed(IN_MEMORY_NAME.sub("", pred.error)))
@@ -156,5 +168,5 @@ class InferenceWorker:
         if not job.maps:  # the full-size float map is the largest thing a prediction holds
             pred.anomaly_map = None
             pred.mask = pred.mask if self.keep_masks else None
-        job.future.set_result(pred)
+        job.future.set_result((pred, model))
 

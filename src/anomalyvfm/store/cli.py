@@ -39,8 +39,9 @@ def add_store_options(parser: argparse.ArgumentParser, required: bool = False) -
                        help="over this, the oldest unlabelled kept images are deleted; labelled ones never (default 10)")
 
 
-def store_from_args(args: argparse.Namespace) -> InspectionStore | None:
-    """The store the options name, opened and migrated; None without `--store`."""
+def store_from_args(args: argparse.Namespace, create: bool | None = None) -> InspectionStore | None:
+    """The store the options name, opened and migrated; None without `--store`. A command that only reads
+    (`history`, `update`: `create=False`) refuses a store that does not exist instead of creating it."""
     if not getattr(args, "store", None):
         return None
     require("sqlalchemy", "store", "--store")
@@ -50,8 +51,9 @@ def store_from_args(args: argparse.Namespace) -> InspectionStore | None:
     cap = getattr(args, "keep_images_max_gb", 10.0)
     if not cap > 0:
         raise UserInputError(f"--keep-images-max-gb must be positive, got {cap:g}")
-    reads_only = not hasattr(args, "keep_images")  # `history`
-    return open_store(args.store, getattr(args, "keep_images", None), int(cap * 2**30), create=not reads_only)
+    if create is None:
+        create = hasattr(args, "keep_images")  # `history` has no image options: it only reads
+    return open_store(args.store, getattr(args, "keep_images", None), int(cap * 2**30), create=create)
 
 
 @contextmanager

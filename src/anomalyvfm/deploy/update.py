@@ -1,0 +1,124 @@
+"""`anomalyvfm update`: a new model version from images an operator confirmed, without refitting.
+
+Good images (false alarms labelled good, or a folder of good parts) are added to the scoring head
+(`head.update.grow`: kNN bank rows, Mahalanobis moments, global embeddings) — the backbone runs on those
+images only, never on the training set, through whichever backend the model runs (an exported form needs
+no torch). Then the thresholds:
+
+* each added image is scored against the grown head *without itself* (out of fold, as the fit scores its
+  training images) and its score and map maximum join the model's normal samples (`added`); a model whose
+  thresholds are false-alarm budgets re-estimates them from those samples (`head.budget`), any other keeps
+  its thresholds — its validation scores were taken with the smaller bank, and a bank that grows can only
+  lower a normal image's kNN score, so they bound the new ones from above;
+* images labelled defect are the evidence the other way: one the parent flagged must stay flagged, so the
+  image threshold is lowered just below the lowest such score if it would pass now (recorded).
+
+The result is written atomically as a new model directory with its lineage in the fit record (parent
+version, images added, labels used, rows added, thresholds before and after); the parent is untouched
+unless `out` is the parent's own folder, which is then replaced in one rename.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from anomalyvfm.detector import model_dir
+from anomalyvfm.detector.settings import IMAGE_FALSE_ALARM_RATE
+from anomalyvfm.errors import UserInputError
+from anomalyvfm.head.budget import BUDGET_SOURCES, add_good_images, sample
+from anomalyvfm.head.calibration import Thresholds
+from anomalyvfm.head.head import ScoringHead
+from anomalyvfm.head.update import grow
+from anomalyvfm.prediction import ImageViews, Predictor
+
+DEFECT_MARGIN = 1e-3  # a kept defect's score sits this fraction above the lowered threshold (runtimes differ ~1e-6)
+
+
+@dataclass
+class Labelled:
+    """An image to learn from: its path, what it is, and where the label came from (for the lineage)."""
+
+    path: Path
+    label: str  # "good" | "defect"
+    flagged: bool | None = None  # the verdict it was labelled against (None: not judged, e.g. --good DIR)
+    inspection: str | None = None  # the store record's id
+
+
+@dataclass
+class UpdateReport:
+    directory: Path
+    lineage: dict[str, Any]
+    thresholds: Thresholds
+    defects_still_passed: list[str] = field(default_factory=list)
+
+
+def _views(predictor: Predictor, items: Sequence[Labelled], what: str) -> list[ImageViews]:
+    found = list(predictor.view_features([item.path for item in items], f"update ({what})"))
+    bad = next((views for views in found if views.error), None)
+    if bad is not None:
+        raise UserInputError(f"{what} image unreadable: {bad.error}")
+    return found
+
+
+def keep_defects_flagged(thresholds: Thresholds, defects: list[tuple[Labelled, float]]) -> tuple[Thresholds, list[str]]:
+    """Lower the image threshold below every defect the parent flagged (so it stays flagged); name the
+    defects that pass under the final threshold."""
+    flagged = [score for item, score in defects if item.flagged is not False]
+    lowest = min(flagged, default=float("inf"))
+    if lowest <= thresholds.image_threshold:
+        evidence = {**thresholds.evidence, "defects": {"text": f"lowered to keep {len(flagged)} labelled defects flagged "
+                                                               f"(lowest score {lowest:.4g})"}}
+        thresholds = replace(thresholds, image_threshold=lowest - DEFECT_MARGIN * abs(lowest), evidence=evidence)
+    return thresholds, [str(item.path) for item, score in defects if score <= thresholds.image_threshold]
+
+
+def update_model(predictor: Predictor, stored: model_dir.StoredModel, out: str | Path, good: Sequence[Labelled],
+                 defects: Sequence[Labelled] = (), source: str = "", rate: float | None = None) -> UpdateReport:
+    """Write `out`: `stored` (read by `predictor`) with `good` added and `defects` kept flagged (module doc)."""
+    if predictor.score_mode != "distance":
+        raise UserInputError(f"{stored.directory}: update learns distance scores; this model judges with "
+                             f"'{predictor.score_mode}' scores (use --score distance)")
+    if not good:
+        raise UserInputError("nothing to add: no good images (label false alarms good, or give --good DIR)")
+    model_dir.check_writable(out)
+    settings, calibration = stored.settings, stored.calibration
+    config = settings.head_config()
+    added = _views(predictor, good, "good")
+    before = stored.record.train_images + sum(u["good_images"] for u in stored.record.updates)
+    growth = grow(config, stored.head, [views.views for views in added], settings.coreset_ratio, before)
+    head = ScoringHead(config, growth.arrays)
+    old = calibration.thresholds("distance")
+    scores, maxima = [], []
+    for views, held_out in zip(added, growth.held_out):
+        scored = head.score_views(views.views, views.source, views.processed_shape, views.image_shape,
+                                  held_out=held_out)
+        pred = head.judge(scored, calibration)
+        scores.append(pred.score)
+        maxima.append(float(pred.anomaly_map.max()))
+    if any(old.normal_samples.get(s) for s in BUDGET_SOURCES):  # budget thresholds: re-estimated with them
+        new = add_good_images(old, scores, maxima, rate or settings.false_alarm_rate or IMAGE_FALSE_ALARM_RATE)
+    else:
+        samples = dict(old.normal_samples)
+        before_added = samples.get("added", sample([], []))
+        samples["added"] = sample([*before_added["image"], *scores], [*before_added["map_max"], *maxima])
+        new = replace(old, normal_samples=samples)
+    judged = [(item, head.predict(views.views, views.source, views.processed_shape, views.image_shape,
+                                  calibration).score)
+              for item, views in zip(defects, _views(predictor, defects, "defect") if defects else [])]
+    new, still_passed = keep_defects_flagged(new, judged)
+    lineage = {
+        "parent_version": stored.version, "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source, "good_images": len(good), "defect_images": len(defects),
+        "inspections": [item.inspection for item in [*good, *defects] if item.inspection],
+        "rows_added": growth.rows_added,
+        "image_threshold": [old.image_threshold, new.image_threshold],
+        "pixel_threshold": [old.pixel_threshold, new.pixel_threshold],
+        "added_scores": scores, "defects_still_passed": len(still_passed),
+    }
+    record = replace(stored.record, updates=[*stored.record.updates, lineage])
+    grown = replace(stored, head=growth.arrays, record=record,
+                    calibration=replace(calibration, modes={**calibration.modes, "distance": new}))
+    directory = model_dir.write(out, grown, copy_from=stored.directory)
+    return UpdateReport(directory, lineage, new, still_passed)
