@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -91,3 +96,31 @@ def wait_until_serving(process, base: str, seconds: float = 60) -> None:
             return
         except (requests.ConnectionError, requests.Timeout):  # a busy machine: accepted, not yet answered
             time.sleep(0.2)
+
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def serve_process(model, port: int, *options: str):
+    """`anomalyvfm serve` in a real subprocess on `port`, and a queue of its output lines (read by a thread)."""
+    process = subprocess.Popen([sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", str(model),
+                                "--port", str(port), *options], env={**os.environ, "PYTHONPATH": SRC},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return process, lines
+
+
+def wait_for_line(lines: "queue.Queue[str]", seen: list[str], needle: str) -> str:
+    """The first output line holding `needle` (a marker the server writes; never a fixed sleep); the hang
+    guard only turns a server that never writes it into a failure."""
+    while True:
+        line = lines.get(timeout=HANG_GUARD_S)
+        seen.append(line)
+        if needle in line:
+            return line

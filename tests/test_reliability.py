@@ -13,7 +13,6 @@ import csv
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -31,7 +30,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 from scipy.ndimage import binary_erosion, gaussian_filter
-from servers import HANG_GUARD_S, free_port, live_server, png, until, wait_for, wait_until_serving
+from servers import (HANG_GUARD_S, SRC, free_port, live_server, png, serve_process, until, wait_for, wait_for_line,
+                     wait_until_serving)
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.cli.main import main
@@ -48,7 +48,6 @@ from anomalyvfm.service.limits import ServiceLimits
 from anomalyvfm.service.observability import JsonFormatter
 from anomalyvfm.service.worker import InferenceWorker, JobFailed
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 RNG = np.random.default_rng(11)
 GOOD = [textured_image(RNG, 112, 154) for _ in range(4)]
 POISON = np.zeros((112, 154, 3), np.uint8)
@@ -415,21 +414,6 @@ def test_sigterm_with_a_stalled_upload_stops_within_the_shutdown_deadline(fitted
     assert "Traceback" not in output
 
 
-def _lines(stream, into: "queue.Queue[str]") -> None:
-    for line in stream:
-        into.put(line)
-
-
-def _wait_for_line(lines: "queue.Queue[str]", seen: list[str], needle: str, timeout: float = 60) -> str:
-    """The first output line holding `needle` (a marker the server writes; never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        seen.append(line)
-        if needle in line:
-            return line
-
-
 def test_sigterm_drains_a_request_in_flight(fitted_model, expected):
     """SIGTERM stops serve gracefully: a request in flight is answered before the process exits.
 
@@ -439,11 +423,7 @@ def test_sigterm_drains_a_request_in_flight(fitted_model, expected):
     """
     sig = signal.SIGTERM
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", str(fitted_model),
-                                "--port", str(port)], env={**os.environ, "PYTHONPATH": SRC},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+    process, lines = serve_process(fitted_model, port)
     base, seen = f"http://127.0.0.1:{port}", []
     body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + png(GOOD[0]) + b"\r\n--b--\r\n")
@@ -456,7 +436,7 @@ def test_sigterm_drains_a_request_in_flight(fitted_model, expected):
                        f"Content-Length: {len(body)}\r\n\r\n".encode())
         assert client.recv(100).startswith(b"HTTP/1.1 100 Continue")  # the app is reading this request's body
         process.send_signal(sig)
-        drain = _wait_for_line(lines, seen, f"{sig.name}: draining")
+        drain = wait_for_line(lines, seen, f"{sig.name}: draining")
         assert json.loads(drain)["in_flight"] == 1
         client.sendall(body)
         answer = b""

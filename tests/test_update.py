@@ -8,14 +8,8 @@ process; requests in flight are held in the backbone (`Gate`) rather than timed.
 """
 from __future__ import annotations
 
-import json
-import os
-import queue
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +17,8 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from servers import free_port, live_server, png, wait_for, wait_until_serving
-from test_reliability import SRC, gated, post_image
+from servers import free_port, live_server, png, serve_process, wait_for, wait_for_line, wait_until_serving
+from test_reliability import gated, post_image
 
 from anomalyvfm.cli.main import main
 from anomalyvfm.deploy.load import load_predictor
@@ -252,21 +246,12 @@ def test_reload_needs_the_api_key(fitted_model):
     assert ok.status_code == 200 and ok.json()["model_version"] == ok.json()["previous_version"]
 
 
-def _lines(stream, into: queue.Queue) -> None:
-    for line in stream:
-        into.put(line)
-
-
 def test_sighup_reloads_the_served_directory(fitted_model, updated_model, variants, tmp_path):
     """`systemctl reload`: `update --out` replaced the served folder; SIGHUP makes serve judge with it."""
     served = tmp_path / "served"
     shutil.copytree(fitted_model, served)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "anomalyvfm.cli.main", "serve", "--model", str(served),
-                                "--port", str(port)], env={**os.environ, "PYTHONPATH": SRC},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+    process, lines = serve_process(served, port)
     base, image, seen = f"http://127.0.0.1:{port}", png(np.asarray(Image.open(variants[1][0]))), []
     try:
         wait_until_serving(process, base)
@@ -274,8 +259,7 @@ def test_sighup_reloads_the_served_directory(fitted_model, updated_model, varian
         stored = model_dir.read(updated_model)
         model_dir.write(served, stored, copy_from=updated_model)  # an update written over the served folder
         process.send_signal(signal.SIGHUP)
-        while not any('"event": "reload"' in line for line in seen):
-            seen.append(lines.get(timeout=120))
+        wait_for_line(lines, seen, '"event": "reload"')
         after = post_image(base, image).json()
         assert process.poll() is None  # still serving: SIGHUP is not an exit
     finally:
