@@ -174,6 +174,27 @@ def test_update_a_mahalanobis_model(backbone_dir, data_root, variants, tmp_path)
     assert (scores(out, later) < scores(model, later)).all()
 
 
+def test_update_a_multiscale_model_with_global_evidence(backbone_dir, data_root, variants, tmp_path):
+    """Every view's bank grows, and the global embeddings take one row per added image."""
+    added, later = variants
+    model = tmp_path / "multi"
+    assert main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 "--scales", "84", "112", "--image-evidence", "patch+global", "--out", str(model)]) == 0
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in added:
+        shutil.copy(p, good / p.name)
+    out = tmp_path / "multi2"
+    assert main(["update", "--model", str(model), "--good", str(good), "--out", str(out)]) == 0
+    parent, child = model_dir.read(model), model_dir.read(out)
+    rows = child.record.updates[-1]["rows_added"]
+    assert len(rows) == 2 and all(n > 0 for n in rows)
+    for view in (0, 1):
+        assert len(child.head[f"view{view}.bank"]) == len(parent.head[f"view{view}.bank"]) + rows[view]
+    assert len(child.head["global.embeddings"]) == len(parent.head["global.embeddings"]) + len(added)
+    assert (scores(out, later) < scores(model, later)).all()
+
+
 def test_update_bad_input_is_one_line_and_writes_nothing(fitted_model, tmp_path, capsys):
     empty_db = tmp_path / "empty.db"
     open_store(str(empty_db)).close()

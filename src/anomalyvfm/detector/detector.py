@@ -141,12 +141,9 @@ class AnomalyDetector:
     def view_features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageViews]:
         """Every view's features of each image as the scoring head takes them (`anomalyvfm update`)."""
         for items in self.pipeline.view_features(images, progress):
-            if isinstance(items, FailedImage):
-                yield ImageViews(items.source, [], error=items.error)
-            else:
-                ref = items[-1]
-                yield ImageViews(ref.source, [item.features.numpy() for item in items], ref.processed_shape,
-                                 ref.image_shape)
+            yield (ImageViews(items.source, [], error=items.error) if isinstance(items, FailedImage) else
+                   ImageViews(items[-1].source, [i.features.numpy() for i in items], items[-1].processed_shape,
+                              items[-1].image_shape))
 
     def summary(self) -> str:
         """The settings that define what is computed, in one line (fit output, benchmark tables)."""
