@@ -13,12 +13,18 @@ Per category, as a plant would run it (real `anomalyvfm serve --store`, `update`
 4. `anomalyvfm update --store` writes a new version (timed), the service reloads it, and the second half
    is posted again: its verdicts under the parent (step 2) and under the update are compared.
 
+`--drift blur:R` or `--drift noise:S` replays every image through a simulated camera change (Gaussian blur of
+radius R px, or Gaussian noise of S grey levels): the parts are still good, but the appearance is new — the
+case the loop is for, since a model whose validation images look like its test images has few false alarms
+to learn from. Results then go to OUT/CAT-DRIFT/ and the row's category names the drift.
+
 Test labels only *simulate the operator*: no setting or threshold is chosen from them, and the second half is
 never labelled. Results: OUT/line_loop.json (one row per category) and OUT/line_loop.md (the table).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import subprocess
@@ -26,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
+from PIL import Image, ImageFilter
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,9 +52,24 @@ def cli(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def post(url: str, path: Path, name: str) -> dict:
-    with open(path, "rb") as handle:
-        response = requests.post(url + "/predict", files={"file": (name, handle, "image/png")}, timeout=600)
+def drifted(path: Path, drift: str | None) -> bytes:
+    """The image's bytes as the camera sends them: unchanged, or through `--drift` (module docstring)."""
+    if drift is None:
+        return path.read_bytes()
+    kind, amount = drift.split(":")
+    image = Image.open(path).convert("RGB")
+    if kind == "blur":
+        image = image.filter(ImageFilter.GaussianBlur(float(amount)))
+    else:
+        noise = np.random.default_rng(abs(hash(path.name)) % 2**32).normal(0, float(amount), (image.height, image.width, 3))
+        image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post(url: str, data: bytes, name: str) -> dict:
+    response = requests.post(url + "/predict", files={"file": (name, data, "image/png")}, timeout=600)
     response.raise_for_status()
     return response.json()
 
@@ -59,8 +82,11 @@ def rates(verdicts: list[tuple[bool, bool]]) -> tuple[int, int, int, int]:
 
 
 def run_category(args: argparse.Namespace, category: str) -> dict:
-    root, out = Path(args.data) / category / "test_public", Path(args.out) / category
-    model, db = out / "model", out / "results.db"
+    root, model = Path(args.data) / category / "test_public", Path(args.out) / category / "model"
+    run_name = category + (f"-{args.drift.replace(':', '')}" if args.drift else "")
+    out = Path(args.out) / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "results.db"
     fit_s = None
     if not (model / "config.json").is_file():
         fit_s = cli("fit", "--data", args.data, "--category", category, "--backbone", args.backbone, "--out", str(model))
@@ -77,7 +103,7 @@ def run_category(args: argparse.Namespace, category: str) -> dict:
                                    "--port", str(port), "--store", str(db)], stdout=log, stderr=log)
     try:
         wait_healthy(url, server, 600)
-        parent = {name: post(url, path, name) for path, name, _ in images}
+        parent = {name: post(url, drifted(path, args.drift), name) for path, name, _ in images}
         records = requests.get(url + "/inspections", params={"limit": 1000}, timeout=60).json()["inspections"]
         ids = {r["source"]: r["id"] for r in records}
         labelled = 0
@@ -86,9 +112,13 @@ def run_category(args: argparse.Namespace, category: str) -> dict:
                 requests.post(f"{url}/inspections/{ids[name]}/label", timeout=60,
                               json={"label": "defect" if defective else "good", "by": "line_loop"}).raise_for_status()
                 labelled += 1
-        update_s = cli("update", "--model", str(model), "--store", str(db), "--out", str(out / "model-2"))
-        reload = requests.post(url + "/admin/reload", json={"model": str(out / "model-2")}, timeout=600).json()
-        updated = {name: post(url, path, name) for path, name, _ in second}
+        version = parent[first[0][1]]["model_version"]
+        reload, update_s, updated = {"previous_version": version, "model_version": version}, None, parent
+        if any(parent[name]["is_anomalous"] and not defective for _, name, defective in first):
+            update_s = cli("update", "--model", str(model), "--store", str(db), "--out", str(out / "model-2"))
+            reload = requests.post(url + "/admin/reload", json={"model": str(out / "model-2")}, timeout=600).json()
+            updated = {name: post(url, drifted(path, args.drift), name) for path, name, _ in second}
+        # (no false alarm in the first half: nothing to learn, the parent keeps judging)
     finally:
         server.terminate()
         server.wait(60)
@@ -98,7 +128,7 @@ def run_category(args: argparse.Namespace, category: str) -> dict:
     truth = [d for *_, d in second]
     first_fa = rates([(d, parent[name]["is_anomalous"]) for _, name, d in first])
     return {
-        "category": category, "images": len(images), "second_half": len(second), "first_half_false_alarms": first_fa[0],
+        "category": run_name, "images": len(images), "second_half": len(second), "first_half_false_alarms": first_fa[0],
         "labelled": labelled, "false_alarms_before": before[0], "false_alarms_after": after[0], "good": before[1],
         "detected_before": before[2], "detected_after": after[2], "defective": before[3],
         "auroc_before": roc_auc_score(truth, [parent[name]["score"] for _, name, _ in second]),
@@ -116,10 +146,11 @@ def table(rows: list[dict]) -> str:
         fa = (r["false_alarms_after"] - r["false_alarms_before"]) / r["false_alarms_before"] if r["false_alarms_before"] else 0.0
         pp = 100 * (r["detected_after"] - r["detected_before"]) / max(r["defective"], 1)
         fit = f"{r['fit_s']:.0f}" if r["fit_s"] else "–"
+        update = "–" if r["update_s"] is None else f"{r['update_s']:.0f}"
         lines.append(f"| {r['category']} | {r['first_half_false_alarms']} | {r['false_alarms_before']} → "
                      f"{r['false_alarms_after']} ({r['good']}) | {100 * fa:+.0f} % | {r['detected_before']} → "
                      f"{r['detected_after']} ({r['defective']}) | {pp:+.1f} | {r['auroc_before']:.3f} → "
-                     f"{r['auroc_after']:.3f} | {r['update_s']:.0f} | {fit} |")
+                     f"{r['auroc_after']:.3f} | {update} | {fit} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,11 +161,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--categories", default="all", help="comma-separated, or all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed replay order")
+    parser.add_argument("--drift", help="simulated camera change: blur:R (px) or noise:S (grey levels)")
     args = parser.parse_args()
     categories = CATEGORIES if args.categories == "all" else args.categories.split(",")
     rows_file = Path(args.out) / "line_loop.json"
     rows = [row for row in (json.loads(rows_file.read_text()) if rows_file.is_file() else [])
-            if row["category"] not in categories]
+            if row["category"] not in [c + (f"-{args.drift.replace(':', '')}" if args.drift else "") for c in categories]]
     for category in categories:
         rows.append(run_category(args, category))
         rows_file.write_text(json.dumps(rows, indent=2) + "\n")

@@ -22,7 +22,7 @@ from test_reliability import gated, post_image
 
 from anomalyvfm.cli.main import main
 from anomalyvfm.deploy.load import load_predictor
-from anomalyvfm.deploy.update import keep_defects_flagged
+from anomalyvfm.deploy.update import fewest_errors, threshold_from_labels
 from anomalyvfm.detector import model_dir
 from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.update import grown_gaussian, merge_into_bank
@@ -88,16 +88,20 @@ def test_grown_gaussian_has_the_moments_of_all_patches():
     np.testing.assert_allclose(covariance, np.cov(both, rowvar=False), rtol=1e-3, atol=1e-4)
 
 
-def test_labelled_defects_the_parent_flagged_stay_flagged():
+def test_labelled_defects_set_the_threshold_that_misjudges_fewest():
     from anomalyvfm.deploy.update import Labelled
 
-    t = Thresholds(0.5, 0.3, {})
-    flagged, missed = Labelled(Path("a.png"), "defect", True), Labelled(Path("b.png"), "defect", False)
-    kept, passed = keep_defects_flagged(t, [(flagged, 0.4), (missed, 0.2)])
-    assert 0.39 < kept.image_threshold < 0.4 and "defects" in kept.evidence  # lowered just below the flagged one
-    assert passed == ["b.png"]  # the one the parent passed too is reported, not chased
-    unchanged, none = keep_defects_flagged(t, [(flagged, 0.7)])
-    assert unchanged.image_threshold == 0.5 and none == []
+    normal = {"validation": {"image": [0.1, 0.2, 0.3, 0.55], "map_max": [0.0] * 4},
+              "added": {"image": [0.45], "map_max": [0.0]}}
+    t = Thresholds(0.5, 0.3, {}, normal_samples=normal)
+    defects = [(Labelled(Path(f"{v}.png"), "defect"), v) for v in (0.4, 0.6, 0.7)]
+    new, passed = threshold_from_labels(t, defects)
+    # between 0.55 and 0.6 only the defect at 0.4 is misjudged; every other cut misjudges two or more
+    assert new.image_threshold == pytest.approx(0.575) and passed == ["0.4.png"] and "labels" in new.evidence
+    # a tie (one error at 0.2 and at 0.6) goes to the cut nearest the threshold in force
+    assert fewest_errors(np.array([0.1, 0.5]), np.array([0.3, 0.7]), 0.5) == pytest.approx(0.6)
+    assert fewest_errors(np.array([0.1, 0.5]), np.array([0.3, 0.7]), 0.1) == pytest.approx(0.2)
+    assert threshold_from_labels(t, []) == (t, [])
 
 
 # -- anomalyvfm update ------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def labelled_in_store(args: argparse.Namespace, done: set[str]) -> tuple[list, l
                 missing += 1
                 continue
             seen.add(r.sha256)
-            chosen[label].append(Labelled(r.image_path, label, r.is_anomalous, r.id))
+            chosen[label].append(Labelled(r.image_path, label, r.id))
     note = f"; {missing} labelled inspections have no kept image (see --keep-images)" if missing else ""
     return chosen["good"], chosen["defect"], note
 
@@ -231,7 +231,8 @@ def cmd_update(args: argparse.Namespace) -> int:
           f"{lineage['image_threshold'][0]:.4g} → {t.image_threshold:.4g}, pixel threshold "
           f"{lineage['pixel_threshold'][0]:.4g} → {t.pixel_threshold:.4g}")
     if report.defects_still_passed:
-        print(f"  {len(report.defects_still_passed)} labelled defects still pass (the parent passed them too): "
+        print(f"  {len(report.defects_still_passed)} labelled defects pass under the new threshold "
+              f"({t.evidence['labels']['text'] if 'labels' in t.evidence else 'kept'}): "
               + ", ".join(report.defects_still_passed[:5]))
     return 0
 
