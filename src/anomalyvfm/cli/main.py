@@ -53,7 +53,9 @@ def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
     """The fit options of a command (or of one benchmark variant) as a `Variant`, validated."""
     from anomalyvfm.detector.fit import Variant
 
-    return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images)
+    defects = getattr(args, "calibration_defects", None)
+    return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images,
+                   Path(defects) if defects else None)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -61,7 +63,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from anomalyvfm.detector.fit import fit_category
 
     check_writable(args.out)
+    if args.calibration_defects:
+        from anomalyvfm.detector.defect_thresholds import read_defects
+
+        read_defects(args.calibration_defects)  # a bad folder is one line now, not after the fit
     if args.engine == "ray":
+        if args.calibration_defects:
+            raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")
         detector, seconds = fit_on_ray(args, variant_of(args))
     else:
         check_local(args)
@@ -71,7 +79,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     thresholds = detector.thresholds()
     print(f"saved {out}  (fit {seconds:.1f}s, {detector.summary()}, image threshold {thresholds.image_threshold:.4g}, "
           f"pixel threshold {thresholds.pixel_threshold:.4g})")
-    if detector.settings.threshold_rule == "budget":  # the budget and its check on validation, as the report shows them
+    if detector.settings.threshold_rule == "budget" or args.calibration_defects:  # the evidence, as the report shows it
         print(threshold_lines(thresholds.evidence), end="")
     if detector.settings.lora is not None:
         r = detector.record.lora
@@ -413,6 +421,9 @@ def _add_fit(sub) -> None:
     add_fit_options(fit)
     fit.add_argument("--category", help="category folder under --data (required for MVTec layouts)")
     fit.add_argument("--out", required=True, help="model directory to write")
+    fit.add_argument("--calibration-defects", metavar="DIR",
+                     help="also set the thresholds from these labelled defects: DIR/bad/NAME.png with "
+                          "DIR/ground_truth/bad/NAME_mask.png (the test_public layout); recorded in the model")
     fit.add_argument("--reference-backbone", action="store_true",
                      help="store only the backbone's hub id or path, not its weights (smaller; not portable)")
     add_engine_options(fit)

@@ -64,8 +64,9 @@ class AnomalyDetector:
 
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, images: Sequence[ImageLike], validation_images: Sequence[ImageLike] | None = None,
-            progress: bool = True) -> "AnomalyDetector":
-        """Learn normal patch statistics from `images`, then thresholds from `validation_images`.
+            progress: bool = True, calibration_defects: str | Path | None = None) -> "AnomalyDetector":
+        """Learn normal patch statistics from `images`, then thresholds from `validation_images` — and, with
+        `calibration_defects` (a folder of labelled defects), from those too (`defect_thresholds`).
 
         Without validation images a seeded 10 % of `images` is held out, so thresholds never come from
         the same images the statistics were fitted on.
@@ -98,6 +99,11 @@ class AnomalyDetector:
             if choice["chosen"] != self.settings.image_evidence:
                 self.pipeline.configure(image_evidence=choice["chosen"])
                 self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
+        if calibration_defects is not None:
+            from anomalyvfm.detector.defect_thresholds import calibrate_on_defects
+
+            thresholds, self.record.calibration_defects = calibrate_on_defects(self, validation_images, calibration_defects)
+            self.calibration = replace(self.calibration, modes={**self.calibration.modes, self.score_mode: thresholds})
         self.record.package_version = __version__
         self.record.fitted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return self

@@ -23,6 +23,7 @@ class Variant:
     settings: Settings
     runtime: Runtime
     max_train_images: int | None = None
+    calibration_defects: Path | None = None  # labelled defects the thresholds are also set from
 
 
 def fit_category(data: str | Path, category: str | None, layout: str, variant: Variant,
@@ -38,5 +39,5 @@ def fit_category(data: str | Path, category: str | None, layout: str, variant: V
     train = [s.path for s in dataset.split("train")]
     if variant.max_train_images:
         train = evenly_spaced(train, variant.max_train_images)
-    detector.fit(train, [s.path for s in dataset.split("validation")])
+    detector.fit(train, [s.path for s in dataset.split("validation")], calibration_defects=variant.calibration_defects)
     return detector, time.perf_counter() - start

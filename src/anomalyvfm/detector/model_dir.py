@@ -61,6 +61,7 @@ class FitRecord:
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA training: steps, best step, seconds, parameters
     auto_choice: dict[str, Any] = field(default_factory=dict)  # what --auto chose and the figures behind it
     updates: list[dict[str, Any]] = field(default_factory=list)  # `anomalyvfm update` lineage, oldest first
+    calibration_defects: dict[str, Any] = field(default_factory=dict)  # labelled defects the thresholds used
 
 
 @dataclass

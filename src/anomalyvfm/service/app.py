@@ -230,6 +230,7 @@ class Service:
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
             store=self.store.name if self.store else None, model_version=d.version,
             updates=[{k: v for k, v in u.items() if k != "added_scores"} for u in d.record.updates],
+            calibration_defects=d.record.calibration_defects,
         )
 
     def readiness(self) -> Readiness:

@@ -73,6 +73,9 @@ ModelInfo = create_model(
                                             "head arrays); every stored record names it")),
     updates=(list[dict[str, Any]], Field(default_factory=list, description="anomalyvfm update lineage, oldest first: "
                                          "parent version, images added, labels used, thresholds before and after")),
+    calibration_defects=(dict[str, Any], Field(default_factory=dict, description="labelled defects the thresholds were "
+                                               "also set from (fit --calibration-defects): folder, images, F1 on them; "
+                                               "empty for a normal-only model")),
 )
 DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 

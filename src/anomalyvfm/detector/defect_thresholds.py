@@ -1,0 +1,90 @@
+"""Thresholds from a few labelled defects (`fit --calibration-defects DIR`), instead of normal images alone.
+
+A plant often has a handful of real defect images with outlines. Normal images alone cannot say where a
+defect's scores begin, only where normal ones end; with a few defects the thresholds can be put where they
+separate the two best: the image threshold that maximises image F1 over the normal images (validation, and
+the out-of-fold / added normal samples the model keeps) and the labelled defects, and the pixel threshold
+that maximises SegF1 over the validation maps (every pixel good) and the defects' maps against their masks.
+
+These are the user's labels, never test labels: the model records that labels were used
+(`FitRecord.calibration_defects`) and the threshold evidence says so, so a report never mistakes them for
+a normal-only model. DIR has the `test_public` layout: `bad/NAME.png` and `ground_truth/bad/NAME_mask.png`;
+a `good/` folder in it is ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from anomalyvfm import metrics as M
+from anomalyvfm.data import list_images
+from anomalyvfm.data.images import ImageLike, load_mask
+from anomalyvfm.errors import UserInputError
+from anomalyvfm.head.budget import BUDGET_SOURCES
+from anomalyvfm.head.calibration import Thresholds
+
+
+def read_defects(folder: str | Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of a labelled-defects folder; one line naming the file for anything unusable."""
+    folder = Path(folder)
+    bad = folder / "bad"
+    if not bad.is_dir():
+        raise UserInputError(f"{folder}: no bad/ folder (calibration defects need bad/NAME.png and "
+                             "ground_truth/bad/NAME_mask.png)")
+    pairs = []
+    for image in list_images(bad):
+        mask = folder / "ground_truth" / "bad" / f"{image.stem}_mask.png"
+        if not mask.is_file():
+            raise UserInputError(f"{image}: no mask {mask} (calibration defects need an outline each)")
+        pairs.append((image, mask))
+    return pairs
+
+
+def defect_thresholds(normal_scores: np.ndarray, normal_maps: Sequence[np.ndarray], defect_scores: np.ndarray,
+                      defect_maps: Sequence[np.ndarray], defect_masks: Sequence[np.ndarray]) -> tuple[float, float, dict[str, Any]]:
+    """(image threshold, pixel threshold, evidence) that maximise image F1 and SegF1 over normal images and
+    labelled defects (`metrics.f1_max` / `seg_f1_max`, here on the user's labels, not on a test set)."""
+    labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(defect_scores))]
+    image_f1, image_t = M.f1_max(labels, np.r_[normal_scores, defect_scores])
+    masks = [np.zeros(m.shape, bool) for m in normal_maps] + list(defect_masks)
+    seg_f1, pixel_t = M.seg_f1_max(masks, [*normal_maps, *defect_maps])
+    where = f"{len(defect_scores)} labelled defects"
+    evidence = {
+        "image": {"rule": "defects", "defects": len(defect_scores), "normal": len(normal_scores), "f1": image_f1,
+                  "text": f"{image_t:.6g} = best image F1 ({image_f1:.3f}) over {len(normal_scores)} normal image "
+                          f"scores and {where}"},
+        "pixel": {"rule": "defects", "defects": len(defect_scores), "normal": len(normal_maps), "f1": seg_f1,
+                  "text": f"{pixel_t:.6g} = best SegF1 ({seg_f1:.3f}) over {len(normal_maps)} normal maps and "
+                          f"the outlines of {where}"},
+    }
+    return float(image_t), float(pixel_t), evidence
+
+
+def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder: str | Path) -> tuple[Thresholds, dict]:
+    """The fitted `predictor`'s thresholds set from the labelled defects in `folder` (module docstring), and
+    the record of what was used."""
+    pairs = read_defects(folder)  # (an empty bad/ is already one line there)
+    old = predictor.thresholds()
+
+    def predicted(images: Sequence[ImageLike], what: str) -> list:
+        preds = list(predictor.predict_iter(list(images), f"thresholds ({what})", decide=False))
+        failed = next((p for p in preds if p.error), None)
+        if failed is not None:
+            raise UserInputError(f"{what} image unreadable: {failed.error}")
+        return preds
+
+    normal, defects = predicted(validation, "validation"), predicted([image for image, _ in pairs], "defects")
+    masks = [load_mask(mask, pred.anomaly_map.shape) for (_, mask), pred in zip(pairs, defects)]
+    empty = next((mask for (_, mask), m in zip(pairs, masks) if not m.any()), None)
+    if empty is not None:
+        raise UserInputError(f"{empty}: the mask outlines nothing (a calibration defect needs its defect outlined)")
+    kept = [v for source in BUDGET_SOURCES for v in old.normal_samples.get(source, {}).get("image", [])]
+    image_t, pixel_t, evidence = defect_thresholds(
+        np.r_[[p.score for p in normal], kept], [p.anomaly_map for p in normal],
+        np.array([p.score for p in defects]), [p.anomaly_map for p in defects], masks)
+    record = {"folder": str(folder), "images": len(pairs), "image_f1": evidence["image"]["f1"],
+              "seg_f1": evidence["pixel"]["f1"]}
+    return replace(old, image_threshold=image_t, pixel_threshold=pixel_t, evidence=evidence), record
