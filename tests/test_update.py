@@ -145,10 +145,7 @@ def test_update_with_a_folder_of_good_images_through_an_exported_form(fitted_mod
     """A line PC's model (graph form, no torch weights) is updated the same way; the torch model scores alike."""
     pytest.importorskip("onnxruntime")
     added, later = variants
-    good = tmp_path / "good"
-    good.mkdir()
-    for p in added:
-        shutil.copy(p, good / p.name)
+    good = good_folder(added, tmp_path / "good")
     model = tmp_path / "with-form"
     assert main(["export", "--model", str(fitted_model), "--out", str(model), "--format", "onnx",
                  "--precision", "fp32"]) == 0
@@ -162,41 +159,43 @@ def test_update_with_a_folder_of_good_images_through_an_exported_form(fitted_mod
     np.testing.assert_allclose(scores(out, later, backend="onnx"), scores(torch_updated, later), rtol=1e-3)
 
 
+def good_folder(images: list[Path], folder: Path) -> Path:
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def fit_and_update(backbone_dir: Path, data_root: Path, added: list[Path], tmp_path: Path,
+                   *options: str) -> tuple[model_dir.StoredModel, model_dir.StoredModel]:
+    """A model fitted on the demo data with `options`, and its update with `added` (both read back)."""
+    model, out = tmp_path / "model", tmp_path / "updated"
+    assert main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 *options, "--out", str(model)]) == 0
+    good = good_folder(added, tmp_path / "good")
+    assert main(["update", "--model", str(model), "--good", str(good), "--out", str(out)]) == 0
+    return model_dir.read(model), model_dir.read(out)
+
+
 def test_update_a_mahalanobis_model(backbone_dir, data_root, variants, tmp_path):
     added, later = variants
-    model = tmp_path / "maha"
-    assert main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
-                 "--image-size", "112", "--scorer", "mahalanobis", "--out", str(model)]) == 0
-    good = tmp_path / "good"
-    good.mkdir()
-    for p in added:
-        shutil.copy(p, good / p.name)
-    out = tmp_path / "maha2"
-    assert main(["update", "--model", str(model), "--good", str(good), "--out", str(out)]) == 0
-    parent, child = model_dir.read(model), model_dir.read(out)
+    parent, child = fit_and_update(backbone_dir, data_root, added, tmp_path, "--image-size", "112",
+                                   "--scorer", "mahalanobis")
     assert not np.allclose(parent.head["view0.mean"], child.head["view0.mean"])
-    assert (scores(out, later) < scores(model, later)).all()
+    assert (scores(child.directory, later) < scores(parent.directory, later)).all()
 
 
 def test_update_a_multiscale_model_with_global_evidence(backbone_dir, data_root, variants, tmp_path):
     """Every view's bank grows, and the global embeddings take one row per added image."""
     added, later = variants
-    model = tmp_path / "multi"
-    assert main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
-                 "--scales", "84", "112", "--image-evidence", "patch+global", "--out", str(model)]) == 0
-    good = tmp_path / "good"
-    good.mkdir()
-    for p in added:
-        shutil.copy(p, good / p.name)
-    out = tmp_path / "multi2"
-    assert main(["update", "--model", str(model), "--good", str(good), "--out", str(out)]) == 0
-    parent, child = model_dir.read(model), model_dir.read(out)
+    parent, child = fit_and_update(backbone_dir, data_root, added, tmp_path, "--scales", "84", "112",
+                                   "--image-evidence", "patch+global")
     rows = child.record.updates[-1]["rows_added"]
     assert len(rows) == 2 and all(n > 0 for n in rows)
     for view in (0, 1):
         assert len(child.head[f"view{view}.bank"]) == len(parent.head[f"view{view}.bank"]) + rows[view]
     assert len(child.head["global.embeddings"]) == len(parent.head["global.embeddings"]) + len(added)
-    assert (scores(out, later) < scores(model, later)).all()
+    assert (scores(child.directory, later) < scores(parent.directory, later)).all()
 
 
 def test_update_bad_input_is_one_line_and_writes_nothing(fitted_model, tmp_path, capsys):
@@ -225,9 +224,7 @@ def test_update_bad_input_is_one_line_and_writes_nothing(fitted_model, tmp_path,
 # -- serve: reload --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def updated_model(fitted_model, variants, tmp_path_factory) -> Path:
-    good = tmp_path_factory.mktemp("good")
-    for p in variants[0]:
-        shutil.copy(p, good / p.name)
+    good = good_folder(variants[0], tmp_path_factory.mktemp("good") / "good")
     out = tmp_path_factory.mktemp("updated") / "model"
     assert main(["update", "--model", str(fitted_model), "--good", str(good), "--out", str(out)]) == 0
     return out
