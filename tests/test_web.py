@@ -87,11 +87,18 @@ def images(data_root, tmp_path_factory) -> dict[str, Path]:
 
 
 def wait_for(driver, condition: Callable[[], object], what: str):
-    """Poll `condition` until it is truthy; fail naming `what` and the page's message if it never is."""
+    """Poll `condition` until it is truthy; fail naming `what` and the page's message if it never is.
+
+    An element the page re-rendered between finding it and reading it (stale) is polled again, not a failure:
+    on a busy machine a history refresh can replace a row inside one check (seen: one run in three).
+    """
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda _: condition())
+        return WebDriverWait(driver, WAIT_S, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)
+                             ).until(lambda _: condition())
     except Exception:
         message = driver.execute_script("return document.getElementById('message')?.innerText")
         pytest.fail(f"page never showed {what}; page message: {message!r}")
