@@ -26,14 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.settings import IMAGE_FALSE_ALARM_RATE
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.head.budget import BUDGET_SOURCES, add_good_images, sample
+from anomalyvfm.head.budget import BUDGET_SOURCES, add_good_images, with_added
 from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.head.update import grow
@@ -58,12 +58,12 @@ class UpdateReport:
     defects_still_passed: list[str] = field(default_factory=list)
 
 
-def _views(predictor: Predictor, items: Sequence[Labelled], what: str) -> list[ImageViews]:
-    found = list(predictor.view_features([item.path for item in items], f"update ({what})"))
-    bad = next((views for views in found if views.error), None)
-    if bad is not None:
-        raise UserInputError(f"{what} image unreadable: {bad.error}")
-    return found
+def _views(predictor: Predictor, items: Sequence[Labelled], what: str) -> Iterator[ImageViews]:
+    """Each image's features, streamed; an unreadable one ends the update in one line (nothing written)."""
+    for views in predictor.view_features([item.path for item in items], f"update ({what})"):
+        if views.error:
+            raise UserInputError(f"{what} image unreadable: {views.error}")
+        yield views
 
 
 def fewest_errors(normal: np.ndarray, defects: np.ndarray, prefer: float) -> float:
@@ -106,7 +106,7 @@ def update_model(predictor: Predictor, stored: model_dir.StoredModel, out: str |
     model_dir.check_writable(out)
     settings, calibration = stored.settings, stored.calibration
     config = settings.head_config()
-    added = _views(predictor, good, "good")
+    added = list(_views(predictor, good, "good"))  # held together: the bank merge needs every new patch
     before = stored.record.train_images + sum(u["good_images"] for u in stored.record.updates)
     growth = grow(config, stored.head, [views.views for views in added], settings.coreset_ratio, before)
     head = ScoringHead(config, growth.arrays)
@@ -121,12 +121,9 @@ def update_model(predictor: Predictor, stored: model_dir.StoredModel, out: str |
     if any(old.normal_samples.get(s) for s in BUDGET_SOURCES):  # budget thresholds: re-estimated with them
         new = add_good_images(old, scores, maxima, rate or settings.false_alarm_rate or IMAGE_FALSE_ALARM_RATE)
     else:
-        samples = dict(old.normal_samples)
-        before_added = samples.get("added", sample([], []))
-        samples["added"] = sample([*before_added["image"], *scores], [*before_added["map_max"], *maxima])
-        new = replace(old, normal_samples=samples)
+        new = replace(old, normal_samples=with_added(old, scores, maxima))
     judged = [(item, head.predict(views.views, views.source, views.processed_shape, views.image_shape,
-                                  calibration).score)
+                                  calibration).score)  # streamed: one defect's features in memory at a time
               for item, views in zip(defects, _views(predictor, defects, "defect") if defects else [])]
     new, still_passed = threshold_from_labels(new, judged)
     lineage = {

@@ -58,11 +58,17 @@ def budget_thresholds(samples: dict[str, dict[str, list[float]]], rules: dict[st
     return Thresholds(thresholds[0], thresholds[1], validation_stats, evidence, samples)
 
 
+def with_added(thresholds: Thresholds, scores: list[float], maxima: list[float]) -> dict[str, dict[str, list[float]]]:
+    """`thresholds`' normal samples with good images' scores and map maxima appended to the "added" source."""
+    samples = dict(thresholds.normal_samples)
+    before = samples.get("added", sample([], []))
+    samples["added"] = sample([*before["image"], *scores], [*before["map_max"], *maxima])
+    return samples
+
+
 def add_good_images(thresholds: Thresholds, scores: list[float], maxima: list[float], rate: float) -> Thresholds:
     """`thresholds` re-estimated as budgets at false-alarm `rate` (both levels) after adding good images'
     scores and map maxima to its normal samples (to any added before): `anomalyvfm calibrate`."""
-    samples = dict(thresholds.normal_samples)
-    before = samples.get("added", {"image": [], "map_max": []})
-    samples["added"] = sample([*before["image"], *scores], [*before["map_max"], *maxima])
+    samples = with_added(thresholds, scores, maxima)
     rule = BudgetRule(rate)
     return budget_thresholds(samples, {"image": rule, "pixel": rule}, thresholds.validation_stats)

@@ -124,9 +124,14 @@ class Service:
     async def reload(self, path: str | Path | None = None) -> dict[str, str]:
         """Load the model at `path` (default: the one served, e.g. replaced by `anomalyvfm update`) and judge
         with it from the next batch on; requests in flight finish on the old one. A model that cannot be
-        loaded raises `UserInputError` and the old one keeps serving. One reload at a time."""
+        loaded is logged (`reload_failed`) and raises `UserInputError`; the old one keeps serving. One at a time."""
         async with self._reloading:
-            served = await run_in_threadpool(Served.load, path or self.served.path, self.overrides)
+            try:
+                served = await run_in_threadpool(Served.load, path or self.served.path, self.overrides)
+            except UserInputError as exc:
+                log.error(f"reload refused, still serving {self.detector.version}: {exc}",
+                          extra={"fields": {"event": "reload_failed", "error": str(exc)}})
+                raise UserInputError(f"reload refused, still serving {self.detector.version}: {exc}") from None
             previous, self.served = self.served, served
             self.worker.use(served)
         log.info(f"reloaded {served.path}: model version {previous.detector.version} → {served.detector.version}",
@@ -311,7 +316,7 @@ def prediction_routes(service: Service, api_key: str | None) -> APIRouter:
         try:
             return await service.reload(body.model if body else None)
         except UserInputError as exc:
-            raise HTTPException(422, f"reload refused, still serving {service.detector.version}: {exc}") from None
+            raise HTTPException(422, str(exc)) from None
 
     return router
 

@@ -122,12 +122,8 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def reload(self) -> None:
-        service = self.service
-        try:
-            await service.reload()
-        except UserInputError as exc:
-            log.error(f"SIGHUP: reload refused, still serving {service.detector.version}: {exc}",
-                      extra={"fields": {"event": "reload_failed", "signal": "SIGHUP", "error": str(exc)}})
+        with contextlib.suppress(UserInputError):  # logged by the service (`reload_failed`); the old model serves on
+            await self.service.reload()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.received is not None:  # logged here, in the event loop, not inside the signal handler
