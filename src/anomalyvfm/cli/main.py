@@ -37,6 +37,7 @@ from anomalyvfm.optional import require
 from anomalyvfm.prediction import Predictor
 from anomalyvfm.outputs import PREDICTIONS_CSV, PredictionsCsv, output_errors, output_names, prepare_output_folder
 from anomalyvfm.service.limits import API_KEY_ENV, add_limit_options, api_key_from, limits_from_args
+from anomalyvfm.store.images import DEFAULT
 from anomalyvfm.store.cli import (add_history_filters, add_store_options, export_history, record_file, recording,
                                   store_from_args)
 
@@ -53,9 +54,26 @@ def variant_of(args: argparse.Namespace, name: str = "default") -> Variant:
     """The fit options of a command (or of one benchmark variant) as a `Variant`, validated."""
     from anomalyvfm.detector.fit import Variant
 
-    defects = getattr(args, "calibration_defects", None)
+    calibration_defects = getattr(args, "calibration_defects", None)
     return Variant(name, settings_from_args(args), Runtime(**runtime_from_args(args)), args.max_train_images,
-                   Path(defects) if defects else None)
+                   Path(calibration_defects) if calibration_defects else None, defect_set(args))
+
+
+def defect_set(args: argparse.Namespace):
+    """The labelled defects `fit --defects DIR` / `--defects-from-store URL` learns from, read now (a bad folder
+    or store is one line before the fit, not after it); None without either."""
+    from anomalyvfm.detector.defects import defects_from_folder, defects_from_store
+
+    folder, url = getattr(args, "defects", None), getattr(args, "defects_from_store", None)
+    if folder and url:
+        raise UserInputError("give --defects DIR or --defects-from-store URL, not both")
+    if folder:
+        return defects_from_folder(folder)
+    if not url:
+        return None
+    store = store_from_args(argparse.Namespace(store=url, keep_images=DEFAULT), create=False)  # its images beside it
+    with closing(store):
+        return defects_from_store(url, store)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -424,6 +442,14 @@ def _add_fit(sub) -> None:
     fit.add_argument("--calibration-defects", metavar="DIR",
                      help="also set the thresholds from these labelled defects: DIR/bad/NAME.png with "
                           "DIR/ground_truth/bad/NAME_mask.png (the test_public layout); recorded in the model")
+    fit.add_argument("--defects", metavar="DIR",
+                     help="learn from these labelled real defects: DIR/bad/NAME.png, outlined by "
+                          "DIR/ground_truth/bad/NAME_mask.png (the test_public layout; an image without a mask counts "
+                          "as 'somewhere in this image'); their patches raise the scores of similar ones; no threshold "
+                          "is set from them; recorded in the model")
+    fit.add_argument("--defects-from-store", metavar="URL",
+                     help="learn from the inspections labelled defect in this inspection store (their kept images, "
+                          "without outlines), as --defects does")
     fit.add_argument("--reference-backbone", action="store_true",
                      help="store only the backbone's hub id or path, not its weights (smaller; not portable)")
     add_engine_options(fit)

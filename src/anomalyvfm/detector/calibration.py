@@ -16,7 +16,7 @@ from anomalyvfm.features.extraction import FailedImage
 from anomalyvfm.features.foreground import looks_like_object, mask_stats
 from anomalyvfm.head.budget import budget_thresholds, sample
 from anomalyvfm.head.calibration import Calibration, Thresholds
-from anomalyvfm.head.scores import RawScores, combine, standardisation_stats, view_statistics
+from anomalyvfm.head.scores import RawScores, ViewScores, combine, standardisation_stats, view_statistics
 from anomalyvfm.maps.anomaly_maps import anomaly_map
 from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
 from anomalyvfm.scoring.image_evidence import evidence_stats
@@ -36,6 +36,11 @@ def calibrate(pipeline, images: Sequence[ImageLike], mode: str, progress: bool) 
         if isinstance(items, FailedImage):
             raise UserInputError(f"validation image unreadable: {items.error}")
         scored.append(pipeline.score_views(items))
+    return calibrate_scored(pipeline, scored, mode)
+
+
+def calibrate_scored(pipeline, scored: list[ViewScores], mode: str) -> Calibration:
+    """`calibrate` from the validation images' already scored views (a study re-scores cached features)."""
     calibration = Calibration(mode, {}, view_stats=view_statistics(scored))
     head = pipeline.head
     if head.has_foreground:

@@ -27,20 +27,31 @@ from anomalyvfm.head.budget import BUDGET_SOURCES
 from anomalyvfm.head.calibration import Thresholds
 
 
-def read_defects(folder: str | Path) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs of a labelled-defects folder; one line naming the file for anything unusable."""
+def read_defects(folder: str | Path, outlines: bool = True, what: str = "calibration defects") -> list[tuple[Path, Path | None]]:
+    """(image, mask) pairs of a labelled-defects folder; one line naming the file for anything unusable.
+
+    With `outlines=False` an image without a mask is a defect labelled without an outline (mask `None`).
+    """
     folder = Path(folder)
     bad = folder / "bad"
     if not bad.is_dir():
-        raise UserInputError(f"{folder}: no bad/ folder (calibration defects need bad/NAME.png and "
+        raise UserInputError(f"{folder}: no bad/ folder ({what} need bad/NAME.png and "
                              "ground_truth/bad/NAME_mask.png)")
-    pairs = []
+    pairs: list[tuple[Path, Path | None]] = []
     for image in list_images(bad):
         mask = folder / "ground_truth" / "bad" / f"{image.stem}_mask.png"
-        if not mask.is_file():
-            raise UserInputError(f"{image}: no mask {mask} (calibration defects need an outline each)")
-        pairs.append((image, mask))
+        if outlines and not mask.is_file():
+            raise UserInputError(f"{image}: no mask {mask} ({what} need an outline each)")
+        pairs.append((image, mask if mask.is_file() else None))
     return pairs
+
+
+def read_outline(mask: Path, shape: tuple[int, int], what: str = "calibration defect") -> np.ndarray:
+    """A labelled defect's mask at its image's `shape`; one line for a mask of another size or an empty one."""
+    outline = load_mask(mask, shape)
+    if not outline.any():
+        raise UserInputError(f"{mask}: the mask outlines nothing (a {what} needs its defect outlined)")
+    return outline
 
 
 def defect_thresholds(normal_scores: np.ndarray, normal_maps: Sequence[np.ndarray], defect_scores: np.ndarray,
@@ -77,10 +88,7 @@ def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder
         return preds
 
     normal, defects = predicted(validation, "validation"), predicted([image for image, _ in pairs], "defects")
-    masks = [load_mask(mask, pred.anomaly_map.shape) for (_, mask), pred in zip(pairs, defects)]
-    empty = next((mask for (_, mask), m in zip(pairs, masks) if not m.any()), None)
-    if empty is not None:
-        raise UserInputError(f"{empty}: the mask outlines nothing (a calibration defect needs its defect outlined)")
+    masks = [read_outline(mask, pred.anomaly_map.shape) for (_, mask), pred in zip(pairs, defects)]
     kept = [v for source in BUDGET_SOURCES for v in old.normal_samples.get(source, {}).get("image", [])]
     image_t, pixel_t, evidence = defect_thresholds(
         np.r_[[p.score for p in normal], kept], [p.anomaly_map for p in normal],

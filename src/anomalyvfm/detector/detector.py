@@ -21,6 +21,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.calibration import calibrate
+from anomalyvfm.detector.defects import DefectSet, check_defects_allowed, fit_defects
 from anomalyvfm.detector.pipeline import Accumulator, Pipeline, local_accumulator
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError
@@ -64,9 +65,12 @@ class AnomalyDetector:
 
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, images: Sequence[ImageLike], validation_images: Sequence[ImageLike] | None = None,
-            progress: bool = True, calibration_defects: str | Path | None = None) -> "AnomalyDetector":
+            progress: bool = True, calibration_defects: str | Path | None = None,
+            defects: DefectSet | None = None) -> "AnomalyDetector":
         """Learn normal patch statistics from `images`, then thresholds from `validation_images` — and, with
-        `calibration_defects` (a folder of labelled defects), from those too (`defect_thresholds`).
+        `calibration_defects` (a folder of labelled defects), from those too (`defect_thresholds`). With
+        `defects` (labelled real defects, `detector.defects`), their patches become evidence in the score;
+        they set no threshold.
 
         Without validation images a seeded 10 % of `images` is held out, so thresholds never come from
         the same images the statistics were fitted on.
@@ -78,6 +82,8 @@ class AnomalyDetector:
         validation_images = list(validation_images)
         if not images:
             raise UserInputError("no training images given")
+        if defects is not None:
+            check_defects_allowed(self.settings)
         if self.settings.auto:
             from anomalyvfm.detector.auto import choose_settings
 
@@ -99,6 +105,9 @@ class AnomalyDetector:
             if choice["chosen"] != self.settings.image_evidence:
                 self.pipeline.configure(image_evidence=choice["chosen"])
                 self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
+        if defects is not None:
+            self.calibration, self.record.defects = fit_defects(self.pipeline, self.calibration, defects, validation_images,
+                                                                self.runtime.score or "distance", progress)
         if calibration_defects is not None:
             from anomalyvfm.detector.defect_thresholds import calibrate_on_defects
 
@@ -146,10 +155,7 @@ class AnomalyDetector:
 
     def view_features(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[ImageViews]:
         """Every view's features of each image as the scoring head takes them (`anomalyvfm update`)."""
-        for items in self.pipeline.view_features(images, progress):
-            yield (ImageViews(items.source, [], error=items.error) if isinstance(items, FailedImage) else
-                   ImageViews(items[-1].source, [i.features.numpy() for i in items], items[-1].processed_shape,
-                              items[-1].image_shape))
+        return self.pipeline.image_views(images, progress)
 
     def summary(self) -> str:
         """The settings that define what is computed, in one line (fit output, benchmark tables)."""

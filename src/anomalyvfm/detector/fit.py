@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from anomalyvfm.data import evenly_spaced, load_dataset
+from anomalyvfm.detector.defects import DefectSet
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.settings import Runtime, Settings
 
@@ -24,6 +25,7 @@ class Variant:
     runtime: Runtime
     max_train_images: int | None = None
     calibration_defects: Path | None = None  # labelled defects the thresholds are also set from
+    defects: DefectSet | None = None  # labelled defects learnt as evidence in the score
 
 
 def fit_category(data: str | Path, category: str | None, layout: str, variant: Variant,
@@ -39,5 +41,6 @@ def fit_category(data: str | Path, category: str | None, layout: str, variant: V
     train = [s.path for s in dataset.split("train")]
     if variant.max_train_images:
         train = evenly_spaced(train, variant.max_train_images)
-    detector.fit(train, [s.path for s in dataset.split("validation")], calibration_defects=variant.calibration_defects)
+    detector.fit(train, [s.path for s in dataset.split("validation")], calibration_defects=variant.calibration_defects,
+                 defects=variant.defects)
     return detector, time.perf_counter() - start

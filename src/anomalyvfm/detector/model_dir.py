@@ -62,6 +62,7 @@ class FitRecord:
     auto_choice: dict[str, Any] = field(default_factory=dict)  # what --auto chose and the figures behind it
     updates: list[dict[str, Any]] = field(default_factory=list)  # `anomalyvfm update` lineage, oldest first
     calibration_defects: dict[str, Any] = field(default_factory=dict)  # labelled defects the thresholds used
+    defects: dict[str, Any] = field(default_factory=dict)  # labelled defects learnt as evidence (`fit --defects`)
 
 
 @dataclass

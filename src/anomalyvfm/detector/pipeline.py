@@ -33,7 +33,7 @@ from anomalyvfm.features.foreground import SAMPLE_PATCHES, ForegroundModel
 from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.head.scores import ViewScores
-from anomalyvfm.prediction import Prediction
+from anomalyvfm.prediction import ImageViews, Prediction
 from anomalyvfm.scoring.scorers import ImageBank, PatchScorer, make_scorer
 
 
@@ -126,6 +126,10 @@ class Pipeline:
         if self.head is not None:
             self.head = ScoringHead(self.settings.head_config(), self.head.state_dict(), *search(self.runtime))
 
+    def use_head_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Score with these fitted arrays from now on (a fitted head plus what was learnt after: `fit --defects`)."""
+        self.head = ScoringHead(self.settings.head_config(), arrays, *search(self.runtime))
+
     def use_runtime(self, **changes) -> None:
         """Change how this process runs the model (e.g. the score mode)."""
         self.runtime = replace(self.runtime, **changes)
@@ -171,6 +175,13 @@ class Pipeline:
         for items in zip(*streams):
             failed = [item for item in items if isinstance(item, FailedImage)]  # a view can fail alone (out of memory)
             yield failed[0] if failed else list(items)
+
+    def image_views(self, images: Sequence[ImageLike], progress: str | None) -> Iterator[ImageViews]:
+        """`view_features` as the scoring head takes them: numpy, one `ImageViews` per image (failures too)."""
+        for items in self.view_features(images, progress):
+            yield (ImageViews(items.source, [], error=items.error) if isinstance(items, FailedImage) else
+                   ImageViews(items[-1].source, [i.features.numpy() for i in items], items[-1].processed_shape,
+                              items[-1].image_shape))
 
     def fit_scorers(self, images: Sequence[ImageLike], progress: bool, out_of_fold: bool = False) -> int:
         """Fit every view's scorer, the foreground model and the image bank on `images` (streamed by this

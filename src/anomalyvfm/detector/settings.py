@@ -15,6 +15,7 @@ from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
 from anomalyvfm.declare import SettingError, normalise, setting
 from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PATCH, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
+from anomalyvfm.head.defects import DEFAULT_WEIGHT
 from anomalyvfm.head.head import HeadConfig
 from anomalyvfm.maps.binarize import BINARIZATIONS, HYSTERESIS_FRACTION
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
@@ -67,6 +68,9 @@ class Settings:
                             choices=BINARIZATIONS)
     outline_only_flagged: bool = setting(False, "outline defects only on images judged anomalous (a pass verdict "
                                                 "gets an empty mask)")
+    defect_weight: float | None = setting(None, "with labelled defects (fit --defects): how far a patch nearer a known "
+                                                "defect than anything normal is raised (score + W x how much nearer); "
+                                                "default: chosen on held-out labelled defects", low=0)
     tile_size: int = setting(0, "score overlapping tiles of this many px (multiple of 14; 0 = whole image)",
                              low=0)
     tile_overlap: int = setting(56, "tile overlap in px (multiple of 14)", low=0)
@@ -120,7 +124,8 @@ class Settings:
     def head_config(self) -> HeadConfig:
         """What the scoring head applies of these settings (the layers must be resolved: fitted or loaded)."""
         return HeadConfig(self.scorer, len(self.views()), len(self.layers), self.top_percent, self.sigma,
-                          self.image_evidence, self.binarize, self.outline_only_flagged, self.image_size, self.scales,
+                          self.image_evidence, self.binarize, self.outline_only_flagged,
+                          DEFAULT_WEIGHT if self.defect_weight is None else self.defect_weight, self.image_size, self.scales,
                           self.tile_size, self.tile_scale)
 
     def view_summary(self) -> str:

@@ -3,7 +3,8 @@
 The fitted state is a flat dict of float32 arrays (`state_dict`), keyed `<part>.<name>`: `view<i>.bank`
 (kNN) or `view<i>.mean` / `view<i>.whitener` (Mahalanobis) per view, `foreground.mean` /
 `foreground.component` / `foreground.threshold` when the model has a foreground model, and
-`global.embeddings` (the training images' global embeddings, for image evidence). The torch fit produces
+`global.embeddings` (the training images' global embeddings, for image evidence), and `defects.view<i>.bank`
+when the model learnt from labelled defects (`head.defects`). The torch fit produces
 it (`detector.pipeline`), the model directory and the exported bundle store it; the head reads nothing else.
 
 Out-of-fold scores of training images (fit time, `detector.out_of_fold`) go through the same
@@ -23,6 +24,7 @@ import numpy as np
 from anomalyvfm.errors import NotFittedError
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.head.calibration import Calibration, Thresholds
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, bank_key, defect_distance, with_defect_evidence
 from anomalyvfm.head.scores import HeadLogits, RawScores, ViewScores, combine
 from anomalyvfm.head.search import BankSearch, make_search
 from anomalyvfm.maps.anomaly_maps import anomaly_map
@@ -45,6 +47,7 @@ class HeadConfig:
     image_evidence: str = "patch"
     binarize: str = "global"
     outline_only_flagged: bool = False
+    defect_weight: float = DEFAULT_WEIGHT  # how far a patch nearer a known defect than normal is raised (`head.defects`)
     # the reference view's geometry: a mask's minimum region is one backbone patch (`maps.binarize.patch_side`)
     image_size: int = 448
     scales: tuple[int, ...] = ()
@@ -129,13 +132,20 @@ class ScoringHead:
 
     def patch_scores(self, view: int, features: np.ndarray, held_out: HeldOut | None = None) -> np.ndarray:
         """Flat patch scores of one view's features against that view's scorer (without what `held_out` names)."""
+        a = self._arrays
+        gaussian = None if self._search else (a[f"view{view}.mean"], a[f"view{view}.whitener"])
         if self._search:
             if held_out is not None and held_out.bank_rows:
-                return knn_distance(features, self._arrays[f"view{view}.bank"], held_out.bank_rows[view])
-            return self._search[view](features)
-        if held_out is not None and held_out.gaussians:
-            return mahalanobis_distance(features, *held_out.gaussians[view])
-        return mahalanobis_distance(features, self._arrays[f"view{view}.mean"], self._arrays[f"view{view}.whitener"])
+                normal = knn_distance(features, a[f"view{view}.bank"], held_out.bank_rows[view])
+            else:
+                normal = self._search[view](features)
+        elif held_out is not None and held_out.gaussians:
+            normal = mahalanobis_distance(features, *held_out.gaussians[view])
+        else:
+            normal = mahalanobis_distance(features, *gaussian)
+        if bank_key(view) not in a:
+            return normal
+        return with_defect_evidence(normal, defect_distance(features, a[bank_key(view)], gaussian), self.config.defect_weight)
 
     def fuse(self, scored: ViewScores, calibration: Calibration, evidence: str | None = None) -> RawScores:
         """Views fused into one distance grid (standardised by `calibration`'s view statistics, background

@@ -1,0 +1,158 @@
+"""Does learning from a few real defects pay off? `fit --defects` against the frozen normal-only default.
+
+    python benchmarks/defects_study.py --data ../shared/data --backbone DIR --out OUT [--categories all]
+
+Per category: one default fit on all of train/good (thresholds from validation/good), timed and saved to
+OUT/CAT/model (a later run loads it and its recorded fit time); every validation
+and test_public image's view features are computed once and kept in memory. Then for k = 1, 3, 10 defect
+images drawn from test_public/bad (seeds 0, 1, 2; the draw of `calibration_defects.py`) the defect bank is
+learnt as `fit --defects` learns it (`detector.defects.learn_defects` on the drawn images' features and outlines,
+then the calibration fitted again on validation) and the *rest* of test_public — the drawn images never
+count — is scored by the frozen model and by the model with defects: image AUROC, AU-PRO(0.05), SegF1 and
+ClassF1 at each model's own thresholds. The time of a fit with defects is the frozen fit plus the measured
+extra work (the drawn images' features, the bank, the validation pass again).
+
+Test labels choose nothing here: the drawn images are the user's labelled defects; the rest only report.
+Output: OUT/defects_study.json (one row per category, k and seed) and OUT/defects_study.md (means of 3 seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anomalyvfm import metrics as M
+from anomalyvfm.data import list_images, load_mask
+from anomalyvfm.detector.calibration import calibrate_scored
+from anomalyvfm.detector.detector import AnomalyDetector
+from anomalyvfm.detector.defects import learn_defects, scored_images
+from anomalyvfm.head.defects import DEFAULT_WEIGHT
+from anomalyvfm.prediction import ImageViews
+
+CATEGORIES = ("magnetic_tile", "bottle", "kolektor", "ball_screw_drive")
+KS, SEEDS = (1, 3, 10), (0, 1, 2)
+FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
+
+
+def cached(detector: AnomalyDetector, paths: list[Path], what: str) -> tuple[list[ImageViews], float]:
+    start = time.perf_counter()
+    views = list(detector.view_features(paths, what))
+    bad = next((v for v in views if v.error), None)
+    if bad is not None:
+        raise SystemExit(bad.error)
+    return views, (time.perf_counter() - start) / len(paths)
+
+
+def scored(detector: AnomalyDetector, views: list[ImageViews]):
+    head = detector.pipeline.head
+    return [head.score_views(v.views, v.source, v.processed_shape, v.image_shape) for v in views]
+
+
+def figures(detector: AnomalyDetector, views: list[ImageViews], labels: np.ndarray, masks: list[np.ndarray]) -> dict:
+    head, calibration = detector.pipeline.head, detector.calibration
+    thresholds = calibration.thresholds()
+    preds = [head.judge(item, calibration, "distance", thresholds) for item in scored(detector, views)]
+    counts = np.array([M.mask_counts(m, p.mask) for m, p in zip(masks, preds)])
+    result, _ = M.evaluate_images(labels, [p.score for p in preds], masks, [p.anomaly_map for p in preds],
+                                  thresholds.image_threshold, thresholds.pixel_threshold, counts)
+    return {name: float(result[name]) for name in (*FIGURES, "seg_f1_max_oracle", "f1_max_oracle")}
+
+
+def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, float]:
+    """The default model of a category and its fit seconds: fitted and saved to `model`, or loaded from there."""
+    if (model / "fit_seconds.txt").is_file():
+        return AnomalyDetector.load(model / "model"), float((model / "fit_seconds.txt").read_text())
+    detector = AnomalyDetector(backbone=backbone)
+    start = time.perf_counter()
+    detector.fit(list_images(root / "train" / "good"), list_images(root / "validation" / "good"))
+    seconds = time.perf_counter() - start
+    detector.save(model / "model")
+    (model / "fit_seconds.txt").write_text(f"{seconds}\n")
+    return detector, seconds
+
+
+def run_category(data: Path, backbone: str, category: str, out: Path) -> list[dict]:
+    root = data / category
+    detector, fit_seconds = fitted(root, backbone, out / category)
+    validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation")
+    good_paths, bad_paths = list_images(root / "test_public" / "good"), list_images(root / "test_public" / "bad")
+    good, _ = cached(detector, good_paths, "test good")
+    bad, image_seconds = cached(detector, bad_paths, "test bad")
+    bad_masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{p.stem}_mask.png", v.image_shape)
+                 for p, v in zip(bad_paths, bad)]
+    frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration
+    head = detector.pipeline.head
+    normal = scored_images(head, validation, [None] * len(validation))
+    rows = []
+    for k in KS:
+        for seed in SEEDS:
+            drawn = sorted(np.random.default_rng(seed).choice(len(bad), size=min(k, len(bad) - 1), replace=False).tolist())
+            rest = [i for i in range(len(bad)) if i not in drawn]
+            views = [*good, *(bad[i] for i in rest)]
+            labels = np.r_[np.zeros(len(good)), np.ones(len(rest))]
+            masks = [np.zeros(v.image_shape, bool) for v in good] + [bad_masks[i] for i in rest]
+            row = {"category": category, "k": k, "seed": seed, "drawn": [bad[i].source for i in drawn]}
+            for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
+                detector.pipeline.use_head_arrays(frozen_arrays)
+                detector.pipeline.configure(defect_weight=None)
+                detector.calibration = frozen_calibration
+                start = time.perf_counter()
+                if weight != 0.0:
+                    defects = scored_images(head, [bad[i] for i in drawn], [bad_masks[i] for i in drawn])
+                    arrays, row[f"record {name}"] = learn_defects(head, frozen_calibration, defects, normal,
+                                                                  "test_public draw", weight)
+                    detector.pipeline.use_head_arrays(arrays)
+                    detector.pipeline.configure(defect_weight=row[f"record {name}"]["weight"])
+                    detector.calibration = calibrate_scored(detector.pipeline, scored(detector, validation), "distance")
+                extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
+                row[name] = figures(detector, views, labels, masks)
+                row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
+            rows.append(row)
+            print(json.dumps({key: row[key] for key in ("category", "k", "seed", "frozen", "defects")}
+                             | {"weight": row["record defects"]["weight"]}), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
+    fixed = f"weight {DEFAULT_WEIGHT:g}"
+    lines = [f"| category | k | figure | frozen | {fixed} | defects (chosen weight) |", "|---|---|---|---|---|---|"]
+    groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in KS] + [("mean", k) for k in KS]
+    for category, k in groups:
+        group = [r for r in rows if r["k"] == k and category in ("mean", r["category"])]
+        if not group:
+            continue
+        mean = lambda f: float(np.mean([f(r) for r in group]))  # noqa: E731
+        for figure in FIGURES:
+            cells = [f"{mean(lambda r: r[name][figure]):.3f}" for name in ("frozen", fixed, "defects")]
+            lines.append(f"| {category} | {k} | {figure} | {' | '.join(cells)} |")
+        weights = ", ".join(f"{r['record defects']['weight']:g}" for r in group)
+        patches = mean(lambda r: sum(r["record defects"]["patches_per_view"]))
+        seconds = " | ".join(f"{mean(lambda r: r['fit_seconds ' + name]):.0f}" for name in ("frozen", fixed, "defects"))
+        lines.append(f"| {category} | {k} | fit s (weights chosen: {weights}; {patches:.0f} defect patches) | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--categories", default="all")
+    args = parser.parse_args()
+    categories = CATEGORIES if args.categories == "all" else args.categories.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for category in categories:
+        rows += run_category(Path(args.data), args.backbone, category, out)
+        (out / "defects_study.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "defects_study.md").write_text(table(rows))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""`fit --defects DIR` / `--defects-from-store URL`: labelled real defects learnt as a defect memory bank.
+
+The arithmetic (`head.defects`) against brute force; the fit end to end on the demo data (half its defects
+learnt, the other half and the good images scored); weak labels; the store as the source; an exported form
+scoring alike; bad input as one line.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalyvfm.cli.main import main
+from anomalyvfm.deploy.load import load_predictor
+from anomalyvfm.detector import model_dir
+from anomalyvfm.detector.defects import learn_defects
+from anomalyvfm.head.calibration import Calibration
+from anomalyvfm.head.defects import ScoredImage, defect_bank, defect_distance, defect_rows, with_defect_evidence
+from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.head.scores import ViewScores
+from anomalyvfm.scoring.distances import unit_rows
+from anomalyvfm.store import open_store
+
+
+def image(grids, features, mask=None) -> ScoredImage:
+    return ScoredImage(ViewScores("d", grids, None, (28, 42), (20, 30)), features, mask)
+
+
+def test_a_patch_is_raised_only_by_how_much_nearer_a_known_defect_it_is_than_normal():
+    rng = np.random.default_rng(0)
+    bank = unit_rows(rng.normal(size=(50, 8)))
+    defect = unit_rows(rng.normal(size=(3, 8)))
+    head = ScoringHead(HeadConfig("knn", 1, 1), {"view0.bank": bank, "defects.view0.bank": defect,
+                                                 "defects.weight": np.array([1.0])})
+    x = np.r_[bank[:5] + 0.01 * rng.normal(size=(5, 8)), defect + 0.05 * rng.normal(size=(3, 8)), rng.normal(size=(20, 8))]
+    normal = 1 - (unit_rows(x) @ bank.T).max(1)
+    nearest_defect = 1 - (unit_rows(x) @ defect.T).max(1)
+    scores = head.patch_scores(0, x)
+    np.testing.assert_allclose(scores, normal + np.maximum(normal - nearest_defect, 0), rtol=1e-5, atol=1e-6)
+    assert (scores >= normal - 1e-6).all()
+    np.testing.assert_allclose(scores[:5], normal[:5], atol=1e-6)  # nearer normal than any defect: unchanged
+    assert (scores[5:8] > normal[5:8] + 0.1).all()  # the patches like a known defect: nearly doubled
+
+
+def test_mahalanobis_defect_distance_is_the_mahalanobis_distance_between_the_patches():
+    rng = np.random.default_rng(1)
+    mean, whitener = rng.normal(size=6).astype(np.float32), np.linalg.cholesky(np.eye(6) * 2).astype(np.float32)
+    patches, x = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(7, 6)).astype(np.float32)
+    arrays = {"view0.mean": mean, "view0.whitener": whitener}
+    defects = [image([np.full((2, 2), 10.0)], [patches.reshape(2, 2, 6)])]
+    banks, kept = defect_bank(arrays, "mahalanobis", defects, [0.0], top_percent=100)
+    precision = whitener @ whitener.T
+    brute = np.array([[np.sqrt((a - b) @ precision @ (a - b)) for b in patches] for a in x]).min(1)
+    np.testing.assert_allclose(defect_distance(x, banks["defects.view0.bank"], (mean, whitener)), brute, rtol=1e-4)
+    assert kept == [[4]]
+    np.testing.assert_array_equal(with_defect_evidence(np.array([1.0, 3.0], np.float32), np.array([2.0, 1.0], np.float32),
+                                                       2.0), [1.0, 7.0])
+
+
+def test_kept_patches_touch_the_outline_and_score_above_the_floor():
+    distances = np.array([[0.1, 0.9, 0.2], [0.8, 0.05, 0.3]], np.float32)
+    mask = np.zeros((20, 30), bool)
+    mask[:10, 10:30] = True  # the outline covers the top row's last two patches
+    defect = image([distances], [np.zeros((2, 3, 4))], mask)
+    assert defect_rows(defect, 0, floor=0.5, top_percent=1).tolist() == [1]  # (0, 2) touches but scores like normal
+    weak = image([distances], [np.zeros((2, 3, 4))])
+    assert defect_rows(weak, 0, floor=0.5, top_percent=34).tolist() == [1, 3]  # the top third of patches
+    assert defect_rows(weak, 0, floor=0.85, top_percent=34).tolist() == [1]
+
+
+def synthetic_images(head: ScoringHead, features: list[np.ndarray], masks=None) -> list[ScoredImage]:
+    masks = masks or [None] * len(features)
+    return [ScoredImage(head.score_views([f], f"i{i}", (56, 56), (56, 56)), [f], m)
+            for i, (f, m) in enumerate(zip(features, masks))]
+
+
+@pytest.mark.parametrize("alike, chosen", [(True, "raised"), (False, 0.0)])
+def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
+    """Defects of one kind (alike): a held-out one is found better with the others' patches, so a weight > 0 wins.
+    Defects that share nothing: no held-out one gains, and the tie keeps the model without defects (0)."""
+    rng = np.random.default_rng(0)
+    dim, normal_direction = 16, np.eye(16)[0]
+    def normal(n):
+        return normal_direction + 0.05 * rng.normal(size=(n, dim))
+    head = ScoringHead(HeadConfig("knn", 1, 1), {"view0.bank": unit_rows(normal(400))})
+    validation = [normal(16).reshape(4, 4, dim) for _ in range(12)]
+    for image in validation[:4]:  # a few good parts with one odd patch: a faint defect ranks among them
+        image[0, 0] = normal_direction + 0.25 * rng.normal(size=dim)
+    defects, masks = [], []
+    kind = rng.normal(size=dim)
+    for _ in range(4):
+        image = normal(16).reshape(4, 4, dim)
+        direction = kind if alike else rng.normal(size=dim)
+        image[1:3, 1:3] = normal_direction + direction / np.linalg.norm(direction) + 0.02 * rng.normal(size=(2, 2, dim))
+        mask = np.zeros((56, 56), bool)
+        mask[14:42, 14:42] = True
+        defects.append(image), masks.append(mask)
+    normal_images = synthetic_images(head, validation)
+    calibration = calibrate_scored_head(head, normal_images)
+    arrays, record = learn_defects(head, calibration, synthetic_images(head, defects, masks), normal_images, "test")
+    assert record["choice"]["folds"] == 4 and set(record["choice"]["figures"]) == {"0.0", "1.0", "2.0", "4.0"}
+    if chosen == "raised":
+        assert record["weight"] > 0 and "defects.view0.bank" in arrays
+        figures = record["choice"]["figures"]
+        assert figures[str(record["weight"])] > figures["0.0"]
+    else:
+        assert record["weight"] == 0.0 and "defects.view0.bank" not in arrays
+
+
+def calibrate_scored_head(head: ScoringHead, images: list[ScoredImage]) -> Calibration:
+    from anomalyvfm.head.scores import view_statistics
+
+    return Calibration("distance", {}, view_stats=view_statistics([image.scored for image in images]))
+
+
+def defect_folder(data_root: Path, folder: Path, names: list[str], outlines: bool = True) -> Path:
+    source = data_root / "demo" / "test_public"
+    (folder / "bad").mkdir(parents=True)
+    (folder / "ground_truth" / "bad").mkdir(parents=True)
+    for name in names:
+        shutil.copy(source / "bad" / name, folder / "bad" / name)
+        if outlines:
+            mask = f"{Path(name).stem}_mask.png"
+            shutil.copy(source / "ground_truth" / "bad" / mask, folder / "ground_truth" / "bad" / mask)
+    return folder
+
+
+def fit(backbone_dir: Path, data_root: Path, out: Path, *options: str) -> int:
+    return main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 "--image-size", "112", *options, "--out", str(out)])
+
+
+def scores(model: Path, paths: list[Path], **runtime) -> np.ndarray:
+    return np.array([p.score for p in load_predictor(model, **runtime).predict(paths, progress=False)])
+
+
+@pytest.fixture(scope="module")
+def halves(data_root) -> tuple[list[Path], list[Path]]:
+    bad = sorted((data_root / "demo" / "test_public" / "bad").glob("*.png"))
+    return bad[:4], bad[4:]
+
+
+@pytest.fixture(scope="module")
+def with_defects(backbone_dir, data_root, halves, tmp_path_factory) -> Path:
+    """A model that learnt the first half of the demo defects (outlined)."""
+    folder = tmp_path_factory.mktemp("defects")
+    out = folder / "model"
+    assert fit(backbone_dir, data_root, out, "--defect-weight", "1", "--defects",
+               str(defect_folder(data_root, folder / "labelled", [p.name for p in halves[0]]))) == 0
+    return out
+
+
+def test_learnt_defects_raise_similar_defects_and_leave_good_parts_alone(fitted_model, with_defects, data_root, halves):
+    learnt, held_out = halves
+    stored = model_dir.read(with_defects)
+    record = stored.record.defects
+    assert record["images"] == record["outlined"] == 4 and record["patches_per_view"][0] > 0
+    assert record["weight"] == stored.settings.defect_weight == 1.0 and record["choice"]["rule"].startswith("given")
+    assert len(stored.head["defects.view0.bank"]) == record["patches_per_view"][0]
+    good = sorted((data_root / "demo" / "test_public" / "good").glob("*.png"))
+    np.testing.assert_allclose(scores(with_defects, good), scores(fitted_model, good), rtol=1e-6)
+    before, after = scores(fitted_model, held_out), scores(with_defects, held_out)
+    assert (after >= before - 1e-6).all() and (after > before * 1.05).any()  # never lower; a similar one raised
+    assert (scores(with_defects, learnt) > scores(fitted_model, learnt)).all()
+    # no threshold was set from the defects: the validation images give the same ones
+    assert stored.calibration.thresholds().image_threshold == pytest.approx(
+        model_dir.read(fitted_model).calibration.thresholds().image_threshold, rel=1e-6)
+
+
+def test_an_exported_form_carries_the_defect_bank(with_defects, halves, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "linepc"
+    assert main(["export", "--model", str(with_defects), "--out", str(out), "--format", "onnx", "--precision", "fp32"]) == 0
+    images = [*halves[0], *halves[1]]
+    np.testing.assert_allclose(scores(out, images, backend="onnx"), scores(with_defects, images), rtol=1e-4)
+
+
+def test_defects_without_outlines_are_weak_labels(backbone_dir, data_root, halves, tmp_path):
+    folder = defect_folder(data_root, tmp_path / "weak", [p.name for p in halves[0]], outlines=False)
+    assert fit(backbone_dir, data_root, tmp_path / "model", "--defects", str(folder)) == 0
+    record = model_dir.read(tmp_path / "model").record.defects
+    assert record["images"] == 4 and record["outlined"] == 0 and record["patches_per_view"][0] > 0
+
+
+def test_defects_from_the_inspection_store(fitted_model, backbone_dir, data_root, halves, tmp_path, capsys):
+    """Inspections an operator labelled defect (their kept images) are learnt like a folder without outlines."""
+    db = tmp_path / "results.db"
+    assert main(["predict", "--model", str(fitted_model), *map(str, halves[0]), "--out", str(tmp_path / "p"),
+                 "--store", str(db)]) == 0
+    store = open_store(str(db))
+    for record in store.find(limit=100)[0]:
+        store.set_label(record["id"], "defect")
+    store.close()
+    out = tmp_path / "model"
+    assert fit(backbone_dir, data_root, out, "--defects-from-store", str(db)) == 0
+    record = model_dir.read(out).record.defects
+    assert record["source"] == str(db) and record["images"] == 4 and record["outlined"] == 0
+    empty = tmp_path / "empty.db"
+    open_store(str(empty)).close()
+    capsys.readouterr()
+    assert fit(backbone_dir, data_root, tmp_path / "none", "--defects-from-store", str(empty)) == 2
+    assert "no inspection is labelled defect" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("no bad folder", "no bad/ folder"),
+    ("empty", "no images found"),
+    ("small mask", "001_regular_mask.png: mask is"),
+    ("empty mask", "001_regular_mask.png: the mask outlines nothing"),
+    ("unreadable image", "001_regular.png"),
+    ("budget rule", "--threshold-rule budget is not supported"),
+])
+def test_bad_defects_are_one_line_naming_the_file(damage, named, backbone_dir, data_root, tmp_path, capsys):
+    folder = defect_folder(data_root, tmp_path / "defects", ["001_regular.png", "002_regular.png"])
+    mask = folder / "ground_truth" / "bad" / "001_regular_mask.png"
+    options = []
+    if damage == "no bad folder":
+        shutil.rmtree(folder / "bad")
+    elif damage == "empty":
+        for image in (folder / "bad").iterdir():
+            image.unlink()
+    elif damage == "small mask":
+        Image.fromarray(np.full((10, 10), 255, np.uint8)).save(mask)
+    elif damage == "empty mask":
+        Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape[:2], np.uint8)).save(mask)
+    elif damage == "unreadable image":
+        (folder / "bad" / "001_regular.png").write_bytes(b"not an image")
+    else:
+        options = ["--threshold-rule", "budget"]
+    out = tmp_path / "model"
+    capsys.readouterr()
+    assert fit(backbone_dir, data_root, out, "--defects", str(folder), *options) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "\n" not in err and not out.exists()
