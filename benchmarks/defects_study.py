@@ -29,7 +29,7 @@ from anomalyvfm.data import list_images, load_mask
 from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.defects import learn_defects, scored_images
-from anomalyvfm.head.defects import DEFAULT_WEIGHT
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
 from anomalyvfm.prediction import ImageViews
 
 CATEGORIES = ("magnetic_tile", "bottle", "kolektor", "ball_screw_drive")
@@ -46,15 +46,15 @@ def cached(detector: AnomalyDetector, paths: list[Path], what: str) -> tuple[lis
     return views, (time.perf_counter() - start) / len(paths)
 
 
-def scored(detector: AnomalyDetector, views: list[ImageViews]):
-    head = detector.pipeline.head
-    return [head.score_views(v.views, v.source, v.processed_shape, v.image_shape) for v in views]
-
-
-def figures(detector: AnomalyDetector, views: list[ImageViews], labels: np.ndarray, masks: list[np.ndarray]) -> dict:
+def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None,
+            labels: np.ndarray) -> dict:
+    """The figures of the detector's head and calibration on `images` (scored by the frozen head), with the
+    defect `evidence` applied at the detector's weight — the arithmetic of a head holding that bank."""
     head, calibration = detector.pipeline.head, detector.calibration
-    thresholds = calibration.thresholds()
-    preds = [head.judge(item, calibration, "distance", thresholds) for item in scored(detector, views)]
+    thresholds, weight = calibration.thresholds(), head.config.defect_weight
+    preds = [head.judge(image.scored if evidence is None else evidence.raised(image, evidence.nearest(image), weight),
+                        calibration, "distance", thresholds) for image in images]
+    masks = [image.mask if image.mask is not None else np.zeros(p.anomaly_map.shape, bool) for image, p in zip(images, preds)]
     counts = np.array([M.mask_counts(m, p.mask) for m, p in zip(masks, preds)])
     result, _ = M.evaluate_images(labels, [p.score for p in preds], masks, [p.anomaly_map for p in preds],
                                   thresholds.image_threshold, thresholds.pixel_threshold, counts)
@@ -85,30 +85,31 @@ def run_category(data: Path, backbone: str, category: str, out: Path) -> list[di
                  for p, v in zip(bad_paths, bad)]
     frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration
     head = detector.pipeline.head
-    normal = scored_images(head, validation, [None] * len(validation))
+    normal = scored_images(head, validation, [None] * len(validation))  # the frozen head's normal distances, once
+    good_scored, bad_scored = scored_images(head, good, [None] * len(good)), scored_images(head, bad, bad_masks)
     rows = []
     for k in KS:
         for seed in SEEDS:
             drawn = sorted(np.random.default_rng(seed).choice(len(bad), size=min(k, len(bad) - 1), replace=False).tolist())
-            rest = [i for i in range(len(bad)) if i not in drawn]
-            views = [*good, *(bad[i] for i in rest)]
-            labels = np.r_[np.zeros(len(good)), np.ones(len(rest))]
-            masks = [np.zeros(v.image_shape, bool) for v in good] + [bad_masks[i] for i in rest]
+            rest = [*good_scored, *(bad_scored[i] for i in range(len(bad)) if i not in drawn)]
+            labels = np.r_[np.zeros(len(good)), np.ones(len(rest) - len(good))]
             row = {"category": category, "k": k, "seed": seed, "drawn": [bad[i].source for i in drawn]}
             for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
                 detector.pipeline.use_head_arrays(frozen_arrays)
                 detector.pipeline.configure(defect_weight=None)
-                detector.calibration = frozen_calibration
+                detector.calibration, evidence = frozen_calibration, None
                 start = time.perf_counter()
                 if weight != 0.0:
-                    defects = scored_images(head, [bad[i] for i in drawn], [bad_masks[i] for i in drawn])
-                    arrays, row[f"record {name}"] = learn_defects(head, frozen_calibration, defects, normal,
-                                                                  "test_public draw", weight)
+                    arrays, record = learn_defects(head, frozen_calibration, [bad_scored[i] for i in drawn], normal,
+                                                   "test_public draw", weight)
                     detector.pipeline.use_head_arrays(arrays)
-                    detector.pipeline.configure(defect_weight=row[f"record {name}"]["weight"])
-                    detector.calibration = calibrate_scored(detector.pipeline, scored(detector, validation), "distance")
+                    detector.pipeline.configure(defect_weight=record["weight"])
+                    evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(validation[0].views))])
+                    detector.calibration = calibrate_scored(detector.pipeline, [
+                        evidence.raised(image, evidence.nearest(image), record["weight"]) for image in normal], "distance")
+                    row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
-                row[name] = figures(detector, views, labels, masks)
+                row[name] = figures(detector, rest, evidence, labels)
                 row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
             rows.append(row)
             print(json.dumps({key: row[key] for key in ("category", "k", "seed", "frozen", "defects")}

@@ -18,7 +18,8 @@ from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defects import learn_defects
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.defects import ScoredImage, defect_bank, defect_distance, defect_rows, with_defect_evidence
+from anomalyvfm.head.defects import (ScoredImage, defect_bank, defect_distance, defect_rows, prepared_bank,
+                                     with_defect_evidence)
 from anomalyvfm.head.head import HeadConfig, ScoringHead
 from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.scoring.distances import unit_rows
@@ -54,7 +55,8 @@ def test_mahalanobis_defect_distance_is_the_mahalanobis_distance_between_the_pat
     banks, kept = defect_bank(arrays, "mahalanobis", defects, [0.0], top_percent=100)
     precision = whitener @ whitener.T
     brute = np.array([[np.sqrt((a - b) @ precision @ (a - b)) for b in patches] for a in x]).min(1)
-    np.testing.assert_allclose(defect_distance(x, banks["defects.view0.bank"], (mean, whitener)), brute, rtol=1e-4)
+    prepared = prepared_bank(banks["defects.view0.bank"], (mean, whitener))
+    np.testing.assert_allclose(defect_distance(x, prepared, (mean, whitener)), brute, rtol=1e-4)
     assert kept == [[4]]
     np.testing.assert_array_equal(with_defect_evidence(np.array([1.0, 3.0], np.float32), np.array([2.0, 1.0], np.float32),
                                                        2.0), [1.0, 7.0])

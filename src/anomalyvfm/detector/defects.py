@@ -27,7 +27,7 @@ operator labelled "defect" in the inspection store (their kept images, without o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,8 +39,7 @@ from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.defects import (DEFAULT_WEIGHT, FLOOR_SIGMA, ScoredImage, bank_key, defect_bank,
-                                     defect_distance, with_defect_evidence)
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank
 from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.prediction import ImageViews
 
@@ -158,21 +157,13 @@ def fold_figures(head: ScoringHead, calibration: Calibration, held: ScoredImage,
     banks, _ = defect_bank(arrays, head.config.scorer, others, floors, head.config.top_percent)
     if not banks:
         return None
-    gaussians = [None if head.config.scorer == "knn" else (arrays[f"view{v}.mean"], arrays[f"view{v}.whitener"])
-                 for v in range(len(floors))]
+    evidence = DefectEvidence(banks, [head.gaussian(view) for view in range(len(floors))])
 
     def judged(image: ScoredImage) -> list:
         """The image's prediction (score, map) at every weight, judged once where the bank changes nothing."""
-        grids, nearest = image.scored.grids, []
-        for view, (grid, features) in enumerate(zip(grids, image.features)):
-            bank = banks.get(bank_key(view))
-            nearest.append(None if bank is None else defect_distance(features, bank, gaussians[view]).reshape(grid.shape))
-        frozen = head.judge(image.scored, calibration)
-        if all(d is None or not (d < g).any() for d, g in zip(nearest, grids)):
-            return [frozen] * len(WEIGHTS)
-        return [frozen if w == 0 else head.judge(replace(image.scored, grids=[
-            g if d is None else with_defect_evidence(g, d, w) for g, d in zip(grids, nearest)]), calibration)
-            for w in WEIGHTS]
+        nearest, frozen = evidence.nearest(image), head.judge(image.scored, calibration)
+        return [frozen if scored is image.scored else head.judge(scored, calibration)
+                for scored in (evidence.raised(image, nearest, w) for w in WEIGHTS)]
 
     normal, defect = [judged(image) for image in validation], judged(held)
     figures = []

@@ -16,6 +16,9 @@ where they resemble a kept defect patch more than any normal patch. The weight `
 (`Settings.defect_weight`), chosen by the fit on held-out labelled defects unless given (`detector.defects`);
 a chosen 0 means the defects did not help there, and then no bank is kept at all.
 
+The rows are stored as features (unit-norm for kNN); the Mahalanobis geometry is applied when a head is built
+(`prepared_bank`), so a Gaussian that `anomalyvfm update` grows moves the defect rows with it.
+
 Which patches are kept, per view (`defect_rows`):
 * a patch the outline touches (its mask fraction, `data.resample.block_means`, is above zero) — or, for an
   image labelled without an outline, one of the top `top_percent` % of its patches (the patches its image
@@ -29,7 +32,7 @@ backbone form and the service carry them with no code of their own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -73,7 +76,7 @@ def defect_rows(defect: ScoredImage, view: int, floor: float, top_percent: float
 def defect_bank(arrays: dict[str, np.ndarray], scorer: str, defects: Sequence[ScoredImage],
                 floors: Sequence[float], top_percent: float) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     """The defect arrays to add to a head's `arrays` (one bank per view that keeps any patch), and the patches
-    kept per image and view. kNN rows are unit-norm; Mahalanobis rows are whitened by the view's Gaussian."""
+    kept per image and view (kNN rows unit-norm, Mahalanobis rows as they are)."""
     banks: dict[str, np.ndarray] = {}
     kept = [[0] * len(floors) for _ in defects]
     for view, floor in enumerate(floors):
@@ -85,9 +88,14 @@ def defect_bank(arrays: dict[str, np.ndarray], scorer: str, defects: Sequence[Sc
             rows.append(features.reshape(-1, features.shape[-1])[index])
         patches = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         if len(patches):
-            banks[bank_key(view)] = (unit_rows(patches) if scorer == "knn" else
-                                     whiten(patches, arrays[f"view{view}.mean"], arrays[f"view{view}.whitener"]))
+            banks[bank_key(view)] = unit_rows(patches) if scorer == "knn" else patches
     return banks, kept
+
+
+def prepared_bank(bank: np.ndarray, gaussian: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """A stored defect bank in the geometry its distances are taken in: as stored (kNN), or whitened by the
+    view's Gaussian = (mean, whitener) (Mahalanobis)."""
+    return bank if gaussian is None else whiten(bank, *gaussian)
 
 
 def whiten(features, mean: np.ndarray, whitener: np.ndarray) -> np.ndarray:
@@ -98,8 +106,8 @@ def whiten(features, mean: np.ndarray, whitener: np.ndarray) -> np.ndarray:
 
 
 def defect_distance(features, bank: np.ndarray, gaussian: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Distance of each feature row to its nearest defect row: cosine (kNN), or Euclidean in the whitened
-    space of `gaussian` = (mean, whitener) (Mahalanobis)."""
+    """Distance of each feature row to its nearest row of a `prepared_bank`: cosine (kNN), or Euclidean in the
+    whitened space of `gaussian` = (mean, whitener) (Mahalanobis)."""
     if gaussian is None:
         return knn_distance(features, bank)
     x = whiten(features, *gaussian)
@@ -112,3 +120,28 @@ def defect_distance(features, bank: np.ndarray, gaussian: tuple[np.ndarray, np.n
 def with_defect_evidence(normal: np.ndarray, defect: np.ndarray, weight: float) -> np.ndarray:
     """Patch scores raised where a patch is closer to a known defect than to normal: `d_n + w·max(0, d_n - d_d)`."""
     return normal + np.float32(weight) * np.maximum(normal - defect, 0, dtype=np.float32)
+
+
+class DefectEvidence:
+    """A defect bank applied to views already scored against the normal model (`ScoredImage`): what the head
+    computes for features, without their normal search again — for choosing the weight on held-out defects and
+    for studies that score cached images many times. The same arithmetic, so the same scores."""
+
+    def __init__(self, banks: dict[str, np.ndarray], gaussians: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> None:
+        self.gaussians = list(gaussians)
+        self.banks = {view: prepared_bank(banks[bank_key(view)], gaussian) for view, gaussian in enumerate(gaussians)
+                      if bank_key(view) in banks}
+
+    def nearest(self, image: ScoredImage) -> list[np.ndarray | None]:
+        """Per view, each patch's distance to the nearest defect row (None: no bank for that view)."""
+        return [None if view not in self.banks else
+                defect_distance(features, self.banks[view], self.gaussians[view]).reshape(grid.shape)
+                for view, (grid, features) in enumerate(zip(image.scored.grids, image.features))]
+
+    @staticmethod
+    def raised(image: ScoredImage, nearest: list[np.ndarray | None], weight: float) -> ViewScores:
+        """The image's views with the evidence at `weight` (the very object when no patch is nearer a defect)."""
+        if weight == 0 or all(d is None or not (d < g).any() for d, g in zip(nearest, image.scored.grids)):
+            return image.scored
+        return replace(image.scored, grids=[g if d is None else with_defect_evidence(g, d, weight)
+                                            for g, d in zip(image.scored.grids, nearest)])

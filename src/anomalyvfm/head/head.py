@@ -24,7 +24,7 @@ import numpy as np
 from anomalyvfm.errors import NotFittedError
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.head.calibration import Calibration, Thresholds
-from anomalyvfm.head.defects import DEFAULT_WEIGHT, bank_key, defect_distance, with_defect_evidence
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, bank_key, defect_distance, prepared_bank, with_defect_evidence
 from anomalyvfm.head.scores import HeadLogits, RawScores, ViewScores, combine
 from anomalyvfm.head.search import BankSearch, make_search
 from anomalyvfm.maps.anomaly_maps import anomaly_map
@@ -92,6 +92,8 @@ class ScoringHead:
             raise NotFittedError(f"the fitted state has no {', '.join(missing)}")
         self._search: list[BankSearch] = ([make_search(self._arrays[f"view{i}.bank"], search, device)
                                            for i in range(config.views)] if config.scorer == "knn" else [])
+        self._defects = {view: prepared_bank(self._arrays[bank_key(view)], self.gaussian(view))
+                         for view in range(config.views) if bank_key(view) in self._arrays}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The fitted arrays (a copy of the dict; the arrays themselves are shared and not to be written)."""
@@ -132,20 +134,26 @@ class ScoringHead:
 
     def patch_scores(self, view: int, features: np.ndarray, held_out: HeldOut | None = None) -> np.ndarray:
         """Flat patch scores of one view's features against that view's scorer (without what `held_out` names)."""
-        a = self._arrays
-        gaussian = None if self._search else (a[f"view{view}.mean"], a[f"view{view}.whitener"])
+        gaussian = self.gaussian(view)
         if self._search:
             if held_out is not None and held_out.bank_rows:
-                normal = knn_distance(features, a[f"view{view}.bank"], held_out.bank_rows[view])
+                normal = knn_distance(features, self._arrays[f"view{view}.bank"], held_out.bank_rows[view])
             else:
                 normal = self._search[view](features)
         elif held_out is not None and held_out.gaussians:
             normal = mahalanobis_distance(features, *held_out.gaussians[view])
         else:
             normal = mahalanobis_distance(features, *gaussian)
-        if bank_key(view) not in a:
+        if view not in self._defects:
             return normal
-        return with_defect_evidence(normal, defect_distance(features, a[bank_key(view)], gaussian), self.config.defect_weight)
+        return with_defect_evidence(normal, defect_distance(features, self._defects[view], gaussian),
+                                    self.config.defect_weight)
+
+    def gaussian(self, view: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A Mahalanobis view's (mean, whitener); None for kNN."""
+        if self.config.scorer == "knn":
+            return None
+        return self._arrays[f"view{view}.mean"], self._arrays[f"view{view}.whitener"]
 
     def fuse(self, scored: ViewScores, calibration: Calibration, evidence: str | None = None) -> RawScores:
         """Views fused into one distance grid (standardised by `calibration`'s view statistics, background

@@ -236,6 +236,7 @@ class Service:
             store=self.store.name if self.store else None, model_version=d.version,
             updates=[{k: v for k, v in u.items() if k != "added_scores"} for u in d.record.updates],
             calibration_defects=d.record.calibration_defects,
+            defects=d.record.defects,
         )
 
     def readiness(self) -> Readiness:

@@ -76,6 +76,9 @@ ModelInfo = create_model(
     calibration_defects=(dict[str, Any], Field(default_factory=dict, description="labelled defects the thresholds were "
                                                "also set from (fit --calibration-defects): folder, images, F1 on them; "
                                                "empty for a normal-only model")),
+    defects=(dict[str, Any], Field(default_factory=dict, description="labelled real defects learnt as evidence (fit "
+                                   "--defects): source, images, defect patches per view, the weight and how it was "
+                                   "chosen; empty for a model without")),
 )
 DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 
