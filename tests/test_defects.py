@@ -7,6 +7,7 @@ scoring alike; bad input as one line.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from anomalyvfm.cli.main import main
+from anomalyvfm.data import load_mask
 from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defects import learn_defects
@@ -180,6 +182,25 @@ def test_an_exported_form_carries_the_defect_bank(with_defects, halves, tmp_path
     np.testing.assert_allclose(scores(out, images, backend="onnx"), scores(with_defects, images), rtol=1e-4)
 
 
+def test_an_update_keeps_the_defect_bank_of_a_mahalanobis_model(backbone_dir, data_root, halves, tmp_path):
+    """The Mahalanobis defect rows are features, whitened by the head in use: an update that grows the Gaussian
+    keeps them, and the learnt defects stay raised under it."""
+    folder = defect_folder(data_root, tmp_path / "labelled", [p.name for p in halves[0]])
+    model, updated = tmp_path / "model", tmp_path / "updated"
+    assert fit(backbone_dir, data_root, model, "--scorer", "mahalanobis", "--defect-weight", "1", "--defects", str(folder)) == 0
+    assert main(["update", "--model", str(model), "--good", str(data_root / "demo" / "validation" / "good"),
+                 "--out", str(updated)]) == 0
+    parent, child = model_dir.read(model), model_dir.read(updated)
+    np.testing.assert_array_equal(parent.head["defects.view0.bank"], child.head["defects.view0.bank"])
+    assert not np.array_equal(parent.head["view0.mean"], child.head["view0.mean"])
+    without = ScoringHead(replace(child.settings.head_config(), defect_weight=0.0), child.head)
+    predictor = load_predictor(updated)
+    for view in predictor.view_features(halves[0]):
+        plain = without.score_views(view.views, view.source, view.processed_shape, view.image_shape).grids[0]
+        raised = predictor.pipeline.head.score_views(view.views, view.source, view.processed_shape, view.image_shape).grids[0]
+        assert (raised >= plain - 1e-5).all() and (raised > plain + 1e-3).any()
+
+
 def test_defects_without_outlines_are_weak_labels(backbone_dir, data_root, halves, tmp_path):
     folder = defect_folder(data_root, tmp_path / "weak", [p.name for p in halves[0]], outlines=False)
     assert fit(backbone_dir, data_root, tmp_path / "model", "--defects", str(folder)) == 0
@@ -214,6 +235,7 @@ def test_defects_from_the_inspection_store(fitted_model, backbone_dir, data_root
     ("empty mask", "001_regular_mask.png: the mask outlines nothing"),
     ("unreadable image", "001_regular.png"),
     ("budget rule", "--threshold-rule budget is not supported"),
+    ("no normal images", "train/good: no images found"),
 ])
 def test_bad_defects_are_one_line_naming_the_file(damage, named, backbone_dir, data_root, tmp_path, capsys):
     folder = defect_folder(data_root, tmp_path / "defects", ["001_regular.png", "002_regular.png"])
@@ -230,10 +252,41 @@ def test_bad_defects_are_one_line_naming_the_file(damage, named, backbone_dir, d
         Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape[:2], np.uint8)).save(mask)
     elif damage == "unreadable image":
         (folder / "bad" / "001_regular.png").write_bytes(b"not an image")
-    else:
+    elif damage == "budget rule":
         options = ["--threshold-rule", "budget"]
+    else:  # defect images, but no good ones to learn normal from
+        data_root = tmp_path / "data"
+        shutil.copytree(folder.parent / "defects", data_root / "demo" / "test_public")
+        (data_root / "demo" / "train" / "good").mkdir(parents=True)
     out = tmp_path / "model"
     capsys.readouterr()
     assert fit(backbone_dir, data_root, out, "--defects", str(folder), *options) == 2
     err = capsys.readouterr().err.strip()
     assert named in err and "\n" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("scorer", ["knn", "mahalanobis"])
+def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, backbone_dir, data_root, halves):
+    """`DefectEvidence` (the weight choice, the study) gives the very scores of a head holding the bank."""
+    from anomalyvfm.detector.defects import scored_images
+    from anomalyvfm.detector.detector import AnomalyDetector
+    from anomalyvfm.head.defects import DefectEvidence
+
+    root = data_root / "demo"
+    detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, scorer=scorer).fit(
+        sorted((root / "train" / "good").glob("*.png")), sorted((root / "validation" / "good").glob("*.png")), progress=False)
+    head = detector.pipeline.head
+    views = list(detector.view_features([*halves[0], *halves[1]]))
+    masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{Path(v.source).stem}_mask.png") for v in views]
+    images = scored_images(head, views, masks)
+    arrays, record = learn_defects(head, detector.calibration, images[:4], [], "test", weight=2.0)
+    assert record["patches_per_view"][0] > 0
+    with_bank = ScoringHead(replace(head.config, defect_weight=2.0), arrays)
+    evidence = DefectEvidence(arrays, [head.gaussian(0)])
+    changed = 0
+    for image, v in zip(images, views):
+        raised = evidence.raised(image, evidence.nearest(image), 2.0)
+        direct = with_bank.score_views(v.views, v.source, v.processed_shape, v.image_shape)
+        np.testing.assert_array_equal(raised.grids[0], direct.grids[0])
+        changed += raised is not image.scored
+    assert changed >= 4  # at least the learnt defects themselves were raised
