@@ -52,7 +52,7 @@ def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: Defe
     defect `evidence` applied at the detector's weight — the arithmetic of a head holding that bank."""
     head, calibration = detector.pipeline.head, detector.calibration
     thresholds, weight = calibration.thresholds(), head.config.defect_weight
-    preds = [head.judge(image.scored if evidence is None else evidence.raised(image, evidence.nearest(image), weight),
+    preds = [head.judge(image.scored if evidence is None else evidence.raised(image, evidence.of(image), weight),
                         calibration, "distance", thresholds) for image in images]
     masks = [image.mask if image.mask is not None else np.zeros(p.anomaly_map.shape, bool) for image, p in zip(images, preds)]
     counts = np.array([M.mask_counts(m, p.mask) for m, p in zip(masks, preds)])
@@ -106,7 +106,7 @@ def run_category(data: Path, backbone: str, category: str, out: Path) -> list[di
                     detector.pipeline.configure(defect_weight=record["weight"])
                     evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(validation[0].views))])
                     detector.calibration = calibrate_scored(detector.pipeline, [
-                        evidence.raised(image, evidence.nearest(image), record["weight"]) for image in normal], "distance")
+                        evidence.raised(image, evidence.of(image), record["weight"]) for image in normal], "distance")
                     row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)

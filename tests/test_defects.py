@@ -20,8 +20,8 @@ from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defects import learn_defects
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.defects import (ScoredImage, defect_bank, defect_distance, defect_rows, prepared_bank,
-                                     with_defect_evidence)
+from anomalyvfm.head.defects import (DefectEvidence, ScoredImage, defect_bank, defect_distance, defect_rows,
+                                     prepared_bank, raise_scores)
 from anomalyvfm.head.head import HeadConfig, ScoringHead
 from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.scoring.distances import unit_rows
@@ -36,8 +36,7 @@ def test_a_patch_is_raised_only_by_how_much_nearer_a_known_defect_it_is_than_nor
     rng = np.random.default_rng(0)
     bank = unit_rows(rng.normal(size=(50, 8)))
     defect = unit_rows(rng.normal(size=(3, 8)))
-    head = ScoringHead(HeadConfig("knn", 1, 1), {"view0.bank": bank, "defects.view0.bank": defect,
-                                                 "defects.weight": np.array([1.0])})
+    head = ScoringHead(HeadConfig("knn", 1, 1), {"view0.bank": bank, "defects.view0.bank": defect})
     x = np.r_[bank[:5] + 0.01 * rng.normal(size=(5, 8)), defect + 0.05 * rng.normal(size=(3, 8)), rng.normal(size=(20, 8))]
     normal = 1 - (unit_rows(x) @ bank.T).max(1)
     nearest_defect = 1 - (unit_rows(x) @ defect.T).max(1)
@@ -60,8 +59,8 @@ def test_mahalanobis_defect_distance_is_the_mahalanobis_distance_between_the_pat
     prepared = prepared_bank(banks["defects.view0.bank"], (mean, whitener))
     np.testing.assert_allclose(defect_distance(x, prepared, (mean, whitener)), brute, rtol=1e-4)
     assert kept == [[4]]
-    np.testing.assert_array_equal(with_defect_evidence(np.array([1.0, 3.0], np.float32), np.array([2.0, 1.0], np.float32),
-                                                       2.0), [1.0, 7.0])
+    np.testing.assert_array_equal(raise_scores(np.array([1.0, 3.0], np.float32), np.array([0.0, 0.5], np.float32), 2.0),
+                                  [1.0, 6.0])
 
 
 def test_kept_patches_touch_the_outline_and_score_above_the_floor():
@@ -105,13 +104,14 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
     normal_images = synthetic_images(head, validation)
     calibration = calibrate_scored_head(head, normal_images)
     arrays, record = learn_defects(head, calibration, synthetic_images(head, defects, masks), normal_images, "test")
-    assert record["choice"]["folds"] == 4 and set(record["choice"]["figures"]) == {"0.0", "1.0", "2.0", "4.0"}
+    figures = record["choice"]["figures"]
+    assert record["choice"]["folds"] == 4 and set(figures) == {"none", *(f"{k} {w}" for k in ("bank", "linear") for w in (1, 2, 4))}
     if chosen == "raised":
-        assert record["weight"] > 0 and "defects.view0.bank" in arrays
-        figures = record["choice"]["figures"]
-        assert figures[str(record["weight"])] > figures["0.0"]
+        learnt = "defects.view0.bank" if record["kind"] == "bank" else "defects.view0.direction"
+        assert record["weight"] > 0 and learnt in arrays
+        assert figures[f"{record['kind']} {record['weight']:g}"] > figures["none"]
     else:
-        assert record["weight"] == 0.0 and "defects.view0.bank" not in arrays
+        assert record["weight"] == 0.0 and not any(key.startswith("defects.") for key in arrays)
 
 
 def calibrate_scored_head(head: ScoringHead, images: list[ScoredImage]) -> Calibration:
@@ -265,13 +265,13 @@ def test_bad_defects_are_one_line_naming_the_file(damage, named, backbone_dir, d
     assert named in err and "\n" not in err and not out.exists()
 
 
-@pytest.mark.parametrize("scorer", ["knn", "mahalanobis"])
-def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, backbone_dir, data_root, halves):
-    """`DefectEvidence` (the weight choice, the study) gives the very scores of a head holding the bank."""
+@pytest.mark.parametrize("scorer, kind", [("knn", "bank"), ("mahalanobis", "bank"), ("knn", "linear")])
+def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, kind, backbone_dir, data_root, halves):
+    """`DefectEvidence` (the weight choice, the study) gives the very scores of a head holding what was learnt."""
+    from anomalyvfm.detector.defects import Learner
+
     from anomalyvfm.detector.defects import scored_images
     from anomalyvfm.detector.detector import AnomalyDetector
-    from anomalyvfm.head.defects import DefectEvidence
-
     root = data_root / "demo"
     detector = AnomalyDetector(backbone=str(backbone_dir), image_size=112, scorer=scorer).fit(
         sorted((root / "train" / "good").glob("*.png")), sorted((root / "validation" / "good").glob("*.png")), progress=False)
@@ -279,13 +279,14 @@ def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, 
     views = list(detector.view_features([*halves[0], *halves[1]]))
     masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{Path(v.source).stem}_mask.png") for v in views]
     images = scored_images(head, views, masks)
-    arrays, record = learn_defects(head, detector.calibration, images[:4], [], "test", weight=2.0)
-    assert record["patches_per_view"][0] > 0
+    learnt, kept = Learner(head, detector.calibration).learn(kind, images[:4])
+    assert sum(rows[0] for rows in kept) > 0 and learnt
+    arrays = {**head.state_dict(), **learnt}
     with_bank = ScoringHead(replace(head.config, defect_weight=2.0), arrays)
     evidence = DefectEvidence(arrays, [head.gaussian(0)])
     changed = 0
     for image, v in zip(images, views):
-        raised = evidence.raised(image, evidence.nearest(image), 2.0)
+        raised = evidence.raised(image, evidence.of(image), 2.0)
         direct = with_bank.score_views(v.views, v.source, v.processed_shape, v.image_shape)
         np.testing.assert_array_equal(raised.grids[0], direct.grids[0])
         changed += raised is not image.scored

@@ -1,18 +1,24 @@
 """Learning from a plant's labelled real defects at fit time (`fit --defects DIR`, `--defects-from-store URL`).
 
 The fitted normal model scores each labelled defect image; the patches that make the defect (inside its
-outline, or its top patches when it was labelled without one) and score clearly above normal are kept as a
-defect memory bank in the scoring head (`head.defects`: how they raise a patch's score, and why a patch
-nearer normal than any known defect keeps its score). How much they raise it — the weight `w` — is chosen by
-one rule fixed before any run, on held-out folds of the labelled defects and the validation images only:
+outline, or its top patches when it was labelled without one) and score clearly above normal are what is
+learnt, as one of two kinds of defect evidence (`head.defects`): a **bank** of those patches, or a **linear**
+head (logistic regression on the frozen features, the kept patches against the normal bank's rows, classes
+weighted equally — the "heads alone on frozen features" of the adaptation study, here on real defects). Which
+kind, and how much it raises a patch's score (the weight `w`), is chosen by one rule fixed before any run, on
+held-out folds of the labelled defects and the validation images only:
 
-* leave one labelled defect out, learn the bank from the others, and score the held-out defect and every
-  validation image with each candidate weight (`WEIGHTS`; 0 is the model without defects);
+* leave one labelled defect out, learn each kind from the others, and score the held-out defect and every
+  validation image with each candidate: no defect evidence, or either kind at each weight of `WEIGHTS`;
 * a fold's figure is the mean of the held-out image's rank among the validation image scores (the image
   AUROC of one defect against the good parts) and, when it is outlined, AU-PRO(0.05) of its map against the
   validation maps;
-* the weight with the highest mean over the folds wins; a tie goes to the smaller weight. With a single
-  labelled defect there is no fold: `head.defects.DEFAULT_WEIGHT`. A chosen 0 keeps no bank at all.
+* the candidate with the highest mean over the folds wins; among equals the first of: none, bank, linear,
+  the smaller weight. With a single labelled defect there is no fold: a bank at `head.defects.DEFAULT_WEIGHT`.
+  "None" keeps nothing: the model is the normal-only one, with the record saying why.
+
+LoRA + heads trained on the real defects (the adaptation study's other arm) is not offered: `--lora` is
+refused with `--defects` (docs/adaptation.md).
 
 A weight the user gives (`--defect-weight`) is used as given. The weight is a setting: the chosen one is
 written into the model's settings, the figures behind the choice into its fit record.
@@ -39,11 +45,15 @@ from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.defects import DEFAULT_WEIGHT, FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank
+from anomalyvfm.head.defects import (DEFAULT_WEIGHT, FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
+                                     linear_keys)
 from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.prediction import ImageViews
+from anomalyvfm.scoring.distances import unit_rows
 
-WEIGHTS = (0.0, 1.0, 2.0, 4.0)  # candidate weights of the defect evidence, fixed before any run
+WEIGHTS = (1.0, 2.0, 4.0)  # candidate weights of each kind of defect evidence, fixed before any run
+KINDS = ("bank", "linear")  # `head.defects`; the linear head needs a kNN bank (its negatives)
+NEGATIVES = 20_000  # normal bank rows a linear head is trained against (a seeded sample of larger banks)
 FPR_LIMIT = 0.05  # AU-PRO's false-positive-rate limit in the choice (MVTec AD 2's)
 
 
@@ -117,57 +127,98 @@ def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validati
 def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence[ScoredImage],
                   validation: Sequence[ScoredImage], source: str,
                   weight: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The head's arrays with the defect bank added (none if the weight is 0), and the record of what was learnt:
-    the weight (`weight`, else chosen) and why."""
-    floors = [stats["mean"] + FLOOR_SIGMA * stats["std"] for stats in calibration.view_stats]
-    arrays = head.state_dict()
-    banks, kept = defect_bank(arrays, head.config.scorer, defects, floors, head.config.top_percent)
-    choice = ({"chosen": weight, "rule": "given (--defect-weight)"} if weight is not None else
-              choose_weight(head, calibration, defects, validation, floors))
+    """The head's arrays with the chosen defect evidence added (nothing if the weight is 0), and the record of
+    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why."""
+    learner = Learner(head, calibration)
+    choice = ({"kind": "bank", "weight": weight, "rule": "given (--defect-weight): a defect bank"}
+              if weight is not None else choose(learner, defects, validation))
+    learnt, kept = learner.learn(choice["kind"], defects)
     record = {"source": source, "images": len(defects), "outlined": sum(d.mask is not None for d in defects),
-              "patches_per_view": [len(banks.get(bank_key(view), ())) for view in range(len(floors))],
-              "floors": [float(f) for f in floors], "weight": choice["chosen"], "choice": choice,
+              "patches_per_view": [int(sum(rows[v] for rows in kept)) for v in range(len(learner.floors))],
+              "floors": [float(f) for f in learner.floors], "kind": choice["kind"], "weight": choice["weight"],
+              "choice": choice,
               "images_without_kept_patches": [d.scored.source for d, rows in zip(defects, kept) if not any(rows)]}
-    return (arrays if choice["chosen"] == 0 else {**arrays, **banks}), record
+    arrays = head.state_dict()
+    return (arrays if choice["weight"] == 0 else {**arrays, **learnt}), record
 
 
-def choose_weight(head: ScoringHead, calibration: Calibration, defects: Sequence[ScoredImage],
-                  validation: Sequence[ScoredImage], floors: Sequence[float]) -> dict[str, Any]:
-    """The defect evidence's weight by leave-one-defect-out on the labelled defects (module docstring)."""
+class Learner:
+    """Learns either kind of defect evidence (`head.defects`) from labelled defects for one fitted head."""
+
+    def __init__(self, head: ScoringHead, calibration: Calibration) -> None:
+        self.head, self.calibration, self.arrays = head, calibration, head.state_dict()
+        self.floors = [stats["mean"] + FLOOR_SIGMA * stats["std"] for stats in calibration.view_stats]
+        self.kinds = KINDS if head.config.scorer == "knn" else ("bank",)  # the linear head's negatives: bank rows
+
+    def learn(self, kind: str, defects: Sequence[ScoredImage]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+        """The arrays of `kind` learnt from `defects`, and the patches kept per image and view."""
+        banks, kept = defect_bank(self.arrays, self.head.config.scorer, defects, self.floors, self.head.config.top_percent)
+        if kind == "bank":
+            return banks, kept
+        learnt = {}
+        for view in range(len(self.floors)):
+            if bank_key(view) in banks:
+                learnt.update(zip(linear_keys(view), linear_head(banks[bank_key(view)], self.arrays[f"view{view}.bank"])))
+        return learnt, kept
+
+    def evidence(self, learnt: dict[str, np.ndarray]) -> DefectEvidence:
+        return DefectEvidence(learnt, [self.head.gaussian(view) for view in range(len(self.floors))])
+
+
+def linear_head(defect: np.ndarray, normal: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(direction, bias) of a logistic head on unit-norm features: defect rows against (up to `NEGATIVES` of)
+    the normal bank's rows, the classes weighted equally, L2-regularised (sklearn's default C = 1)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    normal = normal[rng.choice(len(normal), NEGATIVES, replace=False)] if len(normal) > NEGATIVES else normal
+    x = np.concatenate([unit_rows(defect), unit_rows(normal)])
+    y = np.r_[np.ones(len(defect)), np.zeros(len(normal))]
+    model = LogisticRegression(class_weight="balanced", max_iter=500).fit(x, y)
+    return model.coef_[0].astype(np.float32), model.intercept_.astype(np.float32)
+
+
+def choose(learner: Learner, defects: Sequence[ScoredImage], validation: Sequence[ScoredImage]) -> dict[str, Any]:
+    """The kind and weight of the defect evidence by leave-one-defect-out (module docstring)."""
+    candidates = [("bank", 0.0)] + [(kind, w) for kind in learner.kinds for w in WEIGHTS if w > 0]
     folds = []
     for held in range(len(defects) if len(defects) > 1 else 0):
-        others = [d for i, d in enumerate(defects) if i != held]
-        figures = fold_figures(head, calibration, defects[held], others, validation, floors)
+        figures = fold_figures(learner, candidates, defects[held], [d for i, d in enumerate(defects) if i != held],
+                               validation)
         if figures is not None:
             folds.append(figures)
     if not folds:
-        return {"chosen": DEFAULT_WEIGHT, "rule": "no held-out fold (fewer than 2 labelled defects with kept "
-                                                  "patches): the default weight", "folds": 0}
-    means = {w: float(np.mean([fold[i] for fold in folds])) for i, w in enumerate(WEIGHTS)}
-    chosen = max(WEIGHTS, key=lambda w: (means[w], -w))
-    return {"chosen": chosen, "folds": len(folds), "figures": {str(w): m for w, m in means.items()},
+        return {"kind": "bank", "weight": DEFAULT_WEIGHT, "folds": 0,
+                "rule": "no held-out fold (fewer than 2 labelled defects with kept patches): a bank at the default weight"}
+    means = np.mean(folds, axis=0)
+    best = int(np.argmax(means))  # the first of equals: the model without defects, then banks, lower weights
+    kind, weight = candidates[best]
+    return {"kind": kind, "weight": weight, "folds": len(folds),
+            "figures": {f"{k} {w:g}" if w else "none": float(m) for (k, w), m in zip(candidates, means)},
             "rule": "leave one labelled defect out: mean of its image AUROC against the validation images and its "
-                    f"AU-PRO({FPR_LIMIT}) against their maps; ties: the smaller weight"}
+                    f"AU-PRO({FPR_LIMIT}) against their maps; ties: the first of none, bank, linear, smaller weight"}
 
 
-def fold_figures(head: ScoringHead, calibration: Calibration, held: ScoredImage, others: Sequence[ScoredImage],
-                 validation: Sequence[ScoredImage], floors: Sequence[float]) -> list[float] | None:
-    """One fold's figure for each candidate weight (None when the other defects keep no patch)."""
-    arrays = head.state_dict()
-    banks, _ = defect_bank(arrays, head.config.scorer, others, floors, head.config.top_percent)
-    if not banks:
-        return None
-    evidence = DefectEvidence(banks, [head.gaussian(view) for view in range(len(floors))])
+def fold_figures(learner: Learner, candidates: list[tuple[str, float]], held: ScoredImage,
+                 others: Sequence[ScoredImage], validation: Sequence[ScoredImage]) -> list[float] | None:
+    """One fold's figure for each candidate (None when the other defects keep no patch)."""
+    head, calibration = learner.head, learner.calibration
+    evidence = {}
+    for kind in learner.kinds:
+        learnt, _ = learner.learn(kind, others)
+        if not learnt:
+            return None
+        evidence[kind] = learner.evidence(learnt)
 
     def judged(image: ScoredImage) -> list:
-        """The image's prediction (score, map) at every weight, judged once where the bank changes nothing."""
-        nearest, frozen = evidence.nearest(image), head.judge(image.scored, calibration)
+        """The image's prediction (score, map) under every candidate, judged once where nothing changes."""
+        frozen, of = head.judge(image.scored, calibration), {kind: e.of(image) for kind, e in evidence.items()}
         return [frozen if scored is image.scored else head.judge(scored, calibration)
-                for scored in (evidence.raised(image, nearest, w) for w in WEIGHTS)]
+                for scored in (DefectEvidence.raised(image, of[kind], w) for kind, w in candidates)]
 
     normal, defect = [judged(image) for image in validation], judged(held)
     figures = []
-    for i in range(len(WEIGHTS)):
+    for i in range(len(candidates)):
         scores = np.array([preds[i].score for preds in normal])
         parts = [float(np.mean(scores < defect[i].score) + 0.5 * np.mean(scores == defect[i].score))]
         if held.mask is not None:

@@ -1,23 +1,30 @@
-"""Known defects as evidence: a memory bank of real defect patches beside the normal one (numpy only).
+"""Known defects as evidence beside the normal model (numpy only): a defect memory bank or a linear defect head.
 
 A plant that has confirmed a few real defects should score the next defect *like them* higher than the
-normal bank alone would. The normal scorer measures how far a patch is from normal (`d_n`: cosine distance
-to the kNN bank, or Mahalanobis distance); the defect bank measures, in the *same* geometry, how far it is
-from the nearest known defect patch (`d_d`: cosine distance to the defect rows, or Euclidean distance in the
-Mahalanobis whitened space, where the rows are stored whitened). A patch's score becomes
+normal model alone would. The normal scorer measures how far a patch is from normal (`d_n`: cosine distance
+to the kNN bank, or Mahalanobis distance). The learnt parts give each patch a defect evidence `e` in [0, 1],
+and its score becomes
 
-    d_n + w · max(0, d_n - d_d)
+    d_n · (1 + w · e)
 
-— raised only where the patch is closer to a known defect than to anything normal, by how much closer. The
-evidence is in the distance's own units, so everything downstream (view standardisation on validation, image
-score, thresholds, maps) is unchanged; a patch nearer normal than any defect keeps its score exactly. That
-is what keeps a model with defects from being much worse than without: normal patches are only raised
-where they resemble a kept defect patch more than any normal patch. The weight `w` is a setting
-(`Settings.defect_weight`), chosen by the fit on held-out labelled defects unless given (`detector.defects`);
-a chosen 0 means the defects did not help there, and then no bank is kept at all.
+Two kinds of evidence (the fit chooses one, `detector.defects`):
 
-The rows are stored as features (unit-norm for kNN); the Mahalanobis geometry is applied when a head is built
-(`prepared_bank`), so a Gaussian that `anomalyvfm update` grows moves the defect rows with it.
+* **bank** (`defects.view<i>.bank`): the kept defect patches; `d_d` is the distance to the nearest of them in
+  the normal scorer's *own* geometry (cosine for kNN; Euclidean in the Mahalanobis whitened space) and
+  `e = max(0, 1 - d_d / d_n)`, so the score is `d_n + w · max(0, d_n - d_d)`: raised only where the patch is
+  closer to a known defect than to anything normal, by how much closer;
+* **linear** (`defects.view<i>.direction`, `.bias`, kNN models): a logistic head on the unit-norm features,
+  trained on the kept defect patches against the normal bank's rows; `e` is its probability. It generalises
+  along a direction (a kind of defect) where the bank needs a near copy.
+
+The evidence multiplies the distance, in the distance's own units, so everything downstream (view
+standardisation on validation, image score, thresholds, maps) is unchanged, and a patch that is close to
+normal stays close to normal whatever the evidence says: a model with defects cannot turn ordinary texture
+into an alarm. The weight `w` is a setting (`Settings.defect_weight`); 0 means the defects did not help on
+held-out labelled defects, and then nothing is kept.
+
+The bank's rows are stored as features (unit-norm for kNN); the Mahalanobis geometry is applied when a head
+is built (`prepared_bank`), so a Gaussian that `anomalyvfm update` grows moves the defect rows with it.
 
 Which patches are kept, per view (`defect_rows`):
 * a patch the outline touches (its mask fraction, `data.resample.block_means`, is above zero) — or, for an
@@ -25,10 +32,10 @@ Which patches are kept, per view (`defect_rows`):
   score is made of: "somewhere in this image", multiple-instance style);
 * and whose own normal distance is at least the view's *floor*: mean + 3 std of the view's validation patch
   scores (`Calibration.view_stats`). A patch inside an outline that scores like normal texture (an outline
-  drawn generously, a faint defect) would otherwise raise every normal patch that looks like it.
+  drawn generously, a faint defect) would otherwise teach that normal texture is a defect.
 
-The rows are stored with the head's arrays as `defects.view<i>.bank`, so the model directory, every exported
-backbone form and the service carry them with no code of their own.
+The arrays are stored with the head's, so the model directory, every exported backbone form and the service
+carry them with no code of their own.
 """
 from __future__ import annotations
 
@@ -47,6 +54,10 @@ DEFAULT_WEIGHT = 1.0  # a patch as near a known defect as it is far from normal 
 
 def bank_key(view: int) -> str:
     return f"defects.view{view}.bank"
+
+
+def linear_keys(view: int) -> tuple[str, str]:
+    return f"defects.view{view}.direction", f"defects.view{view}.bias"
 
 
 @dataclass(frozen=True)
@@ -117,31 +128,43 @@ def defect_distance(features, bank: np.ndarray, gaussian: tuple[np.ndarray, np.n
     return np.concatenate(out).astype(np.float32)
 
 
-def with_defect_evidence(normal: np.ndarray, defect: np.ndarray, weight: float) -> np.ndarray:
-    """Patch scores raised where a patch is closer to a known defect than to normal: `d_n + w·max(0, d_n - d_d)`."""
-    return normal + np.float32(weight) * np.maximum(normal - defect, 0, dtype=np.float32)
+def raise_scores(normal: np.ndarray, evidence: np.ndarray, weight: float) -> np.ndarray:
+    """Patch scores raised by their defect evidence: `d_n · (1 + w · e)`."""
+    return normal * (np.float32(1) + np.float32(weight) * np.asarray(evidence, np.float32))
 
 
 class DefectEvidence:
-    """A defect bank applied to views already scored against the normal model (`ScoredImage`): what the head
-    computes for features, without their normal search again — for choosing the weight on held-out defects and
-    for studies that score cached images many times. The same arithmetic, so the same scores."""
+    """The defect evidence of a head's arrays, per view that has any: what `ScoringHead` raises its scores with,
+    and, on views already scored against the normal model (`ScoredImage`), what the weight choice and studies
+    use without the normal search again — the same code, so the same scores."""
 
-    def __init__(self, banks: dict[str, np.ndarray], gaussians: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], gaussians: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> None:
         self.gaussians = list(gaussians)
-        self.banks = {view: prepared_bank(banks[bank_key(view)], gaussian) for view, gaussian in enumerate(gaussians)
-                      if bank_key(view) in banks}
+        self.banks = {view: prepared_bank(arrays[bank_key(view)], gaussian) for view, gaussian in enumerate(gaussians)
+                      if bank_key(view) in arrays}
+        self.linear = {view: (arrays[keys[0]], float(arrays[keys[1]][0])) for view in range(len(gaussians))
+                       if (keys := linear_keys(view))[0] in arrays}
 
-    def nearest(self, image: ScoredImage) -> list[np.ndarray | None]:
-        """Per view, each patch's distance to the nearest defect row (None: no bank for that view)."""
-        return [None if view not in self.banks else
-                defect_distance(features, self.banks[view], self.gaussians[view]).reshape(grid.shape)
+    def has(self, view: int) -> bool:
+        return view in self.banks or view in self.linear
+
+    def evidence(self, view: int, features, normal: np.ndarray) -> np.ndarray:
+        """Each patch's defect evidence in [0, 1] (flat; `normal`: its normal distances, flat)."""
+        if view in self.banks:
+            nearest = defect_distance(features, self.banks[view], self.gaussians[view])
+            return np.where(normal > 0, np.maximum(0, 1 - nearest / np.maximum(normal, 1e-12)), 0).astype(np.float32)
+        direction, bias = self.linear[view]
+        return (1 / (1 + np.exp(-(unit_rows(features) @ direction + bias)))).astype(np.float32)
+
+    def of(self, image: ScoredImage) -> list[np.ndarray | None]:
+        """Per view of a scored image, its patches' evidence as a grid (None: nothing learnt for that view)."""
+        return [self.evidence(view, features, grid.reshape(-1)).reshape(grid.shape) if self.has(view) else None
                 for view, (grid, features) in enumerate(zip(image.scored.grids, image.features))]
 
     @staticmethod
-    def raised(image: ScoredImage, nearest: list[np.ndarray | None], weight: float) -> ViewScores:
-        """The image's views with the evidence at `weight` (the very object when no patch is nearer a defect)."""
-        if weight == 0 or all(d is None or not (d < g).any() for d, g in zip(nearest, image.scored.grids)):
+    def raised(image: ScoredImage, evidence: list[np.ndarray | None], weight: float) -> ViewScores:
+        """The image's views raised at `weight` (the very object when that changes no patch)."""
+        if weight == 0 or all(e is None or not (e > 0).any() for e in evidence):
             return image.scored
-        return replace(image.scored, grids=[g if d is None else with_defect_evidence(g, d, weight)
-                                            for g, d in zip(image.scored.grids, nearest)])
+        return replace(image.scored, grids=[g if e is None else raise_scores(g, e, weight)
+                                            for g, e in zip(image.scored.grids, evidence)])

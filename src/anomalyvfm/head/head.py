@@ -3,7 +3,7 @@
 The fitted state is a flat dict of float32 arrays (`state_dict`), keyed `<part>.<name>`: `view<i>.bank`
 (kNN) or `view<i>.mean` / `view<i>.whitener` (Mahalanobis) per view, `foreground.mean` /
 `foreground.component` / `foreground.threshold` when the model has a foreground model, and
-`global.embeddings` (the training images' global embeddings, for image evidence), and `defects.view<i>.bank`
+`global.embeddings` (the training images' global embeddings, for image evidence), and `defects.view<i>.*`
 when the model learnt from labelled defects (`head.defects`). The torch fit produces
 it (`detector.pipeline`), the model directory and the exported bundle store it; the head reads nothing else.
 
@@ -24,7 +24,7 @@ import numpy as np
 from anomalyvfm.errors import NotFittedError
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.head.calibration import Calibration, Thresholds
-from anomalyvfm.head.defects import DEFAULT_WEIGHT, bank_key, defect_distance, prepared_bank, with_defect_evidence
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, raise_scores
 from anomalyvfm.head.scores import HeadLogits, RawScores, ViewScores, combine
 from anomalyvfm.head.search import BankSearch, make_search
 from anomalyvfm.maps.anomaly_maps import anomaly_map
@@ -92,8 +92,7 @@ class ScoringHead:
             raise NotFittedError(f"the fitted state has no {', '.join(missing)}")
         self._search: list[BankSearch] = ([make_search(self._arrays[f"view{i}.bank"], search, device)
                                            for i in range(config.views)] if config.scorer == "knn" else [])
-        self._defects = {view: prepared_bank(self._arrays[bank_key(view)], self.gaussian(view))
-                         for view in range(config.views) if bank_key(view) in self._arrays}
+        self._defects = DefectEvidence(self._arrays, [self.gaussian(view) for view in range(config.views)])
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The fitted arrays (a copy of the dict; the arrays themselves are shared and not to be written)."""
@@ -144,10 +143,9 @@ class ScoringHead:
             normal = mahalanobis_distance(features, *held_out.gaussians[view])
         else:
             normal = mahalanobis_distance(features, *gaussian)
-        if view not in self._defects:
+        if not self._defects.has(view):
             return normal
-        return with_defect_evidence(normal, defect_distance(features, self._defects[view], gaussian),
-                                    self.config.defect_weight)
+        return raise_scores(normal, self._defects.evidence(view, features, normal), self.config.defect_weight)
 
     def gaussian(self, view: int) -> tuple[np.ndarray, np.ndarray] | None:
         """A Mahalanobis view's (mean, whitener); None for kNN."""
