@@ -89,3 +89,27 @@ def test_setting_round_trips_and_old_directories_score_patch(fitted_model, backb
     code = main(["predict", "--model", str(old), str(paths[0]), "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert code == 2 and "no global.embeddings" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_image_evidence_auto_is_chosen_by_the_fit_recorded_and_shown(backbone_dir, data_root, tmp_path, one_thread):
+    """`--image-evidence auto`: the fit chooses patch or patch+global on validation + synthetic anomalies, stores
+    the choice as the setting (a model never holds "auto") and the figures in its record; /model shows them."""
+    import requests
+    from servers import live_server
+
+    from anomalyvfm.detector import model_dir
+    from anomalyvfm.service.app import create_app
+
+    model = tmp_path / "auto"
+    assert main(["fit", "--data", str(data_root), "--category", "demo", "--backbone", str(backbone_dir),
+                 "--image-size", "112", "--image-evidence", "auto", "--out", str(model)]) == 0
+    stored = model_dir.read(model)
+    choice = stored.record.auto_choice["image_evidence"]
+    figures = choice["figures"]
+    assert stored.settings.image_evidence == choice["chosen"] in ("patch", "patch+global")
+    best = max(figures, key=lambda e: (figures[e]["val_image_auroc"], e == "patch"))
+    assert choice["chosen"] == best  # the rule: the higher validation AUROC, a tie to patch
+    assert (choice["chosen"] == "patch") != ("patch+global" == stored.settings.head_config().image_evidence)
+    with live_server(create_app(model)) as base:
+        card = requests.get(f"{base}/model", timeout=30).json()
+    assert card["image_evidence_choice"]["chosen"] == choice["chosen"] and card["image_evidence"] == choice["chosen"]

@@ -28,6 +28,7 @@ from anomalyvfm.errors import NotFittedError, UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
 from anomalyvfm.head.calibration import Calibration, Thresholds
 from anomalyvfm.prediction import ImageViews, Prediction
+from anomalyvfm.scoring.names import AUTO
 from anomalyvfm.version import __version__
 
 __all__ = ["AnomalyDetector", "Prediction"]
@@ -97,13 +98,14 @@ class AnomalyDetector:
             self.pipeline.adapt(adapter, heads)
         self.record.train_images = self.pipeline.fit_scorers(images, progress, self.settings.out_of_fold)
         self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
-        if self.settings.auto:  # the image evidence is chosen on the fitted model (it needs its calibration)
+        if self.settings.auto or self.settings.image_evidence == AUTO:  # chosen on the fitted, calibrated model
             from anomalyvfm.detector.evidence import choose_image_evidence
 
             choice = choose_image_evidence(self.pipeline, self.calibration, validation_images, self.settings.seed, progress)
             self.record.auto_choice["image_evidence"] = choice
-            if choice["chosen"] != self.settings.image_evidence:
-                self.pipeline.configure(image_evidence=choice["chosen"])
+            scored_with = self.pipeline.head.config.image_evidence  # what the calibration so far was taken with
+            self.pipeline.configure(image_evidence=choice["chosen"])
+            if choice["chosen"] != scored_with:
                 self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
         if defects is not None:
             self.calibration, self.record.defects = fit_defects(self.pipeline, self.calibration, defects, validation_images,

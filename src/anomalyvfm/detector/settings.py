@@ -19,7 +19,7 @@ from anomalyvfm.head.defects import DEFAULT_WEIGHT
 from anomalyvfm.head.head import HeadConfig
 from anomalyvfm.maps.binarize import BINARIZATIONS, HYSTERESIS_FRACTION
 from anomalyvfm.maps.thresholds import THRESHOLD_RULES, ThresholdRule, make_rule
-from anomalyvfm.scoring.names import IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, SCORERS
+from anomalyvfm.scoring.names import AUTO, IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_MODES, SCORERS
 
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001
@@ -42,8 +42,10 @@ class Settings:
                                choices=MEMORY_BANKS)
     top_percent: float = setting(1.0, "image score = mean of top %% patches", low=0, low_open=True, high=100)
     image_evidence: str = setting("patch", "image score from the patch scores alone, or plus the image's global "
-                                           "distance to the training images (both standardised on validation, summed)",
-                                  choices=IMAGE_EVIDENCE)
+                                           "distance to the training images (both standardised on validation, summed); "
+                                           "auto: the fit chooses per product, on validation + synthetic local and "
+                                           "global anomalies (recorded in the model)",
+                                  choices=(*IMAGE_EVIDENCE, AUTO))
     sigma: float = setting(4.0, "Gaussian smoothing of maps (px at backbone size)", low=0)
     threshold_rule: str | None = setting(None, "how thresholds are read off normal scores: sigma (mean + N std), "
                                                "quantile, max (+ margin std), gpd (Pareto tail fit) on validation "
@@ -124,9 +126,11 @@ class Settings:
     def head_config(self) -> HeadConfig:
         """What the scoring head applies of these settings (the layers must be resolved: fitted or loaded)."""
         return HeadConfig(self.scorer, len(self.views()), len(self.layers), self.top_percent, self.sigma,
-                          self.image_evidence, self.binarize, self.outline_only_flagged,
-                          DEFAULT_WEIGHT if self.defect_weight is None else self.defect_weight, self.image_size, self.scales,
-                          self.tile_size, self.tile_scale)
+                          image_evidence="patch" if self.image_evidence == AUTO else self.image_evidence,  # until chosen
+                          binarize=self.binarize, outline_only_flagged=self.outline_only_flagged,
+                          defect_weight=DEFAULT_WEIGHT if self.defect_weight is None else self.defect_weight,
+                          image_size=self.image_size, scales=self.scales, tile_size=self.tile_size,
+                          tile_scale=self.tile_scale)
 
     def view_summary(self) -> str:
         if self.tile_size:

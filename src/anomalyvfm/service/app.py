@@ -237,6 +237,7 @@ class Service:
             updates=[{k: v for k, v in u.items() if k != "added_scores"} for u in d.record.updates],
             calibration_defects=d.record.calibration_defects,
             defects=d.record.defects,
+            image_evidence_choice=d.record.auto_choice.get("image_evidence", {}),
         )
 
     def readiness(self) -> Readiness:

@@ -79,6 +79,9 @@ ModelInfo = create_model(
     defects=(dict[str, Any], Field(default_factory=dict, description="labelled real defects learnt as evidence (fit "
                                    "--defects): source, images, defect patches per view, the weight and how it was "
                                    "chosen; empty for a model without")),
+    image_evidence_choice=(dict[str, Any], Field(default_factory=dict, description="how the fit chose the image "
+                                                 "evidence (--image-evidence auto or --auto): the rule, each evidence's "
+                                                 "validation AUROC on synthetic anomalies, the choice; empty if given")),
 )
 DECLARED_NAMES = {f.name for cls in (Settings, Runtime) for f, _ in declared(cls)}
 
