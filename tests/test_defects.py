@@ -201,9 +201,10 @@ def test_an_update_keeps_the_defect_bank_of_a_mahalanobis_model(backbone_dir, da
         assert (raised >= plain - 1e-5).all() and (raised > plain + 1e-3).any()
 
 
-def test_defects_without_outlines_are_weak_labels(backbone_dir, data_root, halves, tmp_path):
+def test_defects_without_outlines_are_weak_labels(backbone_dir, data_root, halves, tmp_path, capsys):
     folder = defect_folder(data_root, tmp_path / "weak", [p.name for p in halves[0]], outlines=False)
     assert fit(backbone_dir, data_root, tmp_path / "model", "--defects", str(folder)) == 0
+    assert "defects: 4 labelled images (0 outlined)" in capsys.readouterr().out
     record = model_dir.read(tmp_path / "model").record.defects
     assert record["images"] == 4 and record["outlined"] == 0 and record["patches_per_view"][0] > 0
 

@@ -99,6 +99,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"pixel threshold {thresholds.pixel_threshold:.4g})")
     if detector.settings.threshold_rule == "budget" or args.calibration_defects:  # the evidence, as the report shows it
         print(threshold_lines(thresholds.evidence), end="")
+    if detector.record.defects:
+        d = detector.record.defects
+        learnt = (f"a {d['kind']} defect evidence at weight {d['weight']:g}" if d["weight"] else
+                  "nothing: held-out labelled defects were not found better with them")
+        print(f"defects: {d['images']} labelled images ({d['outlined']} outlined), {sum(d['patches_per_view'])} defect "
+              f"patches kept; learnt {learnt} ({d['choice']['rule']})")
     if detector.settings.lora is not None:
         r = detector.record.lora
         size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size
