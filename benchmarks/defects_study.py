@@ -120,7 +120,8 @@ def run_category(data: Path, backbone: str, category: str, out: Path) -> list[di
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    lines = [f"| category | k | figure | frozen | {fixed} | defects (chosen weight) |", "|---|---|---|---|---|---|"]
+    lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |",
+             "|---|---|---|---|---|---|"]
     groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in KS] + [("mean", k) for k in KS]
     for category, k in groups:
         group = [r for r in rows if r["k"] == k and category in ("mean", r["category"])]
@@ -130,10 +131,10 @@ def table(rows: list[dict]) -> str:
         for figure in FIGURES:
             cells = [f"{mean(lambda r: r[name][figure]):.3f}" for name in ("frozen", fixed, "defects")]
             lines.append(f"| {category} | {k} | {figure} | {' | '.join(cells)} |")
-        weights = ", ".join(f"{r['record defects']['weight']:g}" for r in group)
+        chosen = ", ".join(f"{r['record defects']['kind']} {r['record defects']['weight']:g}" for r in group)
         patches = mean(lambda r: sum(r["record defects"]["patches_per_view"]))
         seconds = " | ".join(f"{mean(lambda r: r['fit_seconds ' + name]):.0f}" for name in ("frozen", fixed, "defects"))
-        lines.append(f"| {category} | {k} | fit s (weights chosen: {weights}; {patches:.0f} defect patches) | {seconds} |")
+        lines.append(f"| {category} | {k} | fit s (chosen: {chosen}; {patches:.0f} defect patches) | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,15 +144,19 @@ def main() -> None:
     parser.add_argument("--backbone", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--categories", default="all")
+    parser.add_argument("--table-only", action="store_true", help="rewrite OUT/defects_study.md from OUT/*.json")
     args = parser.parse_args()
     categories = CATEGORIES if args.categories == "all" else args.categories.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for category in categories:
+        if args.table_only:
+            rows += [r for r in json.loads((out / "defects_study.json").read_text()) if r["category"] == category]
+            continue
         rows += run_category(Path(args.data), args.backbone, category, out)
         (out / "defects_study.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "defects_study.md").write_text(table(rows))
+    (out / "defects_study.md").write_text(table(rows))
     print(table(rows))
 
 
