@@ -131,10 +131,11 @@ def table(rows: list[dict]) -> str:
         for figure in FIGURES:
             cells = [f"{mean(lambda r: r[name][figure]):.3f}" for name in ("frozen", fixed, "defects")]
             lines.append(f"| {category} | {k} | {figure} | {' | '.join(cells)} |")
-        chosen = ", ".join(f"{r['record defects']['kind']} {r['record defects']['weight']:g}" for r in group)
+        chosen = "" if category == "mean" else "chosen: " + ", ".join(
+            f"{r['record defects']['kind']} {r['record defects']['weight']:g}" for r in group) + "; "
         patches = mean(lambda r: sum(r["record defects"]["patches_per_view"]))
         seconds = " | ".join(f"{mean(lambda r: r['fit_seconds ' + name]):.0f}" for name in ("frozen", fixed, "defects"))
-        lines.append(f"| {category} | {k} | fit s (chosen: {chosen}; {patches:.0f} defect patches) | {seconds} |")
+        lines.append(f"| {category} | {k} | fit s ({chosen}{patches:.0f} defect patches) | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
