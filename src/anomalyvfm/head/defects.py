@@ -112,8 +112,7 @@ def prepared_bank(bank: np.ndarray, gaussian: tuple[np.ndarray, np.ndarray] | No
 def whiten(features, mean: np.ndarray, whitener: np.ndarray) -> np.ndarray:
     """Rows in the Mahalanobis geometry: `(x - mean) @ whitener` (Euclidean distances there are Mahalanobis)."""
     x = np.asarray(features, np.float32).reshape(-1, np.shape(features)[-1])
-    return np.concatenate([(x[i : i + CHUNK] - mean) @ whitener for i in range(0, len(x), CHUNK)] or
-                          [np.zeros((0, whitener.shape[1]), np.float32)]).astype(np.float32)
+    return ((x - mean) @ whitener).astype(np.float32)
 
 
 def defect_distance(features, bank: np.ndarray, gaussian: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
