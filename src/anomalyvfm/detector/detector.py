@@ -22,7 +22,7 @@ from anomalyvfm.declare import SettingError
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.calibration import calibrate
 from anomalyvfm.detector.defects import DefectSet, check_defects_allowed, fit_defects
-from anomalyvfm.detector.pipeline import Accumulator, Pipeline, local_accumulator
+from anomalyvfm.detector.pipeline import Accumulator, Pipeline, accumulate
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError
 from anomalyvfm.features.extraction import FailedImage, ImageFeatures
@@ -42,7 +42,7 @@ class AnomalyDetector:
     """
 
     def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None,
-                 accumulator: Accumulator = local_accumulator, **options: Any) -> None:
+                 accumulator: Accumulator = accumulate, **options: Any) -> None:
         names = {"settings": {f.name for f in fields(Settings)}, "runtime": {f.name for f in fields(Runtime)}}
         unknown = sorted(set(options) - names["settings"] - names["runtime"])
         if unknown:
@@ -80,7 +80,7 @@ class AnomalyDetector:
         if validation_images is None:
             train, validation = hold_out(len(images), self.settings.seed)
             images, validation_images = [images[i] for i in train], [images[i] for i in validation]
-        validation_images = list(validation_images)
+        validation_images, mode = list(validation_images), self.runtime.score or "distance"
         if not images:
             raise UserInputError("no training images given")
         if defects is not None:
@@ -97,19 +97,15 @@ class AnomalyDetector:
                                                              s.seed, progress)
             self.pipeline.adapt(adapter, heads)
         self.record.train_images = self.pipeline.fit_scorers(images, progress, self.settings.out_of_fold)
-        self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
+        self.calibration = calibrate(self.pipeline, validation_images, mode, progress)
         if self.settings.auto or self.settings.image_evidence == AUTO:  # chosen on the fitted, calibrated model
-            from anomalyvfm.detector.evidence import choose_image_evidence
+            from anomalyvfm.detector.evidence import settle_image_evidence
 
-            choice = choose_image_evidence(self.pipeline, self.calibration, validation_images, self.settings.seed, progress)
-            self.record.auto_choice["image_evidence"] = choice
-            scored_with = self.pipeline.head.config.image_evidence  # what the calibration so far was taken with
-            self.pipeline.configure(image_evidence=choice["chosen"])
-            if choice["chosen"] != scored_with:
-                self.calibration = calibrate(self.pipeline, validation_images, self.runtime.score or "distance", progress)
+            self.calibration, self.record.auto_choice["image_evidence"] = settle_image_evidence(
+                self.pipeline, self.calibration, validation_images, mode, progress)
         if defects is not None:
             self.calibration, self.record.defects = fit_defects(self.pipeline, self.calibration, defects, validation_images,
-                                                                self.runtime.score or "distance", progress)
+                                                                mode, progress)
         if calibration_defects is not None:
             from anomalyvfm.detector.defect_thresholds import calibrate_on_defects
 
@@ -161,14 +157,8 @@ class AnomalyDetector:
 
     def summary(self) -> str:
         """The settings that define what is computed, in one line (fit output, benchmark tables)."""
-        s = self.settings
-        layers = ",".join(map(str, s.layers)) if s.layers else "default"
-        foreground = s.foreground
-        if self.calibration is not None and self.calibration.foreground:
-            foreground += f" ({'applied' if self.calibration.suppress_background else 'not applied'})"
-        evidence = f", image evidence {s.image_evidence}" if s.image_evidence != "patch" else ""
-        return (f"{s.view_summary()}, layers {layers}, {s.scorer}, foreground {foreground}{evidence}"
-                + (", auto" if s.auto else ""))
+        fitted = self.calibration is not None and self.calibration.foreground
+        return self.settings.summary(self.calibration.suppress_background if fitted else None)
 
     # -- files ----------------------------------------------------------------------------------------
     def save(self, directory: str | Path, store_backbone: bool = True) -> Path:

@@ -17,9 +17,11 @@ import numpy as np
 from anomalyvfm.data import evenly_spaced, load_rgb
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.data.synthesis import GLOBAL_STAGES, STAGES, SynthesisConfig
+from anomalyvfm.detector.calibration import calibrate
 from anomalyvfm.detector.candidates import with_synthetic_anomalies
 from anomalyvfm import metrics as M
 from anomalyvfm.features.extraction import FailedImage
+from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.scoring.image_evidence import fuse_image_evidence
 from anomalyvfm.scoring.names import IMAGE_EVIDENCE
 
@@ -38,6 +40,18 @@ def evidence_scores(pipeline, calibration, images: Sequence[ImageLike], progress
         patch.append(pipeline.head.fuse(scored, calibration, "patch").distance_image)
         distance.append(scored.global_distance)
     return patch, distance
+
+
+def settle_image_evidence(pipeline, calibration: Calibration, validation: Sequence[ImageLike], mode: str,
+                          progress: bool) -> tuple[Calibration, dict]:
+    """Choose the image evidence of a fitted, calibrated pipeline (`--image-evidence auto`) and configure it;
+    the calibration is taken again only if the choice differs from the evidence it was taken with."""
+    choice = choose_image_evidence(pipeline, calibration, validation, pipeline.settings.seed, progress)
+    scored_with = pipeline.head.config.image_evidence
+    pipeline.configure(image_evidence=choice["chosen"])
+    if choice["chosen"] != scored_with:
+        calibration = calibrate(pipeline, validation, mode, progress)
+    return calibration, choice
 
 
 def choose_image_evidence(pipeline, calibration, validation: Sequence[ImageLike], seed: int,

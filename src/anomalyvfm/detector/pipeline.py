@@ -81,24 +81,39 @@ class FitParts:
                 for key, value in state.items()}
 
 
-def search(runtime: Runtime) -> tuple[str, str]:
-    """The kNN backend and its device: numpy on the CPU, torch where the backbone runs on a GPU."""
-    return ("numpy" if runtime.device == "cpu" else "torch"), runtime.device
-
-
 Accumulator = Callable[["Pipeline", Sequence[ImageLike], bool], FitParts]  # how a fit streams its images
 
 
-def local_accumulator(pipeline: "Pipeline", images: Sequence[ImageLike], progress: bool) -> FitParts:
-    """Stream every training image through this process's backbone."""
-    return pipeline.accumulate(images, progress)
+def accumulate(pipeline: "Pipeline", images: Sequence[ImageLike], progress: bool, total: int | None = None,
+               shard: int = 0, spill: FeatureSpill | None = None) -> FitParts:
+    """Stream `images` through `pipeline`'s backbone into fresh, unfinalised fitting parts (the local accumulator).
+
+    This is the part of a fit that can run in shards on several workers, their parts merged after
+    (`FitParts.merge`): `total` is the number of images of the whole fit, and `shard` offsets the random
+    seeds so that shards draw independent samples. `spill` (local fits only) keeps the features of the
+    images to be scored out of fold once the bank is final.
+    """
+    s, seed = pipeline.settings, pipeline.settings.seed + shard
+    torch.manual_seed(seed)
+    folds = OOF_FOLDS if spill is not None else 0
+    parts = FitParts([make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank, folds)
+                      for _ in s.views()],
+                     None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed),
+                     ImageBank(len(s.layers)))
+    for items in pipeline.view_features(images, "features (train)" if progress else None):
+        if isinstance(items, FailedImage):
+            raise UserInputError(f"training image unreadable: {items.error}")
+        if spill is not None:
+            spill.add(parts.images, items)
+        parts.partial_fit(items)
+    return parts
 
 
 class Pipeline:
     """Settings, runtime options, the backbone and the scoring head; every method runs one stage for a stream
     of images. `accumulator` is the engine of a fit (this process, or Ray workers: `distributed.fit`)."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, accumulator: Accumulator = local_accumulator) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, accumulator: Accumulator = accumulate) -> None:
         self.settings, self.runtime, self.accumulator = settings, runtime, accumulator
         self.backbone: Backbone | None = None
         self.backbone_source: str | None = None  # hub id or directory the backbone was loaded from
@@ -117,18 +132,19 @@ class Pipeline:
             pipeline.heads = AnomalyHeads.load(stored.directory / model_dir.HEADS_FILE)
             adapter_dir = stored.directory / model_dir.ADAPTER_DIR
         pipeline.load_backbone(stored.backbone_dir or backbone, adapter_dir)
-        pipeline.head = ScoringHead(pipeline.settings.head_config(), stored.head, *search(pipeline.runtime))
+        pipeline.use_head_arrays(stored.head)
         return pipeline
 
     def configure(self, **changes) -> None:
         """Change settings (the `--auto` and image-evidence choices of a fit): the head, if fitted, follows."""
         self.settings = replace(self.settings, **changes)
         if self.head is not None:
-            self.head = ScoringHead(self.settings.head_config(), self.head.state_dict(), *search(self.runtime))
+            self.use_head_arrays(self.head.state_dict())
 
     def use_head_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Score with these fitted arrays from now on (a fitted head plus what was learnt after: `fit --defects`)."""
-        self.head = ScoringHead(self.settings.head_config(), arrays, *search(self.runtime))
+        """Score with these fitted arrays from now on (fitted, loaded, or with what was learnt after: `--defects`)."""
+        backend = "numpy" if self.runtime.device == "cpu" else "torch"  # kNN on the device the backbone runs on
+        self.head = ScoringHead(self.settings.head_config(), arrays, backend, self.runtime.device)
 
     def use_runtime(self, **changes) -> None:
         """Change how this process runs the model (e.g. the score mode)."""
@@ -190,44 +206,20 @@ class Pipeline:
         With `out_of_fold`, the training images are also scored against the fitted state without what came
         from each of them (`detector.out_of_fold`), into `self.out_of_fold`, for the thresholds.
         """
-        if out_of_fold and self.accumulator is not local_accumulator:  # shards cannot send their features back
+        if out_of_fold and self.accumulator is not accumulate:  # shards cannot send their features back
             raise UserInputError("--threshold-rule budget needs out-of-fold scores of the training images, which "
                                  "--engine ray fits do not compute: fit with --engine local")
         spill = FeatureSpill(len(images)) if out_of_fold else None
         try:
             parts = (self.accumulator(self, images, progress) if spill is None
-                     else self.accumulate(images, progress, spill=spill))
+                     else accumulate(self, images, progress, spill=spill))
             parts.finalize()
-            self.head = ScoringHead(self.settings.head_config(), parts.arrays(), *search(self.runtime))
+            self.use_head_arrays(parts.arrays())
             self.out_of_fold = None if spill is None else out_of_fold_scores(self.head, parts.scorers, spill)
         finally:
             if spill is not None:
                 spill.close()
         return parts.images
-
-    def accumulate(self, images: Sequence[ImageLike], progress: bool, total: int | None = None,
-                   shard: int = 0, spill: FeatureSpill | None = None) -> FitParts:
-        """Stream `images` into fresh, unfinalised fitting parts.
-
-        This is the part of a fit that can run in shards on several workers, their parts merged after
-        (`FitParts.merge`): `total` is the number of images of the whole fit, and `shard` offsets the random
-        seeds so that shards draw independent samples. `spill` (local fits only) keeps the features of the
-        images to be scored out of fold once the bank is final.
-        """
-        s, seed = self.settings, self.settings.seed + shard
-        torch.manual_seed(seed)
-        folds = OOF_FOLDS if spill is not None else 0
-        parts = FitParts([make_scorer(s.scorer, s.coreset_ratio, s.max_bank_candidates, seed, s.memory_bank, folds)
-                          for _ in s.views()],
-                         None if s.foreground == "off" else ForegroundModel(SAMPLE_PATCHES // (total or len(images)), seed),
-                         ImageBank(len(s.layers)))
-        for items in self.view_features(images, "features (train)" if progress else None):
-            if isinstance(items, FailedImage):
-                raise UserInputError(f"training image unreadable: {items.error}")
-            if spill is not None:
-                spill.add(parts.images, items)
-            parts.partial_fit(items)
-        return parts
 
     def _fitted_head(self) -> ScoringHead:
         if self.head is None:

@@ -137,6 +137,16 @@ class Settings:
             return f"tiles {self.tile_size}/{self.tile_overlap} px @ x{self.tile_scale:g}"
         return "+".join(str(size) for size in sorted(self.scales or (self.image_size,))) + " px"
 
+    def summary(self, background_suppressed: bool | None = None) -> str:
+        """What is computed, in one line (fit output, benchmark tables); `background_suppressed`: the fitted
+        foreground decision, if there is one."""
+        layers = ",".join(map(str, self.layers)) if self.layers else "default"
+        foreground = self.foreground + ("" if background_suppressed is None else
+                                        f" ({'applied' if background_suppressed else 'not applied'})")
+        evidence = f", image evidence {self.image_evidence}" if self.image_evidence != "patch" else ""
+        return (f"{self.view_summary()}, layers {layers}, {self.scorer}, foreground {foreground}{evidence}"
+                + (", auto" if self.auto else ""))
+
 
 @dataclass(frozen=True)
 class Runtime:

@@ -3,7 +3,7 @@
 The driver runs the whole local `AnomalyDetector.fit` (auto choice, calibration on validation images,
 saving) with one stage plugged in: `RayAccumulator`, the pipeline's accumulator, splits the training images into one
 contiguous shard per worker; each actor loads the backbone once and streams its shard into fresh,
-unfinalised scorers (`Pipeline.accumulate`); the driver merges those streaming states (`merge`:
+unfinalised scorers (`detector.pipeline.accumulate`); the driver merges those streaming states (`merge`:
 Mahalanobis sums add exactly; kNN reservoirs merge into a uniform sample of all patches, see
 `KNNScorer.merge`) and finalises them as a local fit would. The model directory is the same as a local
 fit's. A worker that dies is restarted and its shard redone.
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from anomalyvfm.data.images import ImageLike
 from anomalyvfm.detector.detector import AnomalyDetector
-from anomalyvfm.detector.pipeline import FitParts, Pipeline
+from anomalyvfm.detector.pipeline import FitParts, Pipeline, accumulate
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import UserInputError
 
@@ -29,7 +29,7 @@ class ShardWorker:
         self.pipeline.load_backbone(backbone_source)
 
     def accumulate(self, images: list[str], total: int, shard: int) -> FitParts:
-        return self.pipeline.accumulate(images, progress=False, total=total, shard=shard)
+        return accumulate(self.pipeline, images, progress=False, total=total, shard=shard)
 
 
 class RayAccumulator:

@@ -24,10 +24,10 @@ import hmac
 import io
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -92,6 +92,17 @@ class Served:
         return cls(detector, Path(path), Path(path).resolve().name, float(thresholds.image_threshold),
                    display_range(thresholds.validation_stats["pixel_score_mean"], thresholds.pixel_threshold),
                    None if tiled else detector.runtime.max_aspect_ratio)
+
+
+@contextmanager
+def image_errors(name: str) -> Iterator[None]:
+    """An image too large (413) or unreadable (422) as the HTTP error that names the upload."""
+    try:
+        yield
+    except ImageTooLargeError as exc:
+        raise HTTPException(413, f"{name}: {exc}") from None
+    except ImageReadError as exc:
+        raise HTTPException(422, f"{name}: {exc}") from None
 
 
 class Service:
@@ -175,13 +186,9 @@ class Service:
         """
         name = upload.filename or "upload"
         data = await self.read(upload)
-        try:
+        with image_errors(name):
             width, height = await run_in_threadpool(declared_size, data)
             check_shape(width, height, self.limits.max_pixels, self.served.max_aspect)
-        except ImageTooLargeError as exc:
-            raise HTTPException(413, f"{name}: {exc}") from None
-        except ImageReadError as exc:
-            raise HTTPException(422, f"{name}: {exc}") from None
         loop = asyncio.get_running_loop()
         try:
             await self.pixels.take(width * height, deadline - loop.time())
@@ -189,12 +196,8 @@ class Service:
             raise self.busy("pixel_budget", f"server busy: {self.pixels.used} decoded pixels in flight "
                                             f"(limit {self.pixels.total}); retry shortly") from None
         try:
-            try:
+            with image_errors(name):
                 image = await run_in_threadpool(load_rgb, data, self.limits.max_pixels, self.served.max_aspect)
-            except ImageTooLargeError as exc:
-                raise HTTPException(413, f"{name}: {exc}") from None
-            except ImageReadError as exc:
-                raise HTTPException(422, f"{name}: {exc}") from None
             size, digest = len(data), await run_in_threadpool(self.store.keep, data) if self.store else ""
             del data
             try:
@@ -235,8 +238,7 @@ class Service:
             fitted_with_version=d.record.package_version, package_version=__version__, limits=vars(self.limits),
             store=self.store.name if self.store else None, model_version=d.version,
             updates=[{k: v for k, v in u.items() if k != "added_scores"} for u in d.record.updates],
-            calibration_defects=d.record.calibration_defects,
-            defects=d.record.defects,
+            calibration_defects=d.record.calibration_defects, defects=d.record.defects,
             image_evidence_choice=d.record.auto_choice.get("image_evidence", {}),
         )
 
