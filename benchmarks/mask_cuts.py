@@ -7,7 +7,10 @@ to the cached maps of each category at the model's own thresholds, with and with
 anomalies made on validation images — with its 95 % bootstrap interval and the paired interval of its
 difference from `global` (`anomalyvfm.evaluation.bootstrap`); test_public is only reported, never used to
 choose. The rule fixed before the run: a cut replaces `global` as the default only if its paired SegF1
-difference on the selection set is above 0 beyond the interval on every category.
+difference on the selection set is above 0 beyond the interval on every category; of several such cuts, the
+one with the highest mean selection SegF1 over the categories.
+
+`--previous FILE.json` adds the rows of categories measured in an earlier run whose maps are no longer cached.
 
     PYTHONPATH=src nice -n 19 python benchmarks/threshold_rules.py --data ../shared/data --backbone DIR \
         --cache /tmp/threshold_cache --cache-only        # stage 1: maps (slow, once)
@@ -104,13 +107,18 @@ def table(rows: list[dict]) -> str:
 
 
 def verdict(rows: list[dict], categories: list[str]) -> str:
-    """The fixed rule: a candidate wins only if its paired selection interval is above 0 on every category."""
-    lines = []
+    """The fixed rule: a candidate wins only if its paired selection interval is above 0 on every category;
+    of several winners, the highest mean selection SegF1 is the default."""
+    lines, winners = [], {}
     for key in sorted({(r["cut"], r["only_flagged"]) for r in rows} - {("global", False)}):
-        wins = [r["category"] for r in rows if (r["cut"], r["only_flagged"]) == key and r["selection_vs_global"][0] > 0]
-        lines.append(f"- {key[0]}{' + no outline on pass' if key[1] else ''}: beyond the interval on "
-                     f"{len(wins)} of {len(categories)} ({', '.join(wins) or 'none'})")
-    return "\n".join(lines) + "\n"
+        mine = [r for r in rows if (r["cut"], r["only_flagged"]) == key]
+        wins = [r["category"] for r in mine if r["selection_vs_global"][0] > 0]
+        name = f"{key[0]}{' + no outline on pass' if key[1] else ''}"
+        lines.append(f"- {name}: beyond the interval on {len(wins)} of {len(categories)} ({', '.join(wins) or 'none'})")
+        if len(wins) == len(categories):
+            winners[name] = float(np.mean([r["selection_seg_f1"] for r in mine]))
+    chosen = max(winners, key=winners.get) if winners else "global (no candidate wins on every category)"
+    return "\n".join(lines) + f"\n\nChosen by the rule: **{chosen}**\n"
 
 
 def main() -> None:
@@ -118,9 +126,12 @@ def main() -> None:
     parser.add_argument("--cache", required=True, type=Path)
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--previous", type=Path, help="rows (.json) of categories measured in an earlier run")
     args = parser.parse_args()
-    categories = [c for c in args.categories.split(",") if (args.cache / c / "fit.json").is_file()]
-    rows = [row for c in categories for row in measure(args.cache / c)]
+    cached = [c for c in args.categories.split(",") if (args.cache / c / "fit.json").is_file()]
+    earlier = [r for r in json.loads(args.previous.read_text()) if r["category"] not in cached] if args.previous else []
+    rows = earlier + [row for c in cached for row in measure(args.cache / c)]
+    categories = list(dict.fromkeys(r["category"] for r in rows))
     text = table(rows) + "\n" + verdict(rows, categories)
     print(text)
     if args.out:
