@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from anomalyvfm.detector.settings import Settings
 from anomalyvfm.evaluation import bootstrap
@@ -32,7 +33,8 @@ from anomalyvfm.maps.binarize import BINARIZATIONS, MIN_AREA_PATCHES, defect_mas
 CATEGORIES = ("bottle", "ball_screw_drive", "kolektor", "magnetic_tile")
 AREA_ONLY = "global, min area"  # the global cut with the one-patch minimum area (a candidate, not a setting)
 FRACTIONS = (0.75, 0.9)  # other places of the hysteresis low threshold than HYSTERESIS_FRACTION (candidates)
-CANDIDATES = (*BINARIZATIONS, AREA_ONLY, *(f"hysteresis@{f:g}" for f in FRACTIONS))
+GROWN = "mebin, grown"  # the regions of the global cut that hold a MEBin pixel (MEBin picks, global outlines)
+CANDIDATES = (*BINARIZATIONS, AREA_ONLY, *(f"hysteresis@{f:g}" for f in FRACTIONS), GROWN)
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -46,6 +48,13 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], li
 def cut(name: str, amap: np.ndarray, threshold: float, normal_mean: float, flagged: bool | None) -> np.ndarray:
     """One candidate's mask of one map, at the model's thresholds and the default settings' patch size."""
     side = patch_side(Settings(), amap.shape)
+    if name == GROWN:
+        seeds = defect_mask(amap, threshold, "mebin", is_anomalous=flagged)
+        regions, count = ndimage.label(amap > np.float64(threshold), structure=np.ones((3, 3), dtype=bool))
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[regions[seeds]] = True
+        keep[0] = False
+        return keep[regions]
     if name == AREA_ONLY or name.startswith("hysteresis@"):
         fraction = float(name.partition("@")[2] or 1)  # 1: the low threshold is the strict one
         low = normal_mean + fraction * (threshold - normal_mean)
