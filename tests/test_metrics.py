@@ -283,6 +283,7 @@ def test_evaluate_images_matches_individual_functions() -> None:
     labels = np.array([m.any() for m in masks], dtype=int)
     scores = np.array([float(m.max()) for m in maps])
     got = evaluate_images(labels, scores, masks, maps, image_threshold=1.5, pixel_threshold=0.8)[0]
+    outlined, flagged = np.array([(m > 0.8).any() for m in maps]), scores > 1.5
     assert got == pytest.approx(
         {
             "image_auroc": image_auroc(labels, scores),
@@ -295,9 +296,24 @@ def test_evaluate_images_matches_individual_functions() -> None:
             "seg_f1_max_oracle": seg_f1_max(masks, maps)[0],
             "num_images": len(masks),
             "num_anomalous": int(labels.sum()),
+            "outlined_but_passed": int((outlined & ~flagged).sum()),
+            "flagged_without_outline": int((flagged & ~outlined).sum()),
         },
         abs=1e-15,
     )
+
+
+def test_verdict_and_outline_disagreements_are_counted() -> None:
+    """Four images: agree (flagged, outlined), agree (pass, clean), outlined but passed, flagged without outline."""
+    maps = [np.zeros((4, 4)) for _ in range(4)]
+    maps[0][1, 1] = maps[2][2, 2] = 1.0  # above the pixel threshold 0.5
+    scores, labels = np.array([2.0, 0.0, 0.5, 2.0]), np.array([1, 0, 1, 0])
+    masks = [m > 0.5 if label else np.zeros((4, 4), bool) for m, label in zip(maps, labels)]
+    got = evaluate_images(labels, scores, masks, maps, image_threshold=1.0, pixel_threshold=0.5)[0]
+    assert (got["outlined_but_passed"], got["flagged_without_outline"]) == (1, 1)
+    counts = np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0]])  # the model's own masks: image 2 not outlined
+    got = evaluate_images(labels, scores, masks, maps, 1.0, 0.5, seg_counts=counts)[0]
+    assert (got["outlined_but_passed"], got["flagged_without_outline"]) == (0, 1)
 
 
 def test_invalid_inputs_are_rejected() -> None:

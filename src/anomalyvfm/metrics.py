@@ -402,7 +402,8 @@ def evaluate_images(
 
     `masks[k]` and `maps[k]` belong to image k (all-False mask for a good image); thresholds follow the
     score > threshold convention. `f1_max_oracle` and `seg_f1_max_oracle` are the oracles of `f1_max` and
-    `seg_f1_max`, for reference only.
+    `seg_f1_max`, for reference only. `outlined_but_passed` and `flagged_without_outline` count the images whose
+    verdict and outline disagree (a line acts on both).
 
     `seg_counts` ((n, 3) pixel TP, FP, FN per image, see `mask_counts`) are those of the masks the model
     outputs when it cuts them otherwise than at `pixel_threshold` (`maps.binarize`); SegF1 then comes from them.
@@ -422,6 +423,7 @@ def evaluate_images(
     scores = np.asarray(image_scores, dtype=np.float64)
     per_image = PerImage(np.asarray(labels, dtype=np.int64), scores, scores > image_threshold, seg_counts, hist,
                          pixel_counts.values)
+    outlined = seg_counts[:, :2].sum(axis=1) > 0  # any predicted pixel (TP + FP)
     return {
         "image_auroc": _auroc(image_counts),
         "pixel_auroc": _auroc(pixel_counts),
@@ -433,4 +435,6 @@ def evaluate_images(
         "seg_f1_max_oracle": _f1_max(pixel_counts)[0],
         "num_images": num_images,
         "num_anomalous": int(image_counts.positives.sum()),
+        "outlined_but_passed": int((outlined & ~per_image.flagged).sum()),  # verdict and outline disagree
+        "flagged_without_outline": int((per_image.flagged & ~outlined).sum()),
     }, per_image

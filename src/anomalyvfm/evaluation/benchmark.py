@@ -30,7 +30,9 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "c
            "seg_f1_max_oracle")
 INTERVAL_NOTE = "\n[low, high]: 95 % bootstrap interval over the test images of each category.\n"
 BOUNDS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("low", "high"))  # 95 % bootstrap intervals
-COLUMNS = ("variant", "category", *METRICS, "fit_seconds", "images_per_second", "peak_rss_mb", *BOUNDS, "settings")
+DISAGREEMENTS = ("outlined_but_passed", "flagged_without_outline")  # images whose verdict and outline disagree
+COLUMNS = ("variant", "category", *METRICS, *DISAGREEMENTS, "fit_seconds", "images_per_second", "peak_rss_mb", *BOUNDS,
+           "settings")
 SHOWN = tuple(c for c in COLUMNS if c not in BOUNDS)  # markdown and index.html: intervals inside the metric's cell
 AVERAGED = tuple(c for c in SHOWN[2:-1])  # the mean row's columns (an interval per category has no mean)
 
@@ -111,7 +113,7 @@ def run_benchmark(data: Path, layout: str, categories: list[str], variants: list
             result = evaluate(detector, dataset, split, folder / "report")
             reports[variant.name, category] = folder / "report" / html_report.REPORT_NAME
             variant_rows.append(with_intervals({
-                "variant": variant.name, "category": category, **{k: result[k] for k in METRICS},
+                "variant": variant.name, "category": category, **{k: result[k] for k in (*METRICS, *DISAGREEMENTS)},
                 "fit_seconds": round(fit_seconds, 1),
                 "images_per_second": round(result["num_images"] / max(result["seconds"], 1e-9), 2),
                 "peak_rss_mb": result["peak_rss_mb"], "settings": detector.summary()}, result["intervals"]))

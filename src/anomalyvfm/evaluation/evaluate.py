@@ -28,7 +28,8 @@ from anomalyvfm.maps.render import display_range
 from anomalyvfm.outputs import write_text
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
-               "seg_f1_max_oracle", "num_images", "num_anomalous", "seconds", "peak_rss_mb", "intervals", "bootstrap")
+               "seg_f1_max_oracle", "num_images", "num_anomalous", "outlined_but_passed", "flagged_without_outline",
+               "seconds", "peak_rss_mb", "intervals", "bootstrap")
 PER_IMAGE_NAME = "per_image.npz"  # each image's reduction (`metrics.PerImage`), for paired comparisons of runs
 PCA_IMAGES = 8  # images per side sampled for feature_analysis.png: enough for a picture, cheap to compute
 PCA_PATCHES = 3000

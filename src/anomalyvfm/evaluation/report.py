@@ -29,6 +29,8 @@ METRIC_LABELS = {
     "seg_f1_max_oracle": "SegF1-max (oracle, test labels)",
     "num_images": "Images",
     "num_anomalous": "Anomalous images",
+    "outlined_but_passed": "Outlined but passed",
+    "flagged_without_outline": "Flagged without outline",
     "seconds": "Seconds",
     "peak_rss_mb": "Peak RSS (MB)",
 }
