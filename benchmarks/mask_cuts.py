@@ -97,6 +97,7 @@ def measure(category_dir: Path) -> list[dict]:
                 row[f"{split_name}_interval"] = bootstrap.intervals(images)["seg_f1"]
                 row[f"{split_name}_vs_global"] = bootstrap.paired_intervals(images, base[split_name])["seg_f1"]
                 row[f"{split_name}_oracle"] = result["seg_f1_max_oracle"]
+                row[f"{split_name}_disagree"] = [result["outlined_but_passed"], result["flagged_without_outline"]]
             rows.append(row)
     return rows
 
@@ -106,13 +107,15 @@ def table(rows: list[dict]) -> str:
         return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
 
     head = ("| category | cut | no outline on pass | SegF1 val+syn [95 %] | − global, paired | SegF1 test [95 %] "
-            "| − global, paired | test oracle |\n|---|---|---|---|---|---|---|---|\n")
+            "| − global, paired | test oracle | test: outlined but passed / flagged without outline |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['category']} | {r['cut']} | {'yes' if r['only_flagged'] else 'no'} "
         f"| {r['selection_seg_f1']:.3f} [{r['selection_interval'][0]:.3f}, {r['selection_interval'][1]:.3f}] "
         f"| {ci(r['selection_vs_global'])} "
         f"| {r['test_seg_f1']:.3f} [{r['test_interval'][0]:.3f}, {r['test_interval'][1]:.3f}] "
-        f"| {ci(r['test_vs_global'])} | {r['test_oracle']:.3f} |\n" for r in rows)
+        f"| {ci(r['test_vs_global'])} | {r['test_oracle']:.3f} "
+        f"| {' / '.join(map(str, r.get('test_disagree', ['?', '?'])))} |\n" for r in rows)
 
 
 def verdict(rows: list[dict], categories: list[str]) -> str:
