@@ -143,6 +143,40 @@ def test_adaptive_binarisation_finds_each_blob_and_never_goes_below_the_floor() 
     assert not adaptive_mask(amap, floor=5.0).any()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_mebin_equals_the_reference_that_erodes_every_cut(dtype) -> None:
+    """`adaptive_mask` takes one window minimum for all cuts; the reference erodes each cut (borders included)."""
+    from scipy import ndimage
+
+    from anomalyvfm.maps.binarize import ERODE, MIN_RUN, STEPS, adaptive_mask
+
+    def reference(amap: np.ndarray, floor: float) -> np.ndarray:
+        top = float(amap.max())
+        if not top > floor:
+            return np.zeros(amap.shape, dtype=bool)
+        thresholds = np.linspace(top, floor, STEPS, endpoint=False)[1:]
+        cuts = [ndimage.binary_erosion(amap > t, ERODE) for t in thresholds]
+        counts = [ndimage.label(c, structure=np.ones((3, 3), bool))[1] for c in cuts]
+        best = None  # (length, -start): the longest stable run with components, the first of equal ones
+        for start in range(len(counts)):
+            end = start
+            while end < len(counts) and counts[end] == counts[start]:
+                end += 1
+            if (start == 0 or counts[start - 1] != counts[start]) and counts[start] and end - start >= MIN_RUN:
+                best = max(best or (0, 0), (end - start, -start))
+        return cuts[-best[1] + best[0] - 1] if best else np.zeros(amap.shape, dtype=bool)
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[:40, :50]
+    for k in range(30):
+        amap = rng.random((40, 50)) * 0.3
+        for _ in range(rng.integers(0, 4)):  # blobs of several sizes, some at the border
+            cy, cx, r = rng.integers(0, 40), rng.integers(0, 50), rng.uniform(2, 8)
+            amap += rng.uniform(1, 3) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2)
+        amap = amap.astype(dtype)
+        assert np.array_equal(adaptive_mask(amap, 0.3), reference(amap, 0.3)), k
+
+
 def test_defect_mask_methods_and_pooled_mask_f1() -> None:
     from anomalyvfm import metrics as M
     from anomalyvfm.maps.binarize import adaptive_mask, defect_mask
