@@ -130,10 +130,10 @@ def test_model_mask_reads_the_stored_cut_thresholds_and_verdict_option() -> None
     thresholds = SimpleNamespace(pixel_threshold=1.0, validation_stats={"pixel_score_mean": 0.2})
     settings = Settings(image_size=28, binarize="hysteresis")  # one patch = 28 map px: area 784
     assert not model_mask(amap, settings, thresholds).any()  # the blob's region is smaller than a patch
-    small = Settings(image_size=56, binarize="hysteresis")  # one patch = 14 px: area 196
+    small = Settings(image_size=56, binarize="hysteresis", outline_only_flagged=False)  # one patch = 14 px: area 196
     grown = model_mask(amap, small, thresholds)
     assert np.array_equal(grown, amap > 0.6) and grown.sum() >= 196
-    assert model_mask(amap, small, thresholds, is_anomalous=False).any()  # the option is off by default
+    assert model_mask(amap, small, thresholds, is_anomalous=False).any()  # option off: outlined whatever the verdict
     only = replace(small, outline_only_flagged=True)
     assert not model_mask(amap, only, thresholds, is_anomalous=False).any()
     assert np.array_equal(model_mask(amap, only, thresholds, is_anomalous=True), grown)

@@ -202,7 +202,7 @@ def test_mebin_masks_are_a_stored_setting_used_by_predict_evaluate_and_bundles(f
     from anomalyvfm.maps.binarize import adaptive_mask
 
     detector = AnomalyDetector.load(fitted_model)
-    detector.pipeline.configure(binarize="mebin")
+    detector.pipeline.configure(binarize="mebin", outline_only_flagged=False)  # the cut alone, on every image
     detector.save(tmp_path / "m")
     detector = AnomalyDetector.load(tmp_path / "m")
     assert detector.settings.binarize == "mebin"

@@ -34,8 +34,8 @@ def _add(group: Any, cls: type) -> None:
         kwargs: dict[str, Any] = {"dest": _PREFIX[cls] + f.name, "default": f.default, "help": spec.help}
         if hint is not bool and not spec.choices:
             kwargs["metavar"] = f.name.upper()
-        if hint is bool:
-            group.add_argument(flag, action="store_true", **kwargs)
+        if hint is bool:  # --name / --no-name: a default may be either
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if typing.get_origin(hint) is tuple:
             kwargs.update(nargs="+", type=typing.get_args(hint)[0])

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 
 from anomalyvfm.checksums import verify
-from anomalyvfm.declare import from_dict
 from anomalyvfm.detector.model_dir import FitRecord, StoredModel
-from anomalyvfm.detector.settings import Settings
+from anomalyvfm.detector.settings import Settings, stored_settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.calibration import Calibration, Thresholds
 
@@ -82,7 +81,7 @@ def read_bundle(directory: str | Path) -> tuple[StoredModel, dict[str, Any]]:
     config = manifest["config"]
     where = directory / MANIFEST
     try:
-        settings = from_dict(Settings, {f.name: config[f.name] for f in fields(Settings) if f.name in config}, "settings")
+        settings = stored_settings({f.name: config[f.name] for f in fields(Settings) if f.name in config}, "settings")
         mode = config["score"]
         thresholds = Thresholds(config["image_threshold"], config["pixel_threshold"], config["validation_stats"],
                                 config.get("evidence", {}))

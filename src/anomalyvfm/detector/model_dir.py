@@ -37,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.checksums import sha256, verify
 from anomalyvfm.declare import from_dict, to_dict
-from anomalyvfm.detector.settings import Settings
+from anomalyvfm.detector.settings import Settings, stored_settings
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.outputs import follow_umask, write_text
@@ -189,7 +189,7 @@ def read(directory: str | Path) -> StoredModel:
         unknown = sorted(set(config) - {"format_version", "settings", "calibration", "record", "forms", "files"})
         if unknown:
             raise UserInputError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}")
-        settings = from_dict(Settings, config["settings"], "settings")
+        settings = stored_settings(config["settings"], "settings")
         calibration = Calibration.from_dict(config["calibration"], "calibration")
         record = from_dict(FitRecord, config.get("record", {}), "record")
     except KeyError as exc:

@@ -9,10 +9,11 @@ value fails before any image is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.data.images import DEFAULT_MAX_ASPECT_RATIO
-from anomalyvfm.declare import SettingError, normalise, setting
+from anomalyvfm.declare import SettingError, from_dict, normalise, setting
 from anomalyvfm.features.names import DEFAULT_BACKBONE, FOREGROUND_MODES, PATCH, PRECISIONS
 from anomalyvfm.features.tiles import Tiling
 from anomalyvfm.head.defects import DEFAULT_WEIGHT
@@ -24,6 +25,10 @@ from anomalyvfm.scoring.names import AUTO, IMAGE_EVIDENCE, MEMORY_BANKS, SCORE_M
 IMAGE_FALSE_ALARM_RATE = 0.01  # target rates of the quantile and gpd rules when the user gives none
 PIXEL_FALSE_ALARM_RATE = 0.001
 BACKENDS = ("auto", "torch", "openvino", "onnx")  # what runs the backbone (`deploy.load`)
+# What a stored model that does not name a setting was fitted with: the setting's default when it was added, which a
+# later default must not change (every model written since names every setting; older ones cut masks at the
+# global threshold, on every image).
+STORED_BEFORE: dict[str, Any] = {"binarize": "global", "outline_only_flagged": False}
 
 
 @dataclass(frozen=True)
@@ -63,13 +68,13 @@ class Settings:
                                                          f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE}); "
                                                          "budget: of good images with any flagged pixel",
                                                    low=0, low_open=True, high=1)
-    binarize: str = setting("global", "defect masks: pixels above the global pixel threshold; mebin: above each "
+    binarize: str = setting("mebin", "defect masks: pixels above the global pixel threshold; mebin: above each "
                                       "image's own most stable threshold over it; hysteresis: regions above a lower "
                                       f"threshold ({HYSTERESIS_FRACTION:g} of the way up from the normal pixel mean) "
                                       "holding a pixel over it, at least one patch large; mebin+hysteresis: their union",
                             choices=BINARIZATIONS)
-    outline_only_flagged: bool = setting(False, "outline defects only on images judged anomalous (a pass verdict "
-                                                "gets an empty mask)")
+    outline_only_flagged: bool = setting(True, "outline defects only on images judged anomalous (a pass verdict "
+                                               "gets an empty mask)")
     defect_weight: float | None = setting(None, "with labelled defects (fit --defects): how far a patch nearer a known "
                                                 "defect than anything normal is raised (score + W x how much nearer); "
                                                 "default: chosen on held-out labelled defects", low=0)
@@ -166,3 +171,8 @@ class Runtime:
 
     def __post_init__(self) -> None:
         normalise(self)
+
+
+def stored_settings(values: Mapping[str, Any], where: str) -> Settings:
+    """The settings of a stored model; a setting it does not name is what the version that wrote it used."""
+    return from_dict(Settings, {**STORED_BEFORE, **values}, where)
