@@ -117,6 +117,17 @@ def test_every_cut_and_the_pass_verdict() -> None:
         defect_mask(amap, threshold, "otsu")
 
 
+def test_a_rejected_image_shows_where_when_its_cut_finds_nothing() -> None:
+    amap = np.zeros((40, 40), dtype=np.float32)
+    amap[10:12, 10:12] = 1.0  # a speck: MEBin's 6 x 6 erosion leaves nothing of it
+    assert not defect_mask(amap, 0.5, "mebin").any()
+    assert np.array_equal(defect_mask(amap, 0.5, "mebin", is_anomalous=True), amap > 0.5)  # the global cut instead
+    assert not defect_mask(amap, 0.5, "mebin", is_anomalous=False).any()
+    assert not defect_mask(amap, 2.0, "mebin", is_anomalous=True).any()  # nothing over the threshold: nothing to show
+    blob_map = blob((40, 40), (20, 20), 2.0, 6.0).astype(np.float32)  # a cut that finds a region keeps it
+    assert np.array_equal(defect_mask(blob_map, 0.5, "mebin", is_anomalous=True), defect_mask(blob_map, 0.5, "mebin"))
+
+
 def test_patch_side_in_map_pixels_follows_the_views() -> None:
     assert patch_side(Settings(image_size=112), (224, 300)) == pytest.approx(28.0)  # map 2x the backbone input
     assert patch_side(Settings(image_size=112, scales=(112, 224)), (448, 500)) == pytest.approx(28.0)  # finest view

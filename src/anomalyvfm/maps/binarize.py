@@ -35,7 +35,9 @@ SegF1, the report pictures) cuts masks through `model_mask`, so a model's stored
   hysteresis regions it dropped (faint ones, or images without a stable run).
 
 `outline_only_flagged` (a setting, applied after any cut): an image whose verdict is *pass* gets an empty
-mask, so verdict and outline never disagree in that direction.
+mask, so verdict and outline never disagree in that direction; a *rejected* image whose cut finds no region
+(MEBin: no stable run) gets the global cut instead, so it shows where unless no pixel is over the pixel threshold
+(then its verdict came from the image-level evidence alone).
 """
 from __future__ import annotations
 
@@ -89,15 +91,19 @@ def defect_mask(amap: np.ndarray, pixel_threshold: float, method: str = "global"
     """The predicted defect pixels of one map by cut `method` (see the module docstring).
 
     `normal_mean` (the validation pixel mean) places the hysteresis low threshold, `patch_side` (one backbone
-    patch's side in map pixels) the minimum region area; `is_anomalous=False` (a pass verdict, given only when
-    the model outlines flagged images alone) gives an empty mask whatever the cut.
+    patch's side in map pixels) the minimum region area. The verdict is given only when the model outlines
+    flagged images alone: `is_anomalous=False` gives an empty mask whatever the cut, `True` the global cut where
+    the chosen one finds nothing.
     """
     if method not in CUTS:
         raise ValueError(f"binarisation must be one of {BINARIZATIONS}, got {method!r}")
     if is_anomalous is not None and not is_anomalous:  # numpy's False is not `False`
         return np.zeros(amap.shape, dtype=bool)
     cut = Cut(float(pixel_threshold), low_threshold(pixel_threshold, normal_mean), MIN_AREA_PATCHES * patch_side**2)
-    return CUTS[method](amap, cut)
+    mask = CUTS[method](amap, cut)
+    if is_anomalous and not mask.any():  # a rejected image shows where, if any pixel is over the threshold
+        mask = CUTS["global"](amap, cut)
+    return mask
 
 
 def model_mask(amap: np.ndarray, settings: Any, thresholds: Any, is_anomalous: bool | None = None) -> np.ndarray:
