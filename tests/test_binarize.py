@@ -158,11 +158,12 @@ def test_each_cut_is_a_stored_setting_used_by_predict_and_evaluate(method, fitte
     from anomalyvfm.evaluation.evaluate import evaluate
 
     detector = AnomalyDetector.load(fitted_model)
+    dataset = load_dataset(data_root, "demo")
+    before = evaluate(detector, dataset, "test_public", tmp_path / "before", progress=False)
     detector.pipeline.configure(binarize=method, outline_only_flagged=True)
     detector.save(tmp_path / "m")
     detector = AnomalyDetector.load(tmp_path / "m")
     assert detector.settings.binarize == method and detector.settings.outline_only_flagged
-    dataset = load_dataset(data_root, "demo")
     samples = dataset.split("test_public")
     preds = detector.predict([s.path for s in samples], progress=False)
     t = detector.thresholds()
@@ -176,6 +177,9 @@ def test_each_cut_is_a_stored_setting_used_by_predict_and_evaluate(method, fitte
     expected = M.seg_f1_masks(truths, (model_mask(m, detector.settings, t, p.is_anomalous)
                                        for m, p in zip(maps16, preds)))
     assert metrics["seg_f1"] == pytest.approx(expected, nan_ok=True)
+    for unchanged in ("aupro_0.05", "image_auroc", "class_f1"):  # cuts move masks, never maps, scores or verdicts
+        assert metrics[unchanged] == before[unchanged]
+    assert metrics["outlined_but_passed"] == 0
 
 
 def test_hysteresis_and_the_verdict_option_travel_in_exported_forms(fitted_model, tmp_path, data_root,
