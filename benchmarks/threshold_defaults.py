@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from anomalyvfm.data import load_dataset
-from anomalyvfm.data.datasets import evenly_spaced
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.settings import Settings
 from anomalyvfm.evaluation import bootstrap
 from mask_cuts import load_split, reduce
-from threshold_rules import CATEGORIES, MAX_TRAIN
+from threshold_rules import CATEGORIES, fit_images
 
 CUT = "mebin"  # today's default cut, on rejected images only
 FIGURES = ("seg_f1", "class_f1")
@@ -40,11 +39,7 @@ def budget_fit(data: Path, category: str, backbone: str, folder: Path) -> dict:
     done = folder / "budget.json"
     if done.exists():
         return json.loads(done.read_text())
-    dataset = load_dataset(data, category)
-    train = [s.path for s in dataset.split("train")]
-    if category in MAX_TRAIN:
-        train = evenly_spaced(train, MAX_TRAIN[category])
-    validation = [s.path for s in dataset.split("validation")]
+    train, validation = fit_images(load_dataset(data, category), category)
     start = time.perf_counter()
     detector = AnomalyDetector(Settings(backbone=backbone, threshold_rule="budget")).fit(train, validation, progress=False)
     seconds = time.perf_counter() - start

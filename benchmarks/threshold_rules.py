@@ -76,6 +76,14 @@ def _predict(detector: AnomalyDetector, images: list, masks: list[np.ndarray | N
     return scores, maps, truths
 
 
+def fit_images(dataset, category: str) -> tuple[list, list]:
+    """The training images (evenly spaced, at most `MAX_TRAIN`) and validation images a category is fitted on."""
+    train = [s.path for s in dataset.split("train")]
+    if category in MAX_TRAIN:
+        train = evenly_spaced(train, MAX_TRAIN[category])
+    return train, [s.path for s in dataset.split("validation")]
+
+
 def cache_category(data: Path, category: str, backbone: str, out: Path) -> dict:
     """Fit with default settings and store validation, synthetic and test_public maps of one category."""
     out.mkdir(parents=True, exist_ok=True)
@@ -83,10 +91,7 @@ def cache_category(data: Path, category: str, backbone: str, out: Path) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     dataset = load_dataset(data, category)
-    train = [s.path for s in dataset.split("train")]
-    if category in MAX_TRAIN:
-        train = evenly_spaced(train, MAX_TRAIN[category])
-    validation = [s.path for s in dataset.split("validation")]
+    train, validation = fit_images(dataset, category)
     start = time.perf_counter()
     detector = AnomalyDetector(backbone=backbone).fit(train, validation, progress=False)
     fit_seconds = time.perf_counter() - start
