@@ -68,7 +68,7 @@ class Settings:
                                                          f"(quantile/gpd rules; unset: {PIXEL_FALSE_ALARM_RATE}); "
                                                          "budget: of good images with any flagged pixel",
                                                    low=0, low_open=True, high=1)
-    binarize: str = setting("mebin", "defect masks: pixels above the global pixel threshold; mebin: above each "
+    binarize: str = setting("mebin", "defect masks: global: pixels above the pixel threshold; mebin: above each "
                                       "image's own most stable threshold over it; hysteresis: regions above a lower "
                                       f"threshold ({HYSTERESIS_FRACTION:g} of the way up from the normal pixel mean) "
                                       "holding a pixel over it, at least one patch large; mebin+hysteresis: their union",
