@@ -142,7 +142,7 @@ def adaptive_mask(amap: np.ndarray, floor: float, steps: int = STEPS) -> np.ndar
         return np.zeros(amap.shape, dtype=bool)
     thresholds = np.linspace(top, floor, steps, endpoint=False)[1:]  # high to low, all above the floor
     # Eroding `amap > t` keeps the pixels whose whole window is above t: `window minimum > t`. One minimum filter
-    # serves every threshold (exactly what eroding each cut gives, borders included: 5-6x faster per image).
+    # serves every threshold (exactly what eroding each cut gives, borders included; measured 2.4-5x per image).
     exact = amap.astype(np.promote_types(amap.dtype, np.float32))  # the filter takes no float16; float32 holds it
     window_min = ndimage.minimum_filter(exact, footprint=ERODE, mode="constant", cval=-np.inf)
 
