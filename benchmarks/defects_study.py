@@ -5,7 +5,7 @@
 Per category: one default fit on all of train/good (thresholds from validation/good), timed and saved to
 OUT/CAT/model (a later run loads it and its recorded fit time); every validation
 and test_public image's view features are computed once and kept in memory. Then for k = 1, 3, 10 defect
-images drawn from test_public/bad (seeds 0, 1, 2; the draw of `calibration_defects.py`) the defect bank is
+images drawn from test_public/bad (`SEEDS`; the draw of `calibration_defects.py`) the defect bank is
 learnt as `fit --defects` learns it (`detector.defects.learn_defects` on the drawn images' features and outlines,
 then the calibration fitted again on validation) and the *rest* of test_public — the drawn images never
 count — is scored by the frozen model and by the model with defects: image AUROC, AU-PRO(0.05), SegF1 and
@@ -13,7 +13,7 @@ ClassF1 at each model's own thresholds. The time of a fit with defects is the fr
 extra work (the drawn images' features, the bank, the validation pass again).
 
 Test labels choose nothing here: the drawn images are the user's labelled defects; the rest only report.
-Output: OUT/defects_study.json (one row per category, k and seed) and OUT/defects_study.md (means of 3 seeds).
+Output: OUT/defects_study.json (one row per category, k and seed) and OUT/defects_study.md (means over the seeds).
 """
 from __future__ import annotations
 
@@ -29,11 +29,15 @@ from anomalyvfm.data import list_images, load_mask
 from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.defects import learn_defects, scored_images
+from anomalyvfm.detector.settings import STORED_BEFORE, Settings
 from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
 from anomalyvfm.prediction import ImageViews
 
 CATEGORIES = ("magnetic_tile", "bottle", "kolektor", "ball_screw_drive")
-KS, SEEDS = (1, 3, 10), (0, 1, 2)
+KS = (1, 3, 10)
+# Seeds 0-2 were the first run's draws, whose test_public figures prompted the pooled choice rule
+# (`detector.defects`); the rule is judged on fresh draws (3-5), `--seeds 0,1,2` repeats the first run's.
+SEEDS = (3, 4, 5)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
 
 
@@ -62,9 +66,13 @@ def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: Defe
 
 
 def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, float]:
-    """The default model of a category and its fit seconds: fitted and saved to `model`, or loaded from there."""
+    """The default model of a category and its fit seconds: fitted and saved to `model`, or loaded from there.
+    A model saved by an earlier version keeps the mask settings of its time (`settings.STORED_BEFORE`); the
+    study uses today's defaults, which change masks only (the bank, scores and thresholds are the fit's)."""
     if (model / "fit_seconds.txt").is_file():
-        return AnomalyDetector.load(model / "model"), float((model / "fit_seconds.txt").read_text())
+        detector = AnomalyDetector.load(model / "model")
+        detector.pipeline.configure(**{name: getattr(Settings(), name) for name in STORED_BEFORE})
+        return detector, float((model / "fit_seconds.txt").read_text())
     detector = AnomalyDetector(backbone=backbone)
     start = time.perf_counter()
     detector.fit(list_images(root / "train" / "good"), list_images(root / "validation" / "good"))
@@ -74,7 +82,7 @@ def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, flo
     return detector, seconds
 
 
-def run_category(data: Path, backbone: str, category: str, out: Path) -> list[dict]:
+def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tuple[int, ...]) -> list[dict]:
     root = data / category
     detector, fit_seconds = fitted(root, backbone, out / category)
     validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation")
@@ -89,7 +97,7 @@ def run_category(data: Path, backbone: str, category: str, out: Path) -> list[di
     good_scored, bad_scored = scored_images(head, good, [None] * len(good)), scored_images(head, bad, bad_masks)
     rows = []
     for k in KS:
-        for seed in SEEDS:
+        for seed in seeds:
             drawn = sorted(np.random.default_rng(seed).choice(len(bad), size=min(k, len(bad) - 1), replace=False).tolist())
             rest = [*good_scored, *(bad_scored[i] for i in range(len(bad)) if i not in drawn)]
             labels = np.r_[np.zeros(len(good)), np.ones(len(rest) - len(good))]
@@ -145,6 +153,7 @@ def main() -> None:
     parser.add_argument("--backbone", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--categories", default="all")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="draws of the labelled defects")
     parser.add_argument("--table-only", action="store_true", help="rewrite OUT/defects_study.md from OUT/*.json")
     args = parser.parse_args()
     categories = CATEGORIES if args.categories == "all" else args.categories.split(",")
@@ -155,7 +164,8 @@ def main() -> None:
         if args.table_only:
             rows += [r for r in json.loads((out / "defects_study.json").read_text()) if r["category"] == category]
             continue
-        rows += run_category(Path(args.data), args.backbone, category, out)
+        rows += run_category(Path(args.data), args.backbone, category, out,
+                             tuple(int(x) for x in args.seeds.split(",")))
         (out / "defects_study.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "defects_study.md").write_text(table(rows))
     print(table(rows))

@@ -114,6 +114,39 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
         assert record["weight"] == 0.0 and not any(key.startswith("defects.") for key in arrays)
 
 
+def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_beyond_noise():
+    """`pooled_figures`: a candidate that outlines the defects whole *and* their surroundings loses AU-PRO through
+    the defective images' own normal pixels (the old per-fold figure, against good images only, missed that); a
+    candidate equal to none is never beyond the interval; a clear ranking gain is."""
+    from types import SimpleNamespace
+
+    from anomalyvfm.detector.defects import pooled_figures
+
+    rng = np.random.default_rng(0)
+    side, n_normal, n_defect = 32, 12, 10
+    truth = np.zeros((side, side), bool)
+    truth[12:20, 12:20] = True
+    halo = np.zeros((side, side), bool)
+    halo[4:28, 4:28] = True
+
+    def noise():
+        return rng.random((side, side)).astype(np.float16)
+
+    normal = [[(float(s), m), (float(s), m), (float(s), m), (float(s), m)]
+              for s, m in ((rng.random(), noise()) for _ in range(n_normal))]
+    held = []
+    for _ in range(n_defect):
+        base, score = noise(), float(rng.random() * 0.9 + 0.3)  # ranks among the good parts: AUROC well below 1
+        faint = np.where(truth, base + np.float16(0.6), base).astype(np.float16)
+        haloed = np.where(halo & ~truth, base + np.float16(3.0), faint).astype(np.float16)  # raised around it
+        held.append((SimpleNamespace(mask=truth), [(score, faint), (score, faint), (score + 10, faint), (score, haloed)]))
+    candidates = [("bank", 0.0), ("bank", 1.0), ("bank", 2.0), ("linear", 1.0)]
+    figures, differences = pooled_figures(candidates, normal, held)
+    assert figures[1] == figures[0] and differences[1] == [0.0, 0.0]  # equal: not beyond the interval
+    assert figures[2] > figures[0] and differences[2][0] > 0  # every defect ranked above every good part
+    assert figures[3] < figures[0] and differences[3][1] < 0  # the halo's false alarms sink it
+
+
 def calibrate_scored_head(head: ScoringHead, images: list[ScoredImage]) -> Calibration:
     from anomalyvfm.head.scores import view_statistics
 

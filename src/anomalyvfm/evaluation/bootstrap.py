@@ -89,15 +89,19 @@ METRICS: dict[str, Callable[[PerImage, np.ndarray], np.ndarray]] = {
 }
 
 
-def resampled(images: PerImage, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Each of `INTERVAL_METRICS` on every resample (rows of `indices`), computed a block of resamples at a time
-    so the pooled histograms of a block stay within `_BLOCK_CELLS` cells."""
+def resampled(images: PerImage, indices: np.ndarray, names: tuple[str, ...] = INTERVAL_METRICS,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each of `names` on every resample (rows of `indices`), computed a block of resamples at a time so the
+    pooled histograms of a block stay within `_BLOCK_CELLS` cells. `indices` may resample a larger pool of images
+    than `images` holds: `rows` (boolean over that pool) then says which of its images `images` holds, in order —
+    so a pixel figure over the outlined images and an image figure over all of them use the very same resamples."""
+    pool = len(images.labels) if rows is None else len(rows)
     block = max(1, _BLOCK_CELLS // max(1, len(images.values)))
-    out: dict[str, list[np.ndarray]] = {name: [] for name in INTERVAL_METRICS}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(indices), block):
-        weights = _multiplicities(indices[start : start + block], len(images.labels))
-        for name in INTERVAL_METRICS:
-            out[name].append(METRICS[name](images, weights))
+        weights = _multiplicities(indices[start : start + block], pool)
+        for name in names:
+            out[name].append(METRICS[name](images, weights if rows is None else weights[:, rows]))
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
