@@ -28,7 +28,8 @@ from anomalyvfm import metrics as M
 from anomalyvfm.data import list_images, load_mask
 from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.detector import AnomalyDetector
-from anomalyvfm.detector.defects import learn_defects, scored_images
+from anomalyvfm.adaptation.config import AdaptationConfig
+from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images
 from anomalyvfm.detector.settings import STORED_BEFORE, Settings
 from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
 from anomalyvfm.prediction import ImageViews
@@ -55,14 +56,36 @@ def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: Defe
     """The figures of the detector's head and calibration on `images` (scored by the frozen head), with the
     defect `evidence` applied at the detector's weight — the arithmetic of a head holding that bank."""
     head, calibration = detector.pipeline.head, detector.calibration
-    thresholds, weight = calibration.thresholds(), head.config.defect_weight
-    preds = [head.judge(image.scored if evidence is None else evidence.raised(image, evidence.of(image), weight),
-                        calibration, "distance", thresholds) for image in images]
-    masks = [image.mask if image.mask is not None else np.zeros(p.anomaly_map.shape, bool) for image, p in zip(images, preds)]
+    weight = head.config.defect_weight
+    scored = [image.scored if evidence is None else evidence.raised(image, evidence.of(image), weight) for image in images]
+    return judged_figures(detector, scored, [image.mask for image in images], labels, "distance")
+
+
+def judged_figures(detector: AnomalyDetector, scored: list, truths: list, labels: np.ndarray, mode: str) -> dict:
+    """Image AUROC, AU-PRO, SegF1 and ClassF1 (and the oracles) of scored views judged in score `mode` at the
+    detector's own thresholds of that mode."""
+    calibration = detector.calibration
+    thresholds = calibration.thresholds(mode)
+    preds = [detector.pipeline.head.judge(views, calibration, mode, thresholds) for views in scored]
+    masks = [m if m is not None else np.zeros(p.anomaly_map.shape, bool) for m, p in zip(truths, preds)]
     counts = np.array([M.mask_counts(m, p.mask) for m, p in zip(masks, preds)])
     result, _ = M.evaluate_images(labels, [p.score for p in preds], masks, [p.anomaly_map for p in preds],
                                   thresholds.image_threshold, thresholds.pixel_threshold, counts)
     return {name: float(result[name]) for name in (*FIGURES, "seg_f1_max_oracle", "f1_max_oracle")}
+
+
+def lora_arm(root: Path, backbone: str, drawn: list[tuple[Path, np.ndarray]], rest: list[Path], truths: list,
+             labels: np.ndarray) -> dict:
+    """(b): `fit --lora --defects` on the drawn defects (default LoRA settings), its fit time, and the rest of
+    test_public judged in score modes distance (adapted features) and fusion (+ the heads' evidence)."""
+    detector = AnomalyDetector(backbone=backbone, lora=AdaptationConfig())
+    start = time.perf_counter()
+    detector.fit(list_images(root / "train" / "good"), list_images(root / "validation" / "good"), progress=False,
+                 defects=DefectSet("test_public draw", tuple(drawn)))
+    seconds = time.perf_counter() - start
+    scored = [detector.pipeline.score_views(items) for items in detector.pipeline.view_features(rest, "test (LoRA)")]
+    return {"fit_seconds": seconds, "record": detector.record.lora,
+            **{mode: judged_figures(detector, scored, truths, labels, mode) for mode in ("distance", "fusion")}}
 
 
 def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, float]:
@@ -82,7 +105,8 @@ def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, flo
     return detector, seconds
 
 
-def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tuple[int, ...]) -> list[dict]:
+def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tuple[int, ...],
+                 lora_ks: tuple[int, ...] = ()) -> list[dict]:
     root = data / category
     detector, fit_seconds = fitted(root, backbone, out / category)
     validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation")
@@ -119,6 +143,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                 extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)
                 row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
+            if k in lora_ks:
+                row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad_masks[i]) for i in drawn],
+                                       [*good_paths, *(bad_paths[i] for i in range(len(bad)) if i not in drawn)],
+                                       [image.mask for image in rest], labels)
             rows.append(row)
             print(json.dumps({key: row[key] for key in ("category", "k", "seed", "frozen", "defects")}
                              | {"weight": row["record defects"]["weight"]}), flush=True)
@@ -147,6 +175,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lora_table(rows: list[dict]) -> str:
+    """(b) beside the frozen model and the chosen (a)/(c) on the same draws: means over the draws fitted with LoRA."""
+    group = [r for r in rows if "lora" in r]
+    if not group:
+        return ""
+    lines = ["| category | k | draws | figure | frozen | `fit --defects` (chosen) | LoRA + heads, distance | LoRA + heads, fusion |",
+             "|---|---|---|---|---|---|---|---|"]
+    for category, k in dict.fromkeys((r["category"], r["k"]) for r in group):
+        these = [r for r in group if (r["category"], r["k"]) == (category, k)]
+        for figure in FIGURES:
+            cells = [np.mean([f(r)[figure] for r in these]) for f in (
+                lambda r: r["frozen"], lambda r: r["defects"], lambda r: r["lora"]["distance"],
+                lambda r: r["lora"]["fusion"])]
+            lines.append(f"| {category} | {k} | {len(these)} | {figure} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        seconds = [np.mean([r["fit_seconds frozen"] for r in these]), np.mean([r["fit_seconds defects"] for r in these]),
+                   np.mean([r["lora"]["fit_seconds"] for r in these])]
+        lines.append(f"| {category} | {k} | {len(these)} | fit s | {seconds[0]:.0f} | {seconds[1]:.0f} | {seconds[2]:.0f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -154,6 +202,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--categories", default="all")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="draws of the labelled defects")
+    parser.add_argument("--lora-ks", default="", help="k of the draws also fitted with LoRA + heads on the defects, "
+                                                      "e.g. 10 (a full LoRA fit per draw: minutes each)")
     parser.add_argument("--table-only", action="store_true", help="rewrite OUT/defects_study.md from OUT/*.json")
     args = parser.parse_args()
     categories = CATEGORIES if args.categories == "all" else args.categories.split(",")
@@ -165,10 +215,12 @@ def main() -> None:
             rows += [r for r in json.loads((out / "defects_study.json").read_text()) if r["category"] == category]
             continue
         rows += run_category(Path(args.data), args.backbone, category, out,
-                             tuple(int(x) for x in args.seeds.split(",")))
+                             tuple(int(x) for x in args.seeds.split(",")),
+                             tuple(int(x) for x in args.lora_ks.split(",") if x))
         (out / "defects_study.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "defects_study.md").write_text(table(rows))
-    print(table(rows))
+    text = table(rows) + ("\n" + lora_table(rows) if lora_table(rows) else "")
+    (out / "defects_study.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,27 @@ def test_defects_from_the_inspection_store(fitted_model, backbone_dir, data_root
     assert "no inspection is labelled defect" in capsys.readouterr().err
 
 
+LORA = ["--lora", "--lora-steps", "4", "--lora-batch-size", "4", "--lora-image-size", "56"]
+
+
+def test_with_lora_the_outlined_defects_train_the_adapter_and_heads(backbone_dir, data_root, halves, tmp_path, capsys):
+    """`fit --lora --defects`: LoRA + heads learn the outlined defects in training (no bank, no weight); a folder
+    with no outline, or a defect weight beside --lora, is one line."""
+    folder = defect_folder(data_root, tmp_path / "labelled", [p.name for p in halves[0]])
+    out = tmp_path / "model"
+    assert fit(backbone_dir, data_root, out, *LORA, "--score", "fusion", "--defects", str(folder)) == 0
+    assert "LoRA + heads trained on crops of the 4 outlined defects" in capsys.readouterr().out
+    stored = model_dir.read(out)
+    assert stored.record.defects["kind"] == "lora" and stored.record.lora["real_defects"] == 4
+    assert not any(key.startswith("defects.") for key in stored.head) and stored.settings.defect_weight is None
+    weak = defect_folder(data_root, tmp_path / "weak", [p.name for p in halves[0]], outlines=False)
+    for options, named in (([*LORA, "--defects", str(weak)], "none of its 4 defects has one"),
+                           ([*LORA, "--defect-weight", "1", "--defects", str(folder)], "--defect-weight sets the weight")):
+        assert fit(backbone_dir, data_root, tmp_path / "refused", *options) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and "\n" not in err and not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("damage, named", [
     ("no bad folder", "no bad/ folder"),
     ("empty", "no images found"),

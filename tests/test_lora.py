@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from anomalyvfm import AnomalyDetector
@@ -89,6 +90,22 @@ def test_synthetic_half_of_a_batch_holds_its_defect(data_root):
     assert x.shape == (4, 3, 56, 56) and masks.shape == (4, 56, 56)
     assert labels.tolist() == [0, 0, 1, 1]
     assert (masks[:2] == 0).all() and all((m > 0.5).any() for m in masks[2:])
+
+
+def test_with_real_defects_part_of_the_anomalous_crops_are_cut_from_them_with_their_outline(data_root, tmp_path):
+    """A plain red defect image with a square outline: the crops cut from it are all red, hold part of the square
+    as their targets, are labelled anomalous; the normal half never is such a crop."""
+    images = [s.path for s in load_dataset(data_root, "demo").split("train")]
+    red = tmp_path / "red.png"
+    Image.fromarray(np.tile(np.array([255, 0, 0], np.uint8), (112, 112, 1))).save(red)
+    outline = np.zeros((112, 112), bool)
+    outline[40:70, 50:80] = True
+    x, masks, labels = make_batch(images, list(range(4)) * 4, np.random.default_rng(0), 112, 56, 14,
+                                  defects=[(red, outline)])
+    real = [bool((x[i] == x[i, :, :1, :1]).all()) for i in range(len(x))]  # one colour over the whole crop
+    assert 0 < sum(real) < 8 and not any(real[:8])
+    for i in np.flatnonzero(real):
+        assert labels[i] == 1 and 0 < (masks[i] > 0.5).sum() <= 30 * 30  # part of the square (112 px: not resized)
 
 
 def test_training_moves_features_and_leaves_base_weights_frozen(backbone_dir, data_root):

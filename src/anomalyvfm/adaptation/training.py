@@ -1,7 +1,11 @@
-"""Training LoRA adapters and anomaly heads on synthetic anomalies made from good images.
+"""Training LoRA adapters and anomaly heads on synthetic anomalies made from good images — and on a plant's
+real labelled defects when it has some (`fit --lora --defects DIR`).
 
 Each batch is half normal crops, half crops with a three-stage synthetic anomaly (`synthesis`), made
-on the fly from the training images, so the model never sees the same defect twice. Crops are taken at
+on the fly from the training images, so the model never sees the same defect twice. With real labelled
+defects, about `REAL_SHARE` of the anomalous crops are cut from them instead (a random defect, a crop holding
+part of its outline, the outline as the patch targets): synthetic anomalies alone teach the heads the
+synthetic defects, not the real ones (docs/adaptation.md). Crops are taken at
 the detector's scale (short side = `image_size`, the same resize as at inference) so a patch covers
 the same surface area in training as in scoring; `AdaptationConfig.crop_size` only sets the crop side,
 which bounds the CPU cost of a step. Synthetic crops always contain part of their defect.
@@ -46,6 +50,8 @@ from anomalyvfm.adaptation.losses import compactness_loss, patch_loss, patch_tar
 from anomalyvfm.data.synthesis import HELD_OUT_STAGES, SynthesisConfig, synthesize
 
 HELD_OUT = SynthesisConfig(stages=HELD_OUT_STAGES, weights=(1.0,) * len(HELD_OUT_STAGES))
+REAL_SHARE = 0.5  # of the anomalous crops of a batch, the share cut from real labelled defects when there are any
+LabelledDefect = tuple[ImageLike, np.ndarray]  # a real defect image and its outline (bool, at the image's size)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images (B,3,S,S), masks (B,S,S), labels (B,)
 
@@ -61,15 +67,20 @@ def _crop_origin(rng: np.random.Generator, length: int, side: int, must_hold: in
 def make_sample(
     images: Sequence[ImageLike], index: int, synthetic: bool, rng: np.random.Generator, image_size: int,
     crop: int | None, patch_size: int, synthesis: SynthesisConfig = SynthesisConfig(),
+    defect: LabelledDefect | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One square training crop `(3, S, S)` and its mask coverage `(S, S)` in [0, 1].
+    """One square training crop `(3, S, S)` and its mask coverage `(S, S)` in [0, 1]: a normal crop, one with a
+    synthetic anomaly, or (`defect` given) a crop of that real labelled defect image holding part of its outline.
 
     The anomaly is synthesised at the image's own resolution (defect sizes are relative to it), then
     image and mask go through the inference resize.
     """
-    image = load_rgb(images[index])
-    mask = np.zeros(image.shape[:2], dtype=bool)
-    if synthetic:
+    if defect is not None:
+        image, mask = load_rgb(defect[0]), np.asarray(defect[1], bool)
+    else:
+        image = load_rgb(images[index])
+        mask = np.zeros(image.shape[:2], dtype=bool)
+    if synthetic and defect is None:
         donor = load_rgb(images[(index + int(rng.integers(1, len(images)))) % len(images)]) if len(images) > 1 else None
         image, mask = synthesize(image, int(rng.integers(2**31)), synthesis, donor=donor)
     size = processed_size(*image.shape[:2], image_size, patch_size)
@@ -86,11 +97,15 @@ def make_sample(
 
 def make_batch(images: Sequence[ImageLike], picks: Sequence[int], rng: np.random.Generator, image_size: int,
                crop: int | None, patch_size: int, synthesis: SynthesisConfig = SynthesisConfig(),
-               synthetic_share: float = 0.5) -> Batch:
-    """Crops of `picks`: the first part normal, the last `synthetic_share` with a synthetic anomaly."""
+               synthetic_share: float = 0.5, defects: Sequence[LabelledDefect] = ()) -> Batch:
+    """Crops of `picks`: the first part normal, the last `synthetic_share` anomalous — with a synthetic anomaly,
+    or, with `defects` given, for about `REAL_SHARE` of them a crop of a real labelled defect drawn at random."""
     first = len(picks) - round(len(picks) * synthetic_share)
     synthetic = [i >= first for i in range(len(picks))]
-    samples = [make_sample(images, k, s, rng, image_size, crop, patch_size, synthesis) for k, s in zip(picks, synthetic)]
+    real = [defects[int(rng.integers(len(defects)))] if s and defects and rng.random() < REAL_SHARE else None
+            for s in synthetic]  # no draw without defects: the batches of a fit without them stay as they were
+    samples = [make_sample(images, k, s, rng, image_size, crop, patch_size, synthesis, d)
+               for k, s, d in zip(picks, synthetic, real)]
     return (torch.stack([x for x, _ in samples]), torch.stack([m for _, m in samples]),
             torch.tensor(synthetic, dtype=torch.float32))
 
@@ -154,9 +169,9 @@ def knn_validation_score(backbone: Backbone, memory: torch.Tensor, batch: Batch,
 
 
 def _training_batch(images: Sequence[ImageLike], size: int, seed: int, image_size: int, crop: int | None, patch: int,
-                    step: int) -> Batch:
+                    defects: Sequence[LabelledDefect], step: int) -> Batch:
     rng = np.random.default_rng([seed, 2, step])  # per step: the same batches whatever the thread timing
-    return make_batch(images, rng.integers(len(images), size=size), rng, image_size, crop, patch)
+    return make_batch(images, rng.integers(len(images), size=size), rng, image_size, crop, patch, defects=defects)
 
 
 def _criterion_batches(train_images: Sequence[ImageLike], val_images: Sequence[ImageLike], config: AdaptationConfig,
@@ -199,9 +214,11 @@ def _train_step(backbone: Backbone, peft_model, heads: AnomalyHeads, batch: Batc
 
 def train_adapter(
     backbone: Backbone, train_images: Sequence[ImageLike], val_images: Sequence[ImageLike], config: AdaptationConfig,
-    image_size: int, seed: int = 0, progress: bool = True,
+    image_size: int, seed: int = 0, progress: bool = True, defects: Sequence[LabelledDefect] = (),
 ):
-    """Add LoRA to `backbone` and train it with fresh heads; return `(peft model, heads, record)`.
+    """Add LoRA to `backbone` and train it with fresh heads; return `(peft model, heads, record)`. With
+    `defects` (real labelled defects and their outlines) about `REAL_SHARE` of each batch's anomalous crops are
+    cut from them: the heads and the adapter learn real defects beside the synthetic ones.
 
     On return the backbone holds the best adapter state (by the objective's validation criterion), and
     both are in eval mode, so dropout is off for feature extraction.
@@ -218,7 +235,7 @@ def train_adapter(
     val_batch, held_out, memory = _criterion_batches(train_images, val_images, config, seed, image_size, crop, patch)
     held_out_score = partial(knn_validation_score, backbone, memory, held_out, config.batch_size)
     criterion = held_out_score if compact else partial(validation_score, backbone, heads, val_batch, config.batch_size)
-    batch_for = partial(_training_batch, train_images, config.batch_size, seed, image_size, crop, patch)
+    batch_for = partial(_training_batch, train_images, config.batch_size, seed, image_size, crop, patch, defects)
 
     def snapshot() -> tuple:
         return {k: v.detach().clone() for k, v in adapter.items()}, copy.deepcopy(heads.state_dict())
@@ -255,5 +272,5 @@ def train_adapter(
               "held_out_frozen": round(frozen_held_out, 4),
               "held_out_kept": round(best[0] if compact else held_out_score(), 4),
               "seconds": round(time.perf_counter() - start, 1),
-              "trainable_parameters": sum(p.numel() for p in adapter.values())}
+              "trainable_parameters": sum(p.numel() for p in adapter.values()), "real_defects": len(defects)}
     return peft_model, heads.cpu().eval(), record

@@ -101,10 +101,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(threshold_lines(thresholds.evidence), end="")
     if detector.record.defects:
         d = detector.record.defects
-        learnt = (f"a {d['kind']} defect evidence at weight {d['weight']:g}" if d["weight"] else
-                  "nothing: held-out labelled defects were not found better with them")
-        print(f"defects: {d['images']} labelled images ({d['outlined']} outlined), {sum(d['patches_per_view'])} defect "
-              f"patches kept; learnt {learnt} ({d['choice']['rule']})")
+        print(f"defects: {d['images']} labelled images ({d['outlined']} outlined), ", end="")
+        if d["kind"] == "lora":
+            print(d["rule"])
+        else:
+            learnt = (f"a {d['kind']} defect evidence at weight {d['weight']:g}" if d["weight"] else
+                      "nothing: held-out labelled defects were not found better with them")
+            print(f"{sum(d['patches_per_view'])} defect patches kept; learnt {learnt} ({d['choice']['rule']})")
     if detector.settings.lora is not None:
         r = detector.record.lora
         size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size

@@ -25,8 +25,11 @@ held-out folds of the labelled defects and the validation images only:
 won without an interval: on bottle and magnetic_tile it chose evidence that lost AU-PRO on test_public, the
 defects' surroundings being raised with them. docs/adaptation.md has both rules' figures.)
 
-LoRA + heads trained on the real defects (the adaptation study's other arm) is not offered: `--lora` is
-refused with `--defects` (docs/adaptation.md).
+With `--lora`, the labelled defects are learnt by the backbone instead: LoRA + heads are trained on crops of the
+outlined defects beside the synthetic anomalies (`adaptation.training`, the adaptation study's other arm), and
+no bank or linear evidence is added; the user chooses this arm (`--lora`), no rule does: a held-out fold would
+mean one LoRA training per labelled defect, hours on a line PC's CPU. The heads' evidence then enters the
+score through score mode `fusion` (`--score fusion`), the adapted features through every mode.
 
 A weight the user gives (`--defect-weight`) is used as given. The weight is a setting: the chosen one is
 written into the model's settings, the figures behind the choice into its fit record.
@@ -106,20 +109,38 @@ def scored_images(head: ScoringHead, views: Sequence[ImageViews], masks: Sequenc
             for v, mask in zip(views, masks)]
 
 
-def check_defects_allowed(settings) -> None:
-    """Refuse, before a fit, settings the defect bank does not combine with (one line)."""
+def check_defects_allowed(settings, defects: DefectSet) -> None:
+    """Refuse, before a fit, settings the labelled defects do not combine with (one line)."""
     if settings.out_of_fold:
         raise UserInputError("--defects with --threshold-rule budget is not supported: the out-of-fold scores "
                              "are taken before the defects are learnt; choose another --threshold-rule")
-    if settings.lora is not None:
-        raise UserInputError("--defects with --lora is not supported: the defect bank raises distance scores, "
-                             "which the LoRA heads' score modes do not use alone")
+    if settings.lora is not None and settings.defect_weight is not None:
+        raise UserInputError("--defect-weight sets the weight of a defect bank; with --lora the defects train the "
+                             "adapter and heads instead: give one of them")
+    if settings.lora is not None and not outlined(defects):
+        raise UserInputError(f"{defects.source}: --lora learns real defects from their outlines, and none of its "
+                             f"{len(defects.pairs)} defects has one (without --lora they are learnt as weak labels)")
+
+
+def outlined(defects: DefectSet | None) -> list[tuple[Path, np.ndarray]]:
+    """The outlined labelled defects (image, outline) that LoRA training cuts anomalous crops from."""
+    return [] if defects is None else [(image, mask) for image, mask in defects.pairs if mask is not None]
+
+
+def lora_record(defects: DefectSet) -> dict[str, Any]:
+    """What a fit with `--lora` did with the labelled defects: trained the adapter and heads on the outlined ones."""
+    used = len(outlined(defects))
+    return {"source": defects.source, "images": len(defects.pairs), "outlined": used, "kind": "lora",
+            "rule": f"LoRA + heads trained on crops of the {used} outlined defects beside the synthetic anomalies "
+                    "(score mode fusion uses the heads); no defect bank, no weight"}
 
 
 def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validation: Sequence, mode: str,
                 progress: bool) -> tuple[Calibration, dict[str, Any]]:
     """Learn `defects` into the fitted `pipeline`'s head and refit the calibration on `validation`; return it
-    and the record of what was learnt (module docstring)."""
+    and the record of what was learnt (module docstring). A LoRA fit has learnt them in training: its record only."""
+    if pipeline.settings.lora is not None:
+        return calibration, lora_record(defects)
     views = {}
     for what, images in (("validation", validation), ("defect", [image for image, _ in defects.pairs])):
         views[what] = list(pipeline.image_views(images, f"features ({what})" if progress else None))

@@ -21,7 +21,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.calibration import calibrate
-from anomalyvfm.detector.defects import DefectSet, check_defects_allowed, fit_defects
+from anomalyvfm.detector.defects import DefectSet, check_defects_allowed, fit_defects, outlined
 from anomalyvfm.detector.pipeline import Accumulator, Pipeline, accumulate
 from anomalyvfm.detector.settings import Runtime, Settings
 from anomalyvfm.errors import NotFittedError, UserInputError
@@ -84,7 +84,7 @@ class AnomalyDetector:
         if not images:
             raise UserInputError("no training images given")
         if defects is not None:
-            check_defects_allowed(self.settings)
+            check_defects_allowed(self.settings, defects)
         if self.settings.auto:
             from anomalyvfm.detector.auto import choose_settings
 
@@ -94,7 +94,7 @@ class AnomalyDetector:
         if self.settings.lora is not None:
             s = self.settings
             adapter, heads, self.record.lora = train_adapter(backbone, images, validation_images, s.lora, s.image_size,
-                                                             s.seed, progress)
+                                                             s.seed, progress, outlined(defects))
             self.pipeline.adapt(adapter, heads)
         self.record.train_images = self.pipeline.fit_scorers(images, progress, self.settings.out_of_fold)
         self.calibration = calibrate(self.pipeline, validation_images, mode, progress)
