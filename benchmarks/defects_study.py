@@ -106,7 +106,7 @@ def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, flo
 
 
 def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tuple[int, ...],
-                 lora_ks: tuple[int, ...] = ()) -> list[dict]:
+                 ks: tuple[int, ...] = KS, lora_ks: tuple[int, ...] = ()) -> list[dict]:
     root = data / category
     detector, fit_seconds = fitted(root, backbone, out / category)
     validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation")
@@ -120,7 +120,7 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
     normal = scored_images(head, validation, [None] * len(validation))  # the frozen head's normal distances, once
     good_scored, bad_scored = scored_images(head, good, [None] * len(good)), scored_images(head, bad, bad_masks)
     rows = []
-    for k in KS:
+    for k in ks:
         for seed in seeds:
             drawn = sorted(np.random.default_rng(seed).choice(len(bad), size=min(k, len(bad) - 1), replace=False).tolist())
             rest = [*good_scored, *(bad_scored[i] for i in range(len(bad)) if i not in drawn)]
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--categories", default="all")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="draws of the labelled defects")
+    parser.add_argument("--ks", default=",".join(map(str, KS)), help="numbers of labelled defects drawn")
     parser.add_argument("--lora-ks", default="", help="k of the draws also fitted with LoRA + heads on the defects, "
                                                       "e.g. 10 (a full LoRA fit per draw: minutes each)")
     parser.add_argument("--table-only", action="store_true", help="rewrite OUT/defects_study.md from OUT/*.json")
@@ -215,8 +216,7 @@ def main() -> None:
             rows += [r for r in json.loads((out / "defects_study.json").read_text()) if r["category"] == category]
             continue
         rows += run_category(Path(args.data), args.backbone, category, out,
-                             tuple(int(x) for x in args.seeds.split(",")),
-                             tuple(int(x) for x in args.lora_ks.split(",") if x))
+                             *(tuple(int(x) for x in text.split(",") if x) for text in (args.seeds, args.ks, args.lora_ks)))
         (out / "defects_study.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows) + ("\n" + lora_table(rows) if lora_table(rows) else "")
     (out / "defects_study.md").write_text(text)
