@@ -454,8 +454,9 @@ def _add_fit(sub) -> None:
     fit.add_argument("--defects", metavar="DIR",
                      help="learn from these labelled real defects: DIR/bad/NAME.png, outlined by "
                           "DIR/ground_truth/bad/NAME_mask.png (the test_public layout; an image without a mask counts "
-                          "as 'somewhere in this image'); their patches raise the scores of similar ones; no threshold "
-                          "is set from them; recorded in the model")
+                          "as 'somewhere in this image'); their patches raise the scores of similar ones (with --lora: "
+                          "the outlined ones train the adapter and heads); no threshold is set from them; recorded "
+                          "in the model")
     fit.add_argument("--defects-from-store", metavar="URL",
                      help="learn from the inspections labelled defect in this inspection store (their kept images, "
                           "without outlines), as --defects does")
