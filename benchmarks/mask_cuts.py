@@ -5,7 +5,7 @@ setting, and hysteresis with its low threshold at other fractions of the way up 
 to the cached maps of each category at the model's own thresholds, with and without
 "no outline on a pass verdict". SegF1 is measured on the *selection* set — validation/good plus the synthetic
 anomalies made on validation images — with its 95 % bootstrap interval and the paired interval of its
-difference from `global` (`anomalyvfm.evaluation.bootstrap`); test_public is only reported, never used to
+difference from `global` (`anomalyvfm.metrics.bootstrap`); test_public is only reported, never used to
 choose. The rule fixed before the run: a cut replaces `global` as the default only if its paired SegF1
 difference on the selection set is above 0 beyond the interval on every category; of several such cuts, the
 one with the highest mean selection SegF1 over the categories.
@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from anomalyvfm.detector.settings import Settings
-from anomalyvfm.evaluation import bootstrap
+from anomalyvfm.metrics import bootstrap
 from anomalyvfm import metrics as M
 from anomalyvfm.maps.binarize import BINARIZATIONS, MIN_AREA_PATCHES, defect_mask, hysteresis_mask, patch_side
 

@@ -26,7 +26,7 @@ import numpy as np
 from anomalyvfm.data import load_dataset
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.detector.settings import Settings
-from anomalyvfm.evaluation import bootstrap
+from anomalyvfm.metrics import bootstrap
 from mask_cuts import load_split, reduce
 from threshold_rules import CATEGORIES, fit_images
 

@@ -1,10 +1,10 @@
-"""Bootstrap intervals (`evaluation.bootstrap`) against a brute-force recomputation of every resample."""
+"""Bootstrap intervals (`metrics.bootstrap`) against a brute-force recomputation of every resample."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from anomalyvfm.evaluation import bootstrap as B
+from anomalyvfm.metrics import bootstrap as B
 from anomalyvfm.metrics import PerImage, evaluate_images, mask_counts, seg_f1_masks
 
 

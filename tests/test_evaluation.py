@@ -54,7 +54,7 @@ def test_benchmark_tables(backbone_dir, data_root, tmp_path, capsys):
 
 
 def test_metrics_carry_bootstrap_intervals_into_every_table(fitted_model, data_root, tmp_path, capsys):
-    from anomalyvfm.evaluation.bootstrap import INTERVAL_METRICS, intervals
+    from anomalyvfm.metrics.bootstrap import INTERVAL_METRICS, intervals
     from anomalyvfm.metrics import PerImage
 
     code = main(["evaluate", "--model", str(fitted_model), "--data", str(data_root), "--category", "demo",

@@ -56,7 +56,7 @@ from anomalyvfm.data.resample import block_means
 from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.evaluation.bootstrap import resample_indices, resampled
+from anomalyvfm.metrics.bootstrap import resample_indices, resampled
 from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.head.defects import (DEFAULT_WEIGHT, FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
                                      linear_keys)

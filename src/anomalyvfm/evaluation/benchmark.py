@@ -20,8 +20,9 @@ from anomalyvfm.data import load_dataset
 from anomalyvfm.declare import to_dict
 from anomalyvfm.detector.fit import Variant, fit_category
 from anomalyvfm.errors import UserInputError
-from anomalyvfm.evaluation import bootstrap, html_report
-from anomalyvfm.evaluation.bootstrap import INTERVAL_METRICS
+from anomalyvfm.evaluation import html_report
+from anomalyvfm.metrics import bootstrap
+from anomalyvfm.metrics.bootstrap import INTERVAL_METRICS
 from anomalyvfm.evaluation.evaluate import PER_IMAGE_NAME, evaluate, reset_peak_rss
 from anomalyvfm.metrics import PerImage
 from anomalyvfm.outputs import open_text, write_text
@@ -78,7 +79,7 @@ def with_intervals(row: dict, intervals: dict[str, list[float]]) -> dict:
 def paired_comparisons(variants: list[Variant], categories: list[str], out: Path, nested: bool,
                        rows: list[dict]) -> list[dict]:
     """Each later variant against the first on every category: the difference of each figure with interval
-    figures and its 95 % paired bootstrap interval over the same test images (`evaluation.bootstrap`)."""
+    figures and its 95 % paired bootstrap interval over the same test images (`metrics.bootstrap`)."""
     if len(variants) < 2 or not nested:
         return []
     value = {(r["variant"], r["category"]): r for r in rows}

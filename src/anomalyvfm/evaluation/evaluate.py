@@ -18,7 +18,8 @@ import tifffile
 from PIL import Image
 
 from anomalyvfm import metrics as M
-from anomalyvfm.evaluation import bootstrap, html_report, report
+from anomalyvfm.evaluation import html_report, report
+from anomalyvfm.metrics import bootstrap
 from anomalyvfm.data import Dataset, Sample, load_mask, load_rgb
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.prediction import Predictor

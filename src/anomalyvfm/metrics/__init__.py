@@ -60,7 +60,7 @@ class _ScoreCounts:
 class ImageHistograms:
     """One row per image over the pooled histogram's columns (`_ScoreCounts.values`), sparse: an image holds
     a few thousand of the distinct scores. Summing rows with multiplicities gives the pooled histogram of any
-    resample of the images, which is what makes bootstrapping AU-PRO and SegF1 cheap (`evaluation.bootstrap`)."""
+    resample of the images, which is what makes bootstrapping AU-PRO and SegF1 cheap (`metrics.bootstrap`)."""
 
     positives: sparse.csr_matrix
     negatives: sparse.csr_matrix
@@ -357,7 +357,7 @@ def seg_f1_max(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> tuple
 
 @dataclass(frozen=True)
 class PerImage:
-    """Each test image reduced to what the figures with intervals need (`evaluation.bootstrap`): its label,
+    """Each test image reduced to what the figures with intervals need (`metrics.bootstrap`): its label,
     score and verdict, the pixel (TP, FP, FN) of the masks the model outputs, and its pixel histograms.
     Any resample of the images is then a weighted sum of rows, with no pass over the maps again."""
 
