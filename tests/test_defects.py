@@ -103,7 +103,10 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
         defects.append(image), masks.append(mask)
     normal_images = synthetic_images(head, validation)
     calibration = calibrate_scored_head(head, normal_images)
-    arrays, record = learn_defects(head, calibration, synthetic_images(head, defects, masks), normal_images, "test")
+    labelled = synthetic_images(head, defects, masks)
+    arrays, record = learn_defects(head, calibration, labelled, normal_images, "test")
+    _, single = learn_defects(head, calibration, labelled[:1], normal_images, "test")
+    assert single["weight"] == 0.0 and single["choice"]["folds"] == 0  # one defect: nothing to check it on, none learnt
     figures = record["choice"]["figures"]
     assert record["choice"]["folds"] == 4 and set(figures) == {"none", *(f"{k} {w}" for k in ("bank", "linear") for w in (1, 2, 4))}
     if chosen == "raised":

@@ -105,8 +105,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if d["kind"] == "lora":
             print(d["rule"])
         else:
-            learnt = (f"a {d['kind']} defect evidence at weight {d['weight']:g}" if d["weight"] else
-                      "nothing: held-out labelled defects were not found better with them")
+            learnt = f"a {d['kind']} defect evidence at weight {d['weight']:g}" if d["weight"] else "nothing"
             print(f"{sum(d['patches_per_view'])} defect patches kept; learnt {learnt} ({d['choice']['rule']})")
     if detector.settings.lora is not None:
         r = detector.record.lora

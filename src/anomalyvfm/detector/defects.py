@@ -18,9 +18,10 @@ held-out folds of the labelled defects and the validation images only:
   within each label); of those that do, the highest figure wins (equal figures: the first of bank, linear,
   the smaller weight); if none does, "none": the model stays the normal-only one, with the record saying why. A
   few defects can rarely show a gain beyond the interval, so they rarely change the model — a model with
-  defects must not be worse than one without. With a single labelled defect there is no fold: a bank at
-  `head.defects.DEFAULT_WEIGHT` (image AUROC and AU-PRO within 0.005 of the frozen model on four categories, but
-  SegF1 0.04 lower on two under MEBin masks: docs/adaptation.md).
+  defects must not be worse than one without. With a single labelled defect there is no fold, so nothing is
+  learnt (`--defect-weight` forces a bank). Until this rule a single defect gave a bank at weight 1: image AUROC and
+  AU-PRO stayed within 0.005 of the frozen model on four categories, but SegF1 fell by 0.04 on two under MEBin masks
+  (docs/adaptation.md) — an unchecked change, which this rule does not make.
 
 (Before, each fold's figure was one held-out defect against the validation images alone, and the best mean
 won without an interval: on bottle and magnetic_tile it chose evidence that lost AU-PRO on test_public, the
@@ -59,7 +60,7 @@ from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.metrics.bootstrap import resample_indices, resampled
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.defects import (DEFAULT_WEIGHT, FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
+from anomalyvfm.head.defects import (FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
                                      linear_keys)
 from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.prediction import ImageViews
@@ -221,8 +222,9 @@ def choose(learner: Learner, defects: Sequence[ScoredImage], validation: Sequenc
         if evidence is not None:
             held.append((defects[i], judged(learner, evidence, candidates, defects[i])))
     if not held:
-        return {"kind": "bank", "weight": DEFAULT_WEIGHT, "folds": 0,
-                "rule": "no held-out fold (fewer than 2 labelled defects with kept patches): a bank at the default weight"}
+        return {"kind": "bank", "weight": 0.0, "folds": 0,
+                "rule": "no held-out fold (fewer than 2 labelled defects with kept patches), so nothing could be checked "
+                        "and nothing is learnt; --defect-weight W learns a bank anyway"}
     everything = learnt_evidence(learner, defects)
     normal = [judged(learner, everything, candidates, image) for image in validation]
     figures, differences = pooled_figures(candidates, normal, held)
