@@ -216,13 +216,9 @@ def train_adapter(
     backbone: Backbone, train_images: Sequence[ImageLike], val_images: Sequence[ImageLike], config: AdaptationConfig,
     image_size: int, seed: int = 0, progress: bool = True, defects: Sequence[LabelledDefect] = (),
 ):
-    """Add LoRA to `backbone` and train it with fresh heads; return `(peft model, heads, record)`. With
-    `defects` (real labelled defects and their outlines) about `REAL_SHARE` of each batch's anomalous crops are
-    cut from them: the heads and the adapter learn real defects beside the synthetic ones.
-
-    On return the backbone holds the best adapter state (by the objective's validation criterion), and
-    both are in eval mode, so dropout is off for feature extraction.
-    """
+    """Add LoRA to `backbone` and train it with fresh heads (and `defects`: real outlined defects, module docstring);
+    return `(peft model, heads, record)`. On return the backbone holds the best adapter state (by the objective's
+    validation criterion), and both are in eval mode, so dropout is off for feature extraction."""
     if not train_images or not val_images:
         raise UserInputError("LoRA training needs training and validation (good) images")
     torch.manual_seed(seed)
