@@ -21,10 +21,9 @@ from anomalyvfm.declare import to_dict
 from anomalyvfm.detector.fit import Variant, fit_category
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.evaluation import html_report
-from anomalyvfm.metrics import bootstrap
-from anomalyvfm.metrics.bootstrap import INTERVAL_METRICS
 from anomalyvfm.evaluation.evaluate import PER_IMAGE_NAME, evaluate, reset_peak_rss
-from anomalyvfm.metrics import PerImage
+from anomalyvfm.metrics import PerImage, bootstrap
+from anomalyvfm.metrics.bootstrap import INTERVAL_METRICS
 from anomalyvfm.outputs import open_text, write_text
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro_0.05", "aupro_0.3", "seg_f1", "class_f1", "f1_max_oracle",
