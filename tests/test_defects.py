@@ -19,6 +19,7 @@ from anomalyvfm.data import load_mask
 from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defects import learn_defects
+from anomalyvfm.detector.settings import Settings
 from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.head.defects import (DefectEvidence, ScoredImage, defect_bank, defect_distance, defect_rows,
                                      prepared_bank, raise_scores)
@@ -104,8 +105,9 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
     normal_images = synthetic_images(head, validation)
     calibration = calibrate_scored_head(head, normal_images)
     labelled = synthetic_images(head, defects, masks)
-    arrays, record = learn_defects(head, calibration, labelled, normal_images, "test")
-    _, single = learn_defects(head, calibration, labelled[:1], normal_images, "test")
+    rules = Settings().threshold_rules()
+    arrays, record = learn_defects(head, calibration, rules, labelled, normal_images, "test")
+    _, single = learn_defects(head, calibration, rules, labelled[:1], normal_images, "test")
     assert single["weight"] == 0.0 and single["choice"]["folds"] == 0  # one defect: nothing to check it on, none learnt
     figures = record["choice"]["figures"]
     assert record["choice"]["folds"] == 4 and set(figures) == {"none", *(f"{k} {w}" for k in ("bank", "linear") for w in (1, 2, 4))}
@@ -144,7 +146,7 @@ def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_b
         haloed = np.where(halo & ~truth, base + np.float16(3.0), faint).astype(np.float16)  # raised around it
         held.append((SimpleNamespace(mask=truth), [(score, faint), (score, faint), (score + 10, faint), (score, haloed)]))
     candidates = [("bank", 0.0), ("bank", 1.0), ("bank", 2.0), ("linear", 1.0)]
-    figures, differences = pooled_figures(candidates, normal, held)
+    figures, differences, _ = pooled_figures(candidates, normal, held, Settings().threshold_rules(), HeadConfig("knn", 1, 1))
     assert figures[1] == figures[0] and differences[1] == [0.0, 0.0]  # equal: not beyond the interval
     assert figures[2] > figures[0] and differences[2][0] > 0  # every defect ranked above every good part
     assert figures[3] < figures[0] and differences[3][1] < 0  # the halo's false alarms sink it
@@ -337,7 +339,7 @@ def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, 
     views = list(detector.view_features([*halves[0], *halves[1]]))
     masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{Path(v.source).stem}_mask.png") for v in views]
     images = scored_images(head, views, masks)
-    learnt, kept = Learner(head, detector.calibration).learn(kind, images[:4])
+    learnt, kept = Learner(head, detector.calibration, detector.pipeline.settings.threshold_rules()).learn(kind, images[:4])
     assert sum(rows[0] for rows in kept) > 0 and learnt
     arrays = {**head.state_dict(), **learnt}
     with_bank = ScoringHead(replace(head.config, defect_weight=2.0), arrays)

@@ -55,14 +55,16 @@ import numpy as np
 from anomalyvfm import metrics as M
 from anomalyvfm.data import load_rgb
 from anomalyvfm.data.resample import block_means
-from anomalyvfm.detector.calibration import calibrate_scored
+from anomalyvfm.detector.calibration import calibrate_scored, thresholds_from
 from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.metrics.bootstrap import resample_indices, resampled
-from anomalyvfm.head.calibration import Calibration
+from anomalyvfm.head.calibration import Calibration, Thresholds
 from anomalyvfm.head.defects import (FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
                                      linear_keys)
-from anomalyvfm.head.head import ScoringHead
+from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.maps.binarize import model_mask
+from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
 from anomalyvfm.prediction import ImageViews
 from anomalyvfm.scoring.distances import unit_rows
 
@@ -71,6 +73,7 @@ KINDS = ("bank", "linear")  # `head.defects`; the linear head needs a kNN bank (
 NEGATIVES = 20_000  # normal bank rows a linear head is trained against (a seeded sample of larger banks)
 CHOICE_SIDE = 128  # the choice's AU-PRO is taken on maps averaged down to this many px a side (`coarse`)
 FPR_LIMIT = 0.05  # AU-PRO's false-positive-rate limit in the choice (MVTec AD 2's)
+PIXEL_FIGURES = (f"aupro_{FPR_LIMIT}", "seg_f1")  # the choice's figures over the outlined defects
 CHOICE_RESAMPLES = 500  # bootstrap resamples of the choice's paired interval
 
 
@@ -151,20 +154,21 @@ def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validati
             raise UserInputError(f"{what} image unreadable: {failed.error}")
     normal = scored_images(pipeline.head, views["validation"], [None] * len(validation))
     found = scored_images(pipeline.head, views["defect"], [mask for _, mask in defects.pairs])
-    arrays, record = learn_defects(pipeline.head, calibration, found, normal, defects.source,
-                                   pipeline.settings.defect_weight)
+    arrays, record = learn_defects(pipeline.head, calibration, pipeline.settings.threshold_rules(), found, normal,
+                                   defects.source, pipeline.settings.defect_weight)
     pipeline.use_head_arrays(arrays)
     pipeline.configure(defect_weight=record["weight"])
     rescored = [pipeline.head.score_views(v.views, v.source, v.processed_shape, v.image_shape) for v in views["validation"]]
     return calibrate_scored(pipeline, rescored, mode), record
 
 
-def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence[ScoredImage],
-                  validation: Sequence[ScoredImage], source: str,
+def learn_defects(head: ScoringHead, calibration: Calibration, rules: dict[str, ThresholdRule],
+                  defects: Sequence[ScoredImage], validation: Sequence[ScoredImage], source: str,
                   weight: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The head's arrays with the chosen defect evidence added (nothing if the weight is 0), and the record of
-    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why."""
-    learner = Learner(head, calibration)
+    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why. `rules`: the
+    model's threshold rule per level, with which the choice cuts the pool's masks."""
+    learner = Learner(head, calibration, rules)
     choice = ({"kind": "bank", "weight": weight, "rule": "given (--defect-weight): a defect bank"}
               if weight is not None else choose(learner, defects, validation))
     learnt, kept = learner.learn(choice["kind"], defects)
@@ -180,8 +184,8 @@ def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence
 class Learner:
     """Learns either kind of defect evidence (`head.defects`) from labelled defects for one fitted head."""
 
-    def __init__(self, head: ScoringHead, calibration: Calibration) -> None:
-        self.head, self.calibration, self.arrays = head, calibration, head.state_dict()
+    def __init__(self, head: ScoringHead, calibration: Calibration, rules: dict[str, ThresholdRule]) -> None:
+        self.head, self.calibration, self.rules, self.arrays = head, calibration, rules, head.state_dict()
         self.floors = [stats["mean"] + FLOOR_SIGMA * stats["std"] for stats in calibration.view_stats]
         self.kinds = KINDS if head.config.scorer == "knn" else ("bank",)  # the linear head's negatives: bank rows
 
@@ -227,16 +231,17 @@ def choose(learner: Learner, defects: Sequence[ScoredImage], validation: Sequenc
                         "and nothing is learnt; --defect-weight W learns a bank anyway"}
     everything = learnt_evidence(learner, defects)
     normal = [judged(learner, everything, candidates, image) for image in validation]
-    figures, differences = pooled_figures(candidates, normal, held)
+    figures, differences, parts = pooled_figures(candidates, normal, held, learner.rules, learner.head.config)
     beyond = [i for i in range(1, len(candidates)) if differences[i][0] > 0]
     best = max(beyond, key=lambda i: (figures[i], -i), default=0)  # equal figures: the earlier candidate
     kind, weight = candidates[best]
     name = [f"{k} {w:g}" if w else "none" for k, w in candidates]
     return {"kind": kind, "weight": weight, "folds": len(held),
-            "figures": dict(zip(name, figures)),
+            "figures": dict(zip(name, figures)), "parts": dict(zip(name, parts)),
             "minus_none_95": {n: d for n, d in zip(name[1:], differences[1:])},
             "rule": "pooled held-out predictions (each labelled defect scored by what the others taught, the validation "
-                    f"images by what all taught): mean of image AUROC and AU-PRO({FPR_LIMIT}); a candidate must beat none "
+                    f"images by what all taught): mean of image AUROC, AU-PRO({FPR_LIMIT}) and SegF1 at thresholds from the "
+                    "pool's validation images; a candidate must beat none "
                     f"beyond the 95 % paired bootstrap interval over images, then the highest figure wins"}
 
 
@@ -262,32 +267,49 @@ def judged(learner: Learner, evidence: dict[str, DefectEvidence], candidates: li
     return [(p.score, coarse(p.anomaly_map).astype(np.float16)) for p in preds]
 
 
-def pooled_figures(candidates: list, normal: list[list], held: list[tuple[ScoredImage, list]]
-                   ) -> tuple[list[float], list[list[float]]]:
-    """Each candidate's figure on the pooled predictions, and the 95 % paired bootstrap interval of its figure
-    minus the first candidate's (none), over the same resamples of the images (within each label)."""
+def pooled_figures(candidates: list, normal: list[list], held: list[tuple[ScoredImage, list]],
+                   rules: dict[str, ThresholdRule], config: HeadConfig
+                   ) -> tuple[list[float], list[list[float]], list[dict[str, float]]]:
+    """Each candidate's figure on the pooled predictions, the 95 % paired bootstrap interval of its figure minus
+    the first candidate's (none), over the same resamples of the images (within each label), and the figure's parts."""
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(held), int)]
     outlined = np.r_[np.ones(len(normal), bool), [d.mask is not None for d, _ in held]]
     truths = ([np.zeros(amap.shape, bool) for _, amap in (preds[0] for preds in normal)]
               + [np.zeros(p[0][1].shape, bool) if d.mask is None else coarse(d.mask.astype(np.float32)) > 0
                  for d, p in held])
     indices = resample_indices(labels, CHOICE_RESAMPLES)
-    figures, resamples = [], []
+    figures, resamples, named = [], [], []
     for c in range(len(candidates)):
-        preds = [p[c] for p in normal] + [p[c] for _, p in held]
-        scores, maps = [s for s, _ in preds], [m for _, m in preds]
-        whole = M.evaluate_images(labels, scores, truths, maps, np.inf, np.inf)
-        parts = [(whole[0]["image_auroc"], resampled(whole[1], indices, ("image_auroc",))["image_auroc"])]
+        preds = [(s, m.astype(np.float32)) for s, m in [p[c] for p in normal] + [p[c] for _, p in held]]
+        whole = M.evaluate_images(labels, [s for s, _ in preds], truths, [m for _, m in preds], np.inf, np.inf)
+        parts = {"image_auroc": (whole[0]["image_auroc"], resampled(whole[1], indices, ("image_auroc",))["image_auroc"])}
         if outlined[len(normal):].any():
-            pixels = whole if outlined.all() else M.evaluate_images(
-                labels[outlined], np.array(scores)[outlined], [t for t, o in zip(truths, outlined) if o],
-                [m for m, o in zip(maps, outlined) if o], np.inf, np.inf)
-            parts.append((pixels[0][f"aupro_{FPR_LIMIT}"],
-                          resampled(pixels[1], indices, (f"aupro_{FPR_LIMIT}",), outlined)[f"aupro_{FPR_LIMIT}"]))
-        figures.append(float(np.mean([figure for figure, _ in parts])))
-        resamples.append(np.mean([values for _, values in parts], axis=0))
+            thresholds, counts = cut(preds, truths, len(normal), rules, config)
+            chosen = [i for i in range(len(preds)) if outlined[i]]
+            pixels = M.evaluate_images(labels[outlined], [preds[i][0] for i in chosen], [truths[i] for i in chosen],
+                                       [preds[i][1] for i in chosen], thresholds.image_threshold,
+                                       thresholds.pixel_threshold, counts[outlined])
+            values = resampled(pixels[1], indices, PIXEL_FIGURES, outlined)
+            parts |= {name: (pixels[0][name], values[name]) for name in PIXEL_FIGURES}
+        figures.append(float(np.mean([figure for figure, _ in parts.values()])))
+        resamples.append(np.mean([values for _, values in parts.values()], axis=0))
+        named.append({name: float(figure) for name, (figure, _) in parts.items()})
     differences = [[float(q) for q in np.nanquantile(r - resamples[0], [0.025, 0.975])] for r in resamples]
-    return figures, differences
+    return figures, differences, named
+
+
+def cut(preds: list[tuple[float, np.ndarray]], truths: list[np.ndarray], normal: int, rules: dict[str, ThresholdRule],
+        config: HeadConfig) -> tuple[Thresholds, np.ndarray]:
+    """The thresholds a calibration would take from the pool's first `normal` (validation) predictions, and every
+    image's pixel (TP, FP, FN) of the mask the model would output at them (its own cut, outline only where flagged)."""
+    scores, pixels = NormalScores(), NormalScores()
+    for score, amap in preds[:normal]:
+        scores.update(np.array([score]))
+        pixels.update(amap)
+    thresholds = thresholds_from(scores, pixels, rules)
+    counts = [M.mask_counts(truth, model_mask(amap, config, thresholds, score > thresholds.image_threshold))
+              for (score, amap), truth in zip(preds, truths)]
+    return thresholds, np.array(counts, np.int64)
 
 
 def coarse(image: np.ndarray) -> np.ndarray:
