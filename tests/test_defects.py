@@ -120,8 +120,8 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
 
 
 def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_beyond_noise():
-    """`pooled_figures`: a candidate that outlines the defects whole *and* their surroundings loses AU-PRO through
-    the defective images' own normal pixels (the old per-fold figure, against good images only, missed that); a
+    """`pooled_figures`: a candidate that outlines the defects whole *and* their surroundings loses AU-PRO and SegF1
+    through the defective images' own normal pixels (the old per-fold figure, against good images only, missed that); a
     candidate equal to none is never beyond the interval; a clear ranking gain is."""
     from types import SimpleNamespace
 
@@ -146,7 +146,11 @@ def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_b
         haloed = np.where(halo & ~truth, base + np.float16(3.0), faint).astype(np.float16)  # raised around it
         held.append((SimpleNamespace(mask=truth), [(score, faint), (score, faint), (score + 10, faint), (score, haloed)]))
     candidates = [("bank", 0.0), ("bank", 1.0), ("bank", 2.0), ("linear", 1.0)]
-    figures, differences, _ = pooled_figures(candidates, normal, held, Settings().threshold_rules(), HeadConfig("knn", 1, 1))
+    figures, differences, parts = pooled_figures(candidates, normal, held, Settings().threshold_rules(),
+                                                 HeadConfig("knn", 1, 1))
+    assert all(set(p) == {"image_auroc", "aupro_0.05", "seg_f1"} for p in parts)
+    assert figures == pytest.approx([np.mean(list(p.values())) for p in parts])
+    assert parts[3]["seg_f1"] < parts[0]["seg_f1"]  # the halo is outlined with the defect
     assert figures[1] == figures[0] and differences[1] == [0.0, 0.0]  # equal: not beyond the interval
     assert figures[2] > figures[0] and differences[2][0] > 0  # every defect ranked above every good part
     assert figures[3] < figures[0] and differences[3][1] < 0  # the halo's false alarms sink it

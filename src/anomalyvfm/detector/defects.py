@@ -12,8 +12,11 @@ held-out folds of the labelled defects and the validation images only:
   either kind at each weight of `WEIGHTS`) as learnt from the *other* defects, and every validation image as
   learnt from all of them; pooled, they look like a small test set, so the false positives a raised region
   puts *around* a defect weigh as they will in use (the defective images' own normal pixels);
-* a candidate's figure is the mean of the pool's image AUROC and, over its outlined defects, its AU-PRO(0.05)
-  (maps averaged down to `CHOICE_SIDE` px a side: the choice ranks candidates, the study reports exact figures);
+* a candidate's figure is the mean of the pool's image AUROC and, over its outlined defects, its AU-PRO(0.05) and
+  SegF1 — the masks the model would output (its cut, outline only where flagged if it outlines only flagged images)
+  at the thresholds its threshold rule takes from the pool's validation predictions, since the outline is what a
+  line acts on and a raised defect core moves a per-image cut (maps averaged down to `CHOICE_SIDE` px a side: the
+  choice ranks candidates, the study reports exact figures);
 * a candidate must beat "none" beyond the 95 % paired bootstrap interval over the pool's images (resampled
   within each label); of those that do, the highest figure wins (equal figures: the first of bank, linear,
   the smaller weight); if none does, "none": the model stays the normal-only one, with the record saying why. A
@@ -25,7 +28,8 @@ held-out folds of the labelled defects and the validation images only:
 
 (Before, each fold's figure was one held-out defect against the validation images alone, and the best mean
 won without an interval: on bottle and magnetic_tile it chose evidence that lost AU-PRO on test_public, the
-defects' surroundings being raised with them. docs/adaptation.md has both rules' figures.)
+defects' surroundings being raised with them. Then the figure left SegF1 out, and a bank chosen for its ranking
+halved bottle's SegF1 on one draw. docs/adaptation.md has each rule's figures.)
 
 With `--lora`, the labelled defects are learnt by the backbone instead: LoRA + heads are trained on crops of the
 outlined defects beside the synthetic anomalies (`adaptation.training`, the adaptation study's other arm), and
