@@ -24,7 +24,8 @@ RESAMPLES = 1000
 SEED = 0
 LEVEL = 0.95
 PRO_LIMIT = 0.05  # AU-PRO's false-positive-rate limit reported with an interval
-INTERVAL_METRICS = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
+PRO_NAME = f"aupro_{PRO_LIMIT}"
+INTERVAL_METRICS = ("image_auroc", PRO_NAME, "seg_f1", "class_f1")
 _BLOCK_CELLS = 2**18  # histogram columns x resamples held at once (2 MB per float64 array, ~20 MB in all)
 
 
@@ -81,7 +82,7 @@ def _aupro(images: PerImage, weights: np.ndarray, limit: float = PRO_LIMIT) -> n
 
 METRICS: dict[str, Callable[[PerImage, np.ndarray], np.ndarray]] = {
     "image_auroc": _image_auroc,
-    "aupro_0.05": _aupro,
+    PRO_NAME: _aupro,
     "seg_f1": lambda images, weights: _f1(weights @ images.seg_counts),
     "class_f1": lambda images, weights: _f1(weights @ np.stack(
         [images.flagged & (images.labels == 1), images.flagged & (images.labels == 0),
@@ -92,11 +93,12 @@ METRICS: dict[str, Callable[[PerImage, np.ndarray], np.ndarray]] = {
 def resampled(images: PerImage, indices: np.ndarray, names: tuple[str, ...] = INTERVAL_METRICS,
               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Each of `names` on every resample (rows of `indices`), computed a block of resamples at a time so the
-    pooled histograms of a block stay within `_BLOCK_CELLS` cells. `indices` may resample a larger pool of images
+    pooled histograms of a block stay within `_BLOCK_CELLS` cells (only AU-PRO pools histograms: without it, one
+    block). `indices` may resample a larger pool of images
     than `images` holds: `rows` (boolean over that pool) then says which of its images `images` holds, in order —
     so a pixel figure over the outlined images and an image figure over all of them use the very same resamples."""
     pool = len(images.labels) if rows is None else len(rows)
-    block = max(1, _BLOCK_CELLS // max(1, len(images.values)))
+    block = max(1, _BLOCK_CELLS // max(1, len(images.values))) if PRO_NAME in names else max(1, len(indices))
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(indices), block):
         weights = _multiplicities(indices[start : start + block], pool)
