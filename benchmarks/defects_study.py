@@ -4,7 +4,8 @@
 
 Per category: one default fit on all of train/good (thresholds from validation/good), timed and saved to
 OUT/CAT/model (a later run loads it and its recorded fit time); every validation
-and test_public image's view features are computed once and kept in memory. Then for k = 1, 3, 10 defect
+and test_public image's view features are computed once, kept in memory and beside the model (a later run on
+the same model reads them back). Then for k = 1, 3, 10 defect
 images drawn from test_public/bad (`SEEDS`; the draw of `calibration_defects.py`) the defect bank is
 learnt as `fit --defects` learns it (`detector.defects.learn_defects` on the drawn images' features and outlines,
 then the calibration fitted again on validation) and the *rest* of test_public — the drawn images never
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -42,13 +44,23 @@ SEEDS = (3, 4, 5)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
 
 
-def cached(detector: AnomalyDetector, paths: list[Path], what: str) -> tuple[list[ImageViews], float]:
+def cached(detector: AnomalyDetector, paths: list[Path], what: str, folder: Path) -> tuple[list[ImageViews], float]:
+    """The images' view features and seconds per image: computed, or read back from `folder` (kept beside the saved
+    model they belong to, so a rerun on the same model — another rule, more draws — skips the backbone)."""
+    keep = folder / f"features {what}.pkl"
+    if keep.is_file():
+        with keep.open("rb") as file:
+            return pickle.load(file)
     start = time.perf_counter()
     views = list(detector.view_features(paths, what))
     bad = next((v for v in views if v.error), None)
     if bad is not None:
         raise SystemExit(bad.error)
-    return views, (time.perf_counter() - start) / len(paths)
+    result = views, (time.perf_counter() - start) / len(paths)
+    with keep.with_suffix(".part").open("wb") as file:
+        pickle.dump(result, file, protocol=pickle.HIGHEST_PROTOCOL)
+    keep.with_suffix(".part").replace(keep)
+    return result
 
 
 def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None,
@@ -96,6 +108,8 @@ def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, flo
         detector = AnomalyDetector.load(model / "model")
         detector.pipeline.configure(**{name: getattr(Settings(), name) for name in STORED_BEFORE})
         return detector, float((model / "fit_seconds.txt").read_text())
+    for stale in model.glob("features *.pkl"):  # an earlier model's
+        stale.unlink()
     detector = AnomalyDetector(backbone=backbone)
     start = time.perf_counter()
     detector.fit(list_images(root / "train" / "good"), list_images(root / "validation" / "good"))
@@ -109,10 +123,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                  ks: tuple[int, ...] = KS, lora_ks: tuple[int, ...] = ()) -> list[dict]:
     root = data / category
     detector, fit_seconds = fitted(root, backbone, out / category)
-    validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation")
+    validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation", out / category)
     good_paths, bad_paths = list_images(root / "test_public" / "good"), list_images(root / "test_public" / "bad")
-    good, _ = cached(detector, good_paths, "test good")
-    bad, image_seconds = cached(detector, bad_paths, "test bad")
+    good, _ = cached(detector, good_paths, "test good", out / category)
+    bad, image_seconds = cached(detector, bad_paths, "test bad", out / category)
     bad_masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{p.stem}_mask.png", v.image_shape)
                  for p, v in zip(bad_paths, bad)]
     frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration

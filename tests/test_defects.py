@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anomalyvfm import metrics as M
 from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_mask
 from anomalyvfm.deploy.load import load_predictor
@@ -137,17 +138,19 @@ def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_b
     def noise():
         return rng.random((side, side)).astype(np.float16)
 
-    normal = [[(float(s), m), (float(s), m), (float(s), m), (float(s), m)]
-              for s, m in ((rng.random(), noise()) for _ in range(n_normal))]
+    def predicted(score, amap, mask):  # what `judged` gives: the mask cut at 1 (above any noise)
+        return score, amap, M.mask_counts(mask, amap > 1)
+
+    normal = [[predicted(float(s), m, np.zeros_like(truth))] * 4 for s, m in ((rng.random(), noise()) for _ in range(n_normal))]
     held = []
     for _ in range(n_defect):
         base, score = noise(), float(rng.random() * 0.9 + 0.3)  # ranks among the good parts: AUROC well below 1
         faint = np.where(truth, base + np.float16(0.6), base).astype(np.float16)
         haloed = np.where(halo & ~truth, base + np.float16(3.0), faint).astype(np.float16)  # raised around it
-        held.append((SimpleNamespace(mask=truth), [(score, faint), (score, faint), (score + 10, faint), (score, haloed)]))
+        held.append((SimpleNamespace(mask=truth), [predicted(score, faint, truth), predicted(score, faint, truth),
+                                                   predicted(score + 10, faint, truth), predicted(score, haloed, truth)]))
     candidates = [("bank", 0.0), ("bank", 1.0), ("bank", 2.0), ("linear", 1.0)]
-    figures, differences, parts = pooled_figures(candidates, normal, held, Settings().threshold_rules(),
-                                                 HeadConfig("knn", 1, 1))
+    figures, differences, parts = pooled_figures(candidates, normal, held)
     assert all(set(p) == {"image_auroc", "aupro_0.05", "seg_f1"} for p in parts)
     assert figures == pytest.approx([np.mean(list(p.values())) for p in parts])
     assert parts[3]["seg_f1"] < parts[0]["seg_f1"]  # the halo is outlined with the defect

@@ -13,10 +13,10 @@ held-out folds of the labelled defects and the validation images only:
   learnt from all of them; pooled, they look like a small test set, so the false positives a raised region
   puts *around* a defect weigh as they will in use (the defective images' own normal pixels);
 * a candidate's figure is the mean of the pool's image AUROC and, over its outlined defects, its AU-PRO(0.05) and
-  SegF1 — the masks the model would output (its cut, outline only where flagged if it outlines only flagged images)
-  at the thresholds its threshold rule takes from the pool's validation predictions, since the outline is what a
-  line acts on and a raised defect core moves a per-image cut (maps averaged down to `CHOICE_SIDE` px a side: the
-  choice ranks candidates, the study reports exact figures);
+  SegF1 — of the masks the model would output (its cut, outline only where flagged if it outlines only flagged
+  images) at the thresholds its threshold rule takes from the pool's validation images, since the outline is what
+  a line acts on and a raised defect core moves a per-image cut. Masks are cut at full size; AU-PRO is taken on
+  maps averaged down to `CHOICE_SIDE` px a side (the choice ranks candidates, the study reports exact figures);
 * a candidate must beat "none" beyond the 95 % paired bootstrap interval over the pool's images (resampled
   within each label); of those that do, the highest figure wins (equal figures: the first of bank, linear,
   the smaller weight); if none does, "none": the model stays the normal-only one, with the record saying why. A
@@ -66,7 +66,7 @@ from anomalyvfm.metrics.bootstrap import resample_indices, resampled
 from anomalyvfm.head.calibration import Calibration, Thresholds
 from anomalyvfm.head.defects import (FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
                                      linear_keys)
-from anomalyvfm.head.head import HeadConfig, ScoringHead
+from anomalyvfm.head.head import ScoringHead
 from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
 from anomalyvfm.prediction import ImageViews
@@ -224,23 +224,19 @@ def linear_head(defect: np.ndarray, normal: np.ndarray, seed: int = 0) -> tuple[
 def choose(learner: Learner, defects: Sequence[ScoredImage], validation: Sequence[ScoredImage]) -> dict[str, Any]:
     """The kind and weight of the defect evidence by pooled cross-validated predictions (module docstring)."""
     candidates = [("bank", 0.0)] + [(kind, w) for kind in learner.kinds for w in WEIGHTS if w > 0]
-    held = []  # (defect, its predictions under each candidate learnt from the other defects)
-    for i in range(len(defects) if len(defects) > 1 else 0):
-        evidence = learnt_evidence(learner, [d for j, d in enumerate(defects) if j != i])
-        if evidence is not None:
-            held.append((defects[i], judged(learner, evidence, candidates, defects[i])))
-    if not held:
+    folds = [(d, e) for i, d in enumerate(defects) if len(defects) > 1
+             and (e := learnt_evidence(learner, [o for j, o in enumerate(defects) if j != i])) is not None]
+    if not folds:
         return {"kind": "bank", "weight": 0.0, "folds": 0,
                 "rule": "no held-out fold (fewer than 2 labelled defects with kept patches), so nothing could be checked "
                         "and nothing is learnt; --defect-weight W learns a bank anyway"}
-    everything = learnt_evidence(learner, defects)
-    normal = [judged(learner, everything, candidates, image) for image in validation]
-    figures, differences, parts = pooled_figures(candidates, normal, held, learner.rules, learner.head.config)
+    normal, held = pooled_predictions(learner, candidates, folds, learnt_evidence(learner, defects), validation)
+    figures, differences, parts = pooled_figures(candidates, normal, held)
     beyond = [i for i in range(1, len(candidates)) if differences[i][0] > 0]
     best = max(beyond, key=lambda i: (figures[i], -i), default=0)  # equal figures: the earlier candidate
     kind, weight = candidates[best]
     name = [f"{k} {w:g}" if w else "none" for k, w in candidates]
-    return {"kind": kind, "weight": weight, "folds": len(held),
+    return {"kind": kind, "weight": weight, "folds": len(folds),
             "figures": dict(zip(name, figures)), "parts": dict(zip(name, parts)),
             "minus_none_95": {n: d for n, d in zip(name[1:], differences[1:])},
             "rule": "pooled held-out predictions (each labelled defect scored by what the others taught, the validation "
@@ -260,39 +256,67 @@ def learnt_evidence(learner: Learner, defects: Sequence[ScoredImage]) -> dict[st
     return evidence
 
 
+def pooled_predictions(learner: Learner, candidates: list[tuple[str, float]],
+                       folds: list[tuple[ScoredImage, dict[str, DefectEvidence]]],
+                       everything: dict[str, DefectEvidence], validation: Sequence[ScoredImage]) -> tuple[list, list]:
+    """Every pooled image's predictions under every candidate (`judged`): the validation images' under what all
+    labelled defects taught, each held-out defect's under what the others taught (a fold: the defect and that
+    evidence). Masks are cut at full size at each candidate's thresholds, which its threshold rule takes from
+    the validation images' full maps (a block-averaged mask would swell a thin defect's outline many times)."""
+    seen = [(NormalScores(), NormalScores()) for _ in candidates]
+    normal = [judged(learner, everything, candidates, image, seen=seen) for image in validation]
+    cuts = [thresholds_from(scores, pixels, learner.rules) for scores, pixels in seen]
+    for n, image in enumerate(validation):  # the masks of images the model outlines (by default: the flagged)
+        if not learner.head.config.outline_only_flagged or any(s > c.image_threshold for (s, _, _), c in zip(normal[n], cuts)):
+            normal[n] = judged(learner, everything, candidates, image, cuts=cuts)
+        else:
+            normal[n] = [(score, amap, (0, 0, 0)) for score, amap, _ in normal[n]]
+    return normal, [(defect, judged(learner, evidence, candidates, defect, cuts=cuts)) for defect, evidence in folds]
+
+
 def judged(learner: Learner, evidence: dict[str, DefectEvidence], candidates: list[tuple[str, float]],
-           image: ScoredImage) -> list:
-    """The image's prediction (score, map averaged down by `coarse`) under every candidate, judged once where
-    nothing changes."""
-    head, calibration = learner.head, learner.calibration
+           image: ScoredImage, seen: list[tuple[NormalScores, NormalScores]] | None = None,
+           cuts: list[Thresholds] | None = None) -> list:
+    """The image's prediction under every candidate, judged once where nothing changes: (score, map averaged down
+    by `coarse`, pixel (TP, FP, FN) of the mask cut at the candidate's `cuts`, None without them). A validation
+    pass gives `seen`, each candidate's (image scores, map pixels) its thresholds will be taken from."""
+    head, calibration, config = learner.head, learner.calibration, learner.head.config
     frozen, of = head.judge(image.scored, calibration), {kind: e.of(image) for kind, e in evidence.items()}
     preds = [frozen if scored is image.scored else head.judge(scored, calibration)
              for scored in (DefectEvidence.raised(image, of[kind], w) for kind, w in candidates)]
-    return [(p.score, coarse(p.anomaly_map).astype(np.float16)) for p in preds]
+    truth = np.zeros(frozen.anomaly_map.shape, bool) if image.mask is None else image.mask
+    out = []
+    for c, pred in enumerate(preds):
+        if seen is not None:
+            seen[c][0].update(np.array([pred.score]))
+            seen[c][1].update(pred.anomaly_map)
+        counts = None if cuts is None else M.mask_counts(
+            truth, model_mask(pred.anomaly_map, config, cuts[c], pred.score > cuts[c].image_threshold))
+        out.append((pred.score, coarse(pred.anomaly_map).astype(np.float16), counts))
+    return out
 
 
-def pooled_figures(candidates: list, normal: list[list], held: list[tuple[ScoredImage, list]],
-                   rules: dict[str, ThresholdRule], config: HeadConfig
+def pooled_figures(candidates: list, normal: list[list], held: list[tuple[ScoredImage, list]]
                    ) -> tuple[list[float], list[list[float]], list[dict[str, float]]]:
-    """Each candidate's figure on the pooled predictions, the 95 % paired bootstrap interval of its figure minus
-    the first candidate's (none), over the same resamples of the images (within each label), and the figure's parts."""
+    """Each candidate's figure on the pooled predictions (`pooled_predictions`), the 95 % paired bootstrap interval
+    of its figure minus the first candidate's (none), over the same resamples of the images (within each label),
+    and the figure's parts."""
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(held), int)]
     outlined = np.r_[np.ones(len(normal), bool), [d.mask is not None for d, _ in held]]
-    truths = ([np.zeros(amap.shape, bool) for _, amap in (preds[0] for preds in normal)]
+    truths = ([np.zeros(amap.shape, bool) for _, amap, _ in (preds[0] for preds in normal)]
               + [np.zeros(p[0][1].shape, bool) if d.mask is None else coarse(d.mask.astype(np.float32)) > 0
                  for d, p in held])
     indices = resample_indices(labels, CHOICE_RESAMPLES)
     figures, resamples, named = [], [], []
     for c in range(len(candidates)):
-        preds = [(s, m.astype(np.float32)) for s, m in [p[c] for p in normal] + [p[c] for _, p in held]]
-        whole = M.evaluate_images(labels, [s for s, _ in preds], truths, [m for _, m in preds], np.inf, np.inf)
+        preds = [p[c] for p in normal] + [p[c] for _, p in held]
+        scores, maps = [s for s, _, _ in preds], [m for _, m, _ in preds]
+        whole = M.evaluate_images(labels, scores, truths, maps, np.inf, np.inf)
         parts = {"image_auroc": (whole[0]["image_auroc"], resampled(whole[1], indices, ("image_auroc",))["image_auroc"])}
         if outlined[len(normal):].any():
-            thresholds, counts = cut(preds, truths, len(normal), rules, config)
-            chosen = [i for i in range(len(preds)) if outlined[i]]
-            pixels = M.evaluate_images(labels[outlined], [preds[i][0] for i in chosen], [truths[i] for i in chosen],
-                                       [preds[i][1] for i in chosen], thresholds.image_threshold,
-                                       thresholds.pixel_threshold, counts[outlined])
+            pixels = M.evaluate_images(labels[outlined], np.array(scores)[outlined],
+                                       [t for t, o in zip(truths, outlined) if o], [m for m, o in zip(maps, outlined) if o],
+                                       np.inf, np.inf, np.array([counts for _, _, counts in preds], np.int64)[outlined])
             values = resampled(pixels[1], indices, PIXEL_FIGURES, outlined)
             parts |= {name: (pixels[0][name], values[name]) for name in PIXEL_FIGURES}
         figures.append(float(np.mean([figure for figure, _ in parts.values()])))
@@ -300,20 +324,6 @@ def pooled_figures(candidates: list, normal: list[list], held: list[tuple[Scored
         named.append({name: float(figure) for name, (figure, _) in parts.items()})
     differences = [[float(q) for q in np.nanquantile(r - resamples[0], [0.025, 0.975])] for r in resamples]
     return figures, differences, named
-
-
-def cut(preds: list[tuple[float, np.ndarray]], truths: list[np.ndarray], normal: int, rules: dict[str, ThresholdRule],
-        config: HeadConfig) -> tuple[Thresholds, np.ndarray]:
-    """The thresholds a calibration would take from the pool's first `normal` (validation) predictions, and every
-    image's pixel (TP, FP, FN) of the mask the model would output at them (its own cut, outline only where flagged)."""
-    scores, pixels = NormalScores(), NormalScores()
-    for score, amap in preds[:normal]:
-        scores.update(np.array([score]))
-        pixels.update(amap)
-    thresholds = thresholds_from(scores, pixels, rules)
-    counts = [M.mask_counts(truth, model_mask(amap, config, thresholds, score > thresholds.image_threshold))
-              for (score, amap), truth in zip(preds, truths)]
-    return thresholds, np.array(counts, np.int64)
 
 
 def coarse(image: np.ndarray) -> np.ndarray:
