@@ -22,6 +22,7 @@ import argparse
 import json
 import pickle
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,12 @@ import numpy as np
 from anomalyvfm import metrics as M
 from anomalyvfm.data import list_images, load_mask
 from anomalyvfm.detector.calibration import calibrate_scored
+from anomalyvfm.detector.defect_thresholds import defect_thresholds
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images
 from anomalyvfm.detector.settings import STORED_BEFORE, Settings
+from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
 from anomalyvfm.prediction import ImageViews
 
@@ -42,6 +45,7 @@ KS = (1, 3, 10)
 # (`detector.defects`); the rule is judged on fresh draws (3-5), `--seeds 0,1,2` repeats the first run's.
 SEEDS = (3, 4, 5)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
+CALIBRATED = ("frozen", "defects")  # arms also judged at thresholds from the drawn defects (`--calibration-defects`)
 
 
 def cached(detector: AnomalyDetector, paths: list[Path], what: str, folder: Path) -> tuple[list[ImageViews], float]:
@@ -63,21 +67,37 @@ def cached(detector: AnomalyDetector, paths: list[Path], what: str, folder: Path
     return result
 
 
+def with_evidence(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None) -> list:
+    """`images` (scored by the frozen head) with the defect `evidence` applied at the detector's weight — the
+    arithmetic of a head holding what was learnt."""
+    weight = detector.pipeline.head.config.defect_weight
+    return [image.scored if evidence is None else evidence.raised(image, evidence.of(image), weight) for image in images]
+
+
 def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None,
-            labels: np.ndarray) -> dict:
-    """The figures of the detector's head and calibration on `images` (scored by the frozen head), with the
-    defect `evidence` applied at the detector's weight — the arithmetic of a head holding that bank."""
+            labels: np.ndarray, thresholds: Thresholds | None = None) -> dict:
+    """The figures of the detector's head and calibration (or `thresholds`) on `images` with the defect `evidence`."""
+    return judged_figures(detector, with_evidence(detector, images, evidence), [image.mask for image in images], labels,
+                          "distance", thresholds)
+
+
+def drawn_thresholds(detector: AnomalyDetector, evidence: DefectEvidence | None, normal: list[ScoredImage],
+                     drawn: list[ScoredImage]) -> Thresholds:
+    """`fit --calibration-defects` given the drawn defects too: the thresholds that maximise image F1 and SegF1
+    over the validation images and the drawn defects as the model (with its evidence, if any) scores them."""
     head, calibration = detector.pipeline.head, detector.calibration
-    weight = head.config.defect_weight
-    scored = [image.scored if evidence is None else evidence.raised(image, evidence.of(image), weight) for image in images]
-    return judged_figures(detector, scored, [image.mask for image in images], labels, "distance")
+    v, d = ([head.judge(scored, calibration) for scored in with_evidence(detector, images, evidence)] for images in (normal, drawn))
+    image_t, pixel_t, _ = defect_thresholds(np.array([p.score for p in v]), [p.anomaly_map for p in v],
+                                            np.array([p.score for p in d]), [p.anomaly_map for p in d], [i.mask for i in drawn])
+    return replace(calibration.thresholds("distance"), image_threshold=image_t, pixel_threshold=pixel_t)
 
 
-def judged_figures(detector: AnomalyDetector, scored: list, truths: list, labels: np.ndarray, mode: str) -> dict:
+def judged_figures(detector: AnomalyDetector, scored: list, truths: list, labels: np.ndarray, mode: str,
+                   thresholds: Thresholds | None = None) -> dict:
     """Image AUROC, AU-PRO, SegF1 and ClassF1 (and the oracles) of scored views judged in score `mode` at the
-    detector's own thresholds of that mode."""
+    detector's own thresholds of that mode (or `thresholds`)."""
     calibration = detector.calibration
-    thresholds = calibration.thresholds(mode)
+    thresholds = thresholds or calibration.thresholds(mode)
     preds = [detector.pipeline.head.judge(views, calibration, mode, thresholds) for views in scored]
     masks = [m if m is not None else np.zeros(p.anomaly_map.shape, bool) for m, p in zip(truths, preds)]
     counts = np.array([M.mask_counts(m, p.mask) for m, p in zip(masks, preds)])
@@ -156,6 +176,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                     row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)
+                if name in CALIBRATED:  # the same model, its thresholds also from the drawn defects
+                    drawn_images = [bad_scored[i] for i in drawn]
+                    row[f"{name} + calibration"] = figures(detector, rest, evidence, labels,
+                                                           drawn_thresholds(detector, evidence, normal, drawn_images))
                 row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
             if k in lora_ks:
                 row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad_masks[i]) for i in drawn],
@@ -170,8 +194,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |",
-             "|---|---|---|---|---|---|"]
+    arms = ["frozen", fixed, "defects"] + [f"{name} + calibration" for name in CALIBRATED if f"{name} + calibration" in rows[0]]
+    lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |"
+             + "".join(f" {name}: thresholds from the drawn defects too |" for name in arms[3:]),
+             "|---|---|---|---|---|---|" + "---|" * len(arms[3:])]
     groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in KS] + [("mean", k) for k in KS]
     for category, k in groups:
         group = [r for r in rows if r["k"] == k and category in ("mean", r["category"])]
@@ -179,7 +205,7 @@ def table(rows: list[dict]) -> str:
             continue
         mean = lambda f: float(np.mean([f(r) for r in group]))  # noqa: E731
         for figure in FIGURES:
-            cells = [f"{mean(lambda r: r[name][figure]):.3f}" for name in ("frozen", fixed, "defects")]
+            cells = [f"{mean(lambda r: r[name][figure]):.3f}" for name in arms]
             lines.append(f"| {category} | {k} | {figure} | {' | '.join(cells)} |")
         chosen = "" if category == "mean" else "chosen: " + ", ".join(
             f"{r['record defects']['kind']} {r['record defects']['weight']:g}" for r in group) + "; "
