@@ -166,8 +166,8 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                 detector.calibration, evidence = frozen_calibration, None
                 start = time.perf_counter()
                 if weight != 0.0:
-                    arrays, record = learn_defects(head, frozen_calibration, detector.pipeline.settings.threshold_rules(),
-                                                   [bad_scored[i] for i in drawn], normal, "test_public draw", weight)
+                    arrays, record = learn_defects(head, frozen_calibration, [bad_scored[i] for i in drawn], normal,
+                                                   "test_public draw", weight)
                     detector.pipeline.use_head_arrays(arrays)
                     detector.pipeline.configure(defect_weight=record["weight"])
                     evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(validation[0].views))])

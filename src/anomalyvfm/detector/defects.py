@@ -12,11 +12,8 @@ held-out folds of the labelled defects and the validation images only:
   either kind at each weight of `WEIGHTS`) as learnt from the *other* defects, and every validation image as
   learnt from all of them; pooled, they look like a small test set, so the false positives a raised region
   puts *around* a defect weigh as they will in use (the defective images' own normal pixels);
-* a candidate's figure is the mean of the pool's image AUROC and, over its outlined defects, its AU-PRO(0.05) and
-  SegF1 — of the masks the model would output (its cut, outline only where flagged if it outlines only flagged
-  images) at the thresholds its threshold rule takes from the pool's validation images, since the outline is what
-  a line acts on and a raised defect core moves a per-image cut. Masks are cut at full size; AU-PRO is taken on
-  maps averaged down to `CHOICE_SIDE` px a side (the choice ranks candidates, the study reports exact figures);
+* a candidate's figure is the mean of the pool's image AUROC and, over its outlined defects, its AU-PRO(0.05)
+  (maps averaged down to `CHOICE_SIDE` px a side: the choice ranks candidates, the study reports exact figures);
 * a candidate must beat "none" beyond the 95 % paired bootstrap interval over the pool's images (resampled
   within each label); of those that do, the highest figure wins (equal figures: the first of bank, linear,
   the smaller weight); if none does, "none": the model stays the normal-only one, with the record saying why. A
@@ -28,8 +25,7 @@ held-out folds of the labelled defects and the validation images only:
 
 (Before, each fold's figure was one held-out defect against the validation images alone, and the best mean
 won without an interval: on bottle and magnetic_tile it chose evidence that lost AU-PRO on test_public, the
-defects' surroundings being raised with them. Then the figure left SegF1 out, and a bank chosen for its ranking
-halved bottle's SegF1 on one draw. docs/adaptation.md has each rule's figures.)
+defects' surroundings being raised with them. docs/adaptation.md has both rules' figures.)
 
 With `--lora`, the labelled defects are learnt by the backbone instead: LoRA + heads are trained on crops of the
 outlined defects beside the synthetic anomalies (`adaptation.training`, the adaptation study's other arm), and
@@ -59,16 +55,14 @@ import numpy as np
 from anomalyvfm import metrics as M
 from anomalyvfm.data import load_rgb
 from anomalyvfm.data.resample import block_means
-from anomalyvfm.detector.calibration import calibrate_scored, thresholds_from
+from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.metrics.bootstrap import resample_indices, resampled
-from anomalyvfm.head.calibration import Calibration, Thresholds
+from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.head.defects import (FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
                                      linear_keys)
 from anomalyvfm.head.head import ScoringHead
-from anomalyvfm.maps.binarize import model_mask
-from anomalyvfm.maps.thresholds import NormalScores, ThresholdRule
 from anomalyvfm.prediction import ImageViews
 from anomalyvfm.scoring.distances import unit_rows
 
@@ -77,7 +71,6 @@ KINDS = ("bank", "linear")  # `head.defects`; the linear head needs a kNN bank (
 NEGATIVES = 20_000  # normal bank rows a linear head is trained against (a seeded sample of larger banks)
 CHOICE_SIDE = 128  # the choice's AU-PRO is taken on maps averaged down to this many px a side (`coarse`)
 FPR_LIMIT = 0.05  # AU-PRO's false-positive-rate limit in the choice (MVTec AD 2's)
-PIXEL_FIGURES = (f"aupro_{FPR_LIMIT}", "seg_f1")  # the choice's figures over the outlined defects
 CHOICE_RESAMPLES = 500  # bootstrap resamples of the choice's paired interval
 
 
@@ -158,21 +151,20 @@ def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validati
             raise UserInputError(f"{what} image unreadable: {failed.error}")
     normal = scored_images(pipeline.head, views["validation"], [None] * len(validation))
     found = scored_images(pipeline.head, views["defect"], [mask for _, mask in defects.pairs])
-    arrays, record = learn_defects(pipeline.head, calibration, pipeline.settings.threshold_rules(), found, normal,
-                                   defects.source, pipeline.settings.defect_weight)
+    arrays, record = learn_defects(pipeline.head, calibration, found, normal, defects.source,
+                                   pipeline.settings.defect_weight)
     pipeline.use_head_arrays(arrays)
     pipeline.configure(defect_weight=record["weight"])
     rescored = [pipeline.head.score_views(v.views, v.source, v.processed_shape, v.image_shape) for v in views["validation"]]
     return calibrate_scored(pipeline, rescored, mode), record
 
 
-def learn_defects(head: ScoringHead, calibration: Calibration, rules: dict[str, ThresholdRule],
-                  defects: Sequence[ScoredImage], validation: Sequence[ScoredImage], source: str,
+def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence[ScoredImage],
+                  validation: Sequence[ScoredImage], source: str,
                   weight: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The head's arrays with the chosen defect evidence added (nothing if the weight is 0), and the record of
-    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why. `rules`: the
-    model's threshold rule per level, with which the choice cuts the pool's masks."""
-    learner = Learner(head, calibration, rules)
+    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why."""
+    learner = Learner(head, calibration)
     choice = ({"kind": "bank", "weight": weight, "rule": "given (--defect-weight): a defect bank"}
               if weight is not None else choose(learner, defects, validation))
     learnt, kept = learner.learn(choice["kind"], defects)
@@ -188,8 +180,8 @@ def learn_defects(head: ScoringHead, calibration: Calibration, rules: dict[str, 
 class Learner:
     """Learns either kind of defect evidence (`head.defects`) from labelled defects for one fitted head."""
 
-    def __init__(self, head: ScoringHead, calibration: Calibration, rules: dict[str, ThresholdRule]) -> None:
-        self.head, self.calibration, self.rules, self.arrays = head, calibration, rules, head.state_dict()
+    def __init__(self, head: ScoringHead, calibration: Calibration) -> None:
+        self.head, self.calibration, self.arrays = head, calibration, head.state_dict()
         self.floors = [stats["mean"] + FLOOR_SIGMA * stats["std"] for stats in calibration.view_stats]
         self.kinds = KINDS if head.config.scorer == "knn" else ("bank",)  # the linear head's negatives: bank rows
 
@@ -224,24 +216,27 @@ def linear_head(defect: np.ndarray, normal: np.ndarray, seed: int = 0) -> tuple[
 def choose(learner: Learner, defects: Sequence[ScoredImage], validation: Sequence[ScoredImage]) -> dict[str, Any]:
     """The kind and weight of the defect evidence by pooled cross-validated predictions (module docstring)."""
     candidates = [("bank", 0.0)] + [(kind, w) for kind in learner.kinds for w in WEIGHTS if w > 0]
-    folds = [(d, e) for i, d in enumerate(defects) if len(defects) > 1
-             and (e := learnt_evidence(learner, [o for j, o in enumerate(defects) if j != i])) is not None]
-    if not folds:
+    held = []  # (defect, its predictions under each candidate learnt from the other defects)
+    for i in range(len(defects) if len(defects) > 1 else 0):
+        evidence = learnt_evidence(learner, [d for j, d in enumerate(defects) if j != i])
+        if evidence is not None:
+            held.append((defects[i], judged(learner, evidence, candidates, defects[i])))
+    if not held:
         return {"kind": "bank", "weight": 0.0, "folds": 0,
                 "rule": "no held-out fold (fewer than 2 labelled defects with kept patches), so nothing could be checked "
                         "and nothing is learnt; --defect-weight W learns a bank anyway"}
-    normal, held = pooled_predictions(learner, candidates, folds, learnt_evidence(learner, defects), validation)
-    figures, differences, parts = pooled_figures(candidates, normal, held)
+    everything = learnt_evidence(learner, defects)
+    normal = [judged(learner, everything, candidates, image) for image in validation]
+    figures, differences = pooled_figures(candidates, normal, held)
     beyond = [i for i in range(1, len(candidates)) if differences[i][0] > 0]
     best = max(beyond, key=lambda i: (figures[i], -i), default=0)  # equal figures: the earlier candidate
     kind, weight = candidates[best]
     name = [f"{k} {w:g}" if w else "none" for k, w in candidates]
-    return {"kind": kind, "weight": weight, "folds": len(folds),
-            "figures": dict(zip(name, figures)), "parts": dict(zip(name, parts)),
+    return {"kind": kind, "weight": weight, "folds": len(held),
+            "figures": dict(zip(name, figures)),
             "minus_none_95": {n: d for n, d in zip(name[1:], differences[1:])},
             "rule": "pooled held-out predictions (each labelled defect scored by what the others taught, the validation "
-                    f"images by what all taught): mean of image AUROC, AU-PRO({FPR_LIMIT}) and SegF1 at thresholds from the "
-                    "pool's validation images; a candidate must beat none "
+                    f"images by what all taught): mean of image AUROC and AU-PRO({FPR_LIMIT}); a candidate must beat none "
                     f"beyond the 95 % paired bootstrap interval over images, then the highest figure wins"}
 
 
@@ -256,74 +251,43 @@ def learnt_evidence(learner: Learner, defects: Sequence[ScoredImage]) -> dict[st
     return evidence
 
 
-def pooled_predictions(learner: Learner, candidates: list[tuple[str, float]],
-                       folds: list[tuple[ScoredImage, dict[str, DefectEvidence]]],
-                       everything: dict[str, DefectEvidence], validation: Sequence[ScoredImage]) -> tuple[list, list]:
-    """Every pooled image's predictions under every candidate (`judged`): the validation images' under what all
-    labelled defects taught, each held-out defect's under what the others taught (a fold: the defect and that
-    evidence). Masks are cut at full size at each candidate's thresholds, which its threshold rule takes from
-    the validation images' full maps (a block-averaged mask would swell a thin defect's outline many times)."""
-    seen = [(NormalScores(), NormalScores()) for _ in candidates]
-    normal = [judged(learner, everything, candidates, image, seen=seen) for image in validation]
-    cuts = [thresholds_from(scores, pixels, learner.rules) for scores, pixels in seen]
-    for n, image in enumerate(validation):  # the masks of images the model outlines (by default: the flagged)
-        if not learner.head.config.outline_only_flagged or any(s > c.image_threshold for (s, _, _), c in zip(normal[n], cuts)):
-            normal[n] = judged(learner, everything, candidates, image, cuts=cuts)
-        else:
-            normal[n] = [(score, amap, (0, 0, 0)) for score, amap, _ in normal[n]]
-    return normal, [(defect, judged(learner, evidence, candidates, defect, cuts=cuts)) for defect, evidence in folds]
-
-
 def judged(learner: Learner, evidence: dict[str, DefectEvidence], candidates: list[tuple[str, float]],
-           image: ScoredImage, seen: list[tuple[NormalScores, NormalScores]] | None = None,
-           cuts: list[Thresholds] | None = None) -> list:
-    """The image's prediction under every candidate, judged once where nothing changes: (score, map averaged down
-    by `coarse`, pixel (TP, FP, FN) of the mask cut at the candidate's `cuts`, None without them). A validation
-    pass gives `seen`, each candidate's (image scores, map pixels) its thresholds will be taken from."""
-    head, calibration, config = learner.head, learner.calibration, learner.head.config
+           image: ScoredImage) -> list:
+    """The image's prediction (score, map averaged down by `coarse`) under every candidate, judged once where
+    nothing changes."""
+    head, calibration = learner.head, learner.calibration
     frozen, of = head.judge(image.scored, calibration), {kind: e.of(image) for kind, e in evidence.items()}
     preds = [frozen if scored is image.scored else head.judge(scored, calibration)
              for scored in (DefectEvidence.raised(image, of[kind], w) for kind, w in candidates)]
-    truth = np.zeros(frozen.anomaly_map.shape, bool) if image.mask is None else image.mask
-    out = []
-    for c, pred in enumerate(preds):
-        if seen is not None:
-            seen[c][0].update(np.array([pred.score]))
-            seen[c][1].update(pred.anomaly_map)
-        counts = None if cuts is None else M.mask_counts(
-            truth, model_mask(pred.anomaly_map, config, cuts[c], pred.score > cuts[c].image_threshold))
-        out.append((pred.score, coarse(pred.anomaly_map).astype(np.float16), counts))
-    return out
+    return [(p.score, coarse(p.anomaly_map).astype(np.float16)) for p in preds]
 
 
 def pooled_figures(candidates: list, normal: list[list], held: list[tuple[ScoredImage, list]]
-                   ) -> tuple[list[float], list[list[float]], list[dict[str, float]]]:
-    """Each candidate's figure on the pooled predictions (`pooled_predictions`), the 95 % paired bootstrap interval
-    of its figure minus the first candidate's (none), over the same resamples of the images (within each label),
-    and the figure's parts."""
+                   ) -> tuple[list[float], list[list[float]]]:
+    """Each candidate's figure on the pooled predictions, and the 95 % paired bootstrap interval of its figure
+    minus the first candidate's (none), over the same resamples of the images (within each label)."""
     labels = np.r_[np.zeros(len(normal), int), np.ones(len(held), int)]
     outlined = np.r_[np.ones(len(normal), bool), [d.mask is not None for d, _ in held]]
-    truths = ([np.zeros(amap.shape, bool) for _, amap, _ in (preds[0] for preds in normal)]
+    truths = ([np.zeros(amap.shape, bool) for _, amap in (preds[0] for preds in normal)]
               + [np.zeros(p[0][1].shape, bool) if d.mask is None else coarse(d.mask.astype(np.float32)) > 0
                  for d, p in held])
     indices = resample_indices(labels, CHOICE_RESAMPLES)
-    figures, resamples, named = [], [], []
+    figures, resamples = [], []
     for c in range(len(candidates)):
         preds = [p[c] for p in normal] + [p[c] for _, p in held]
-        scores, maps = [s for s, _, _ in preds], [m for _, m, _ in preds]
+        scores, maps = [s for s, _ in preds], [m for _, m in preds]
         whole = M.evaluate_images(labels, scores, truths, maps, np.inf, np.inf)
-        parts = {"image_auroc": (whole[0]["image_auroc"], resampled(whole[1], indices, ("image_auroc",))["image_auroc"])}
+        parts = [(whole[0]["image_auroc"], resampled(whole[1], indices, ("image_auroc",))["image_auroc"])]
         if outlined[len(normal):].any():
-            pixels = M.evaluate_images(labels[outlined], np.array(scores)[outlined],
-                                       [t for t, o in zip(truths, outlined) if o], [m for m, o in zip(maps, outlined) if o],
-                                       np.inf, np.inf, np.array([counts for _, _, counts in preds], np.int64)[outlined])
-            values = resampled(pixels[1], indices, PIXEL_FIGURES, outlined)
-            parts |= {name: (pixels[0][name], values[name]) for name in PIXEL_FIGURES}
-        figures.append(float(np.mean([figure for figure, _ in parts.values()])))
-        resamples.append(np.mean([values for _, values in parts.values()], axis=0))
-        named.append({name: float(figure) for name, (figure, _) in parts.items()})
+            pixels = whole if outlined.all() else M.evaluate_images(
+                labels[outlined], np.array(scores)[outlined], [t for t, o in zip(truths, outlined) if o],
+                [m for m, o in zip(maps, outlined) if o], np.inf, np.inf)
+            parts.append((pixels[0][f"aupro_{FPR_LIMIT}"],
+                          resampled(pixels[1], indices, (f"aupro_{FPR_LIMIT}",), outlined)[f"aupro_{FPR_LIMIT}"]))
+        figures.append(float(np.mean([figure for figure, _ in parts])))
+        resamples.append(np.mean([values for _, values in parts], axis=0))
     differences = [[float(q) for q in np.nanquantile(r - resamples[0], [0.025, 0.975])] for r in resamples]
-    return figures, differences, named
+    return figures, differences
 
 
 def coarse(image: np.ndarray) -> np.ndarray:
