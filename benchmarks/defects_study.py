@@ -87,9 +87,11 @@ def drawn_thresholds(detector: AnomalyDetector, evidence: DefectEvidence | None,
     """`fit --calibration-defects` given the drawn defects too: the thresholds that maximise image F1 and SegF1
     over the validation images and the drawn defects as the model (with its evidence, if any) scores them."""
     head, calibration = detector.pipeline.head, detector.calibration
-    v, d = ([head.judge(scored, calibration) for scored in with_evidence(detector, images, evidence)] for images in (normal, drawn))
-    image_t, pixel_t, _ = defect_thresholds(np.array([p.score for p in v]), [p.anomaly_map for p in v],
-                                            np.array([p.score for p in d]), [p.anomaly_map for p in d], [i.mask for i in drawn])
+    good, bad = ([head.judge(scored, calibration) for scored in with_evidence(detector, images, evidence)]
+                 for images in (normal, drawn))
+    image_t, pixel_t, _ = defect_thresholds(np.array([p.score for p in good]), [p.anomaly_map for p in good],
+                                            np.array([p.score for p in bad]), [p.anomaly_map for p in bad],
+                                            [image.mask for image in drawn])
     return replace(calibration.thresholds("distance"), image_threshold=image_t, pixel_threshold=pixel_t)
 
 
@@ -161,26 +163,25 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
             rest = [*good_scored, *(bad_scored[i] for i in range(len(bad)) if i not in drawn)]
             labels = np.r_[np.zeros(len(good)), np.ones(len(rest) - len(good))]
             row = {"category": category, "k": k, "seed": seed, "drawn": [bad[i].source for i in drawn]}
+            labelled = [bad_scored[i] for i in drawn]
             for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
                 detector.pipeline.use_head_arrays(frozen_arrays)
                 detector.pipeline.configure(defect_weight=None)
                 detector.calibration, evidence = frozen_calibration, None
                 start = time.perf_counter()
                 if weight != 0.0:
-                    arrays, record = learn_defects(head, frozen_calibration, [bad_scored[i] for i in drawn], normal,
-                                                   "test_public draw", weight)
+                    arrays, record = learn_defects(head, frozen_calibration, labelled, normal, "test_public draw", weight)
                     detector.pipeline.use_head_arrays(arrays)
                     detector.pipeline.configure(defect_weight=record["weight"])
                     evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(validation[0].views))])
-                    detector.calibration = calibrate_scored(detector.pipeline, [
-                        evidence.raised(image, evidence.of(image), record["weight"]) for image in normal], "distance")
+                    detector.calibration = calibrate_scored(detector.pipeline, with_evidence(detector, normal, evidence),
+                                                            "distance")
                     row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)
                 if name in CALIBRATED:  # the same model, its thresholds also from the drawn defects
-                    drawn_images = [bad_scored[i] for i in drawn]
                     row[f"{name} + calibration"] = figures(detector, rest, evidence, labels,
-                                                           drawn_thresholds(detector, evidence, normal, drawn_images))
+                                                           drawn_thresholds(detector, evidence, normal, labelled))
                 row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
             if k in lora_ks:
                 row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad_masks[i]) for i in drawn],
