@@ -16,6 +16,10 @@ from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defect_thresholds import defect_thresholds
 
 
+def global_cut(amap: np.ndarray, pixel_t: float, flagged: bool) -> np.ndarray:
+    return amap > pixel_t
+
+
 def test_the_thresholds_separate_normal_images_from_the_labelled_defects():
     rng = np.random.default_rng(0)
     normal_maps = [rng.uniform(0, 0.4, (8, 8)) for _ in range(5)]
@@ -25,11 +29,32 @@ def test_the_thresholds_separate_normal_images_from_the_labelled_defects():
         mask[2:5, 2:5] = True
         amap[mask] = rng.uniform(0.6, 0.9, mask.sum())
     image_t, pixel_t, evidence = defect_thresholds(np.array([0.1, 0.2, 0.3, 0.25, 0.15]), normal_maps,
-                                                   np.array([0.5, 0.7, 0.6]), defect_maps, masks)
+                                                   np.array([0.5, 0.7, 0.6]), defect_maps, masks, global_cut, 0.2)
     assert 0.3 <= image_t < 0.5 and evidence["image"]["f1"] == 1.0  # score > threshold flags: every defect, no normal
     normal_top = max(m.max() for m in normal_maps + [a[~k] for a, k in zip(defect_maps, masks)])
     assert normal_top <= pixel_t < min(a[k].min() for a, k in zip(defect_maps, masks)) and evidence["pixel"]["f1"] == 1.0
     assert evidence["pixel"]["rule"] == "defects" and "3 labelled defects" in evidence["pixel"]["text"]
+
+
+def test_the_pixel_threshold_is_judged_by_the_models_own_cut_not_a_global_one():
+    """A cut whose regions start well above its threshold (as MEBin's per-image cut does above its floor): the
+    best global threshold (just above the normal pixels) would lose most defect pixels; the normal-only one,
+    lower, puts the cut where it separates them."""
+    rng = np.random.default_rng(1)
+    normal_maps = [rng.uniform(0, 0.4, (8, 8)) for _ in range(4)]
+    masks, defect_maps = [np.zeros((8, 8), bool) for _ in range(3)], [rng.uniform(0, 0.4, (8, 8)) for _ in range(3)]
+    for mask, amap in zip(masks, defect_maps):
+        mask[1:6, 1:6] = True
+        amap[mask] = rng.uniform(0.6, 0.9, mask.sum())
+
+    def doubled(amap: np.ndarray, pixel_t: float, flagged: bool) -> np.ndarray:
+        return amap > 2 * pixel_t
+
+    global_t = M.seg_f1_max([np.zeros((8, 8), bool)] * 4 + masks, normal_maps + defect_maps)[1]
+    assert M.seg_f1_masks(masks, [doubled(a, global_t, True) for a in defect_maps]) < 0.8
+    _, pixel_t, evidence = defect_thresholds(np.full(4, 0.1), normal_maps, np.full(3, 0.9), defect_maps, masks,
+                                             doubled, 0.25)
+    assert pixel_t == 0.25 and evidence["pixel"]["f1"] == 1.0 and "normal-only 0.25" in evidence["pixel"]["text"]
 
 
 def test_fit_with_calibration_defects_records_them_and_outlines_them_better(backbone_dir, data_root, fitted_model,
@@ -46,10 +71,8 @@ def test_fit_with_calibration_defects_records_them_and_outlines_them_better(back
     images = sorted((defects / "bad").glob("*.png"))
     masks = [load_mask(defects / "ground_truth" / "bad" / f"{p.stem}_mask.png") for p in images]
 
-    def seg_f1(model: Path) -> float:
-        predictor = load_predictor(model)
-        preds = predictor.predict(images, progress=False)
-        return M.seg_f1(masks, [p.anomaly_map for p in preds], predictor.thresholds().pixel_threshold)
+    def seg_f1(model: Path) -> float:  # of the masks the model outputs (its own cut, outlines on rejected images)
+        return M.seg_f1_masks(masks, [p.mask for p in load_predictor(model).predict(images, progress=False)])
 
     assert seg_f1(out) >= seg_f1(fitted_model)  # on the very defects it was set from: at least as good
 

@@ -4,7 +4,15 @@ A plant often has a handful of real defect images with outlines. Normal images a
 defect's scores begin, only where normal ones end; with a few defects the thresholds can be put where they
 separate the two best: the image threshold that maximises image F1 over the normal images (validation, and
 the out-of-fold / added normal samples the model keeps) and the labelled defects, and the pixel threshold
-that maximises SegF1 over the validation maps (every pixel good) and the defects' maps against their masks.
+that maximises SegF1 of the masks *the model outputs* over the validation maps (every pixel good) and the
+defects' maps against their outlines.
+
+The pixel threshold is judged through the model's own cut (`maps.binarize.model_mask`: MEBin by default, whose
+floor it is, and outlines on rejected images only), not as a global cut: the threshold that is best for a
+global cut is far too low a floor for MEBin (measured, docs/adaptation.md: on kolektor it took SegF1 from
+0.535 to 0.052). MEBin has no closed form in its floor, so the candidates are few: the model's normal-only
+threshold, the best global cut, and `CANDIDATES` quantiles of the defect pixels inside the outlines; on a
+tie the normal-only threshold stays (then the higher one), so labels move it only where they show a gain.
 
 These are the user's labels, never test labels: the model records that labels were used
 (`FitRecord.calibration_defects`) and the threshold evidence says so, so a report never mistakes them for
@@ -15,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +33,11 @@ from anomalyvfm.data.images import ImageLike, load_mask
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.budget import BUDGET_SOURCES
 from anomalyvfm.head.calibration import Thresholds
+from anomalyvfm.maps.binarize import model_mask
+
+CANDIDATES = 16  # quantiles of the outlined defect pixels tried as pixel thresholds (module docstring)
+# A map's mask at a pixel threshold, given the image's verdict: the model's own cut (`maps.binarize.model_mask`).
+Cut = Callable[[np.ndarray, float, bool], np.ndarray]
 
 
 def read_defects(folder: str | Path, outlines: bool = True, what: str = "calibration defects") -> list[tuple[Path, Path | None]]:
@@ -55,23 +68,41 @@ def read_outline(mask: Path, shape: tuple[int, int], what: str = "calibration de
 
 
 def defect_thresholds(normal_scores: np.ndarray, normal_maps: Sequence[np.ndarray], defect_scores: np.ndarray,
-                      defect_maps: Sequence[np.ndarray], defect_masks: Sequence[np.ndarray]) -> tuple[float, float, dict[str, Any]]:
-    """(image threshold, pixel threshold, evidence) that maximise image F1 and SegF1 over normal images and
-    labelled defects (`metrics.f1_max` / `seg_f1_max`, here on the user's labels, not on a test set)."""
+                      defect_maps: Sequence[np.ndarray], defect_masks: Sequence[np.ndarray], cut: Cut,
+                      normal_pixel_threshold: float) -> tuple[float, float, dict[str, Any]]:
+    """(image threshold, pixel threshold, evidence): the image threshold of best image F1 over normal images and
+    labelled defects (`metrics.f1_max`, here on the user's labels, not on a test set), then the pixel threshold
+    whose masks — `cut` at the verdicts of that image threshold — reach the best pooled SegF1 (module docstring).
+
+    `normal_scores` may hold more images than `normal_maps` (kept normal samples without maps)."""
     labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(defect_scores))]
     image_f1, image_t = M.f1_max(labels, np.r_[normal_scores, defect_scores])
-    masks = [np.zeros(m.shape, bool) for m in normal_maps] + list(defect_masks)
-    seg_f1, pixel_t = M.seg_f1_max(masks, [*normal_maps, *defect_maps])
+    truths = [np.zeros(m.shape, bool) for m in normal_maps] + list(defect_masks)
+    maps = [*normal_maps, *defect_maps]
+    flagged = np.r_[normal_scores[:len(normal_maps)], defect_scores] > image_t
+    inside = np.concatenate([m[t] for m, t in zip(defect_maps, defect_masks)]).astype(np.float64)
+    candidates = dict.fromkeys([normal_pixel_threshold, M.seg_f1_max(truths, maps)[1],
+                                *np.quantile(inside, np.linspace(0.9, 0.0, CANDIDATES))])
+    seg_f1 = {float(t): M.seg_f1_masks(truths, (cut(m, float(t), bool(f)) for m, f in zip(maps, flagged)))
+              for t in candidates if np.isfinite(t)}
+    pixel_t = max(seg_f1, key=seg_f1.get)  # the first of the best: the normal-only threshold on a tie
     where = f"{len(defect_scores)} labelled defects"
     evidence = {
         "image": {"rule": "defects", "defects": len(defect_scores), "normal": len(normal_scores), "f1": image_f1,
                   "text": f"{image_t:.6g} = best image F1 ({image_f1:.3f}) over {len(normal_scores)} normal image "
                           f"scores and {where}"},
-        "pixel": {"rule": "defects", "defects": len(defect_scores), "normal": len(normal_maps), "f1": seg_f1,
-                  "text": f"{pixel_t:.6g} = best SegF1 ({seg_f1:.3f}) over {len(normal_maps)} normal maps and "
-                          f"the outlines of {where}"},
+        "pixel": {"rule": "defects", "defects": len(defect_scores), "normal": len(normal_maps), "f1": seg_f1[pixel_t],
+                  "text": f"{pixel_t:.6g} = best SegF1 ({seg_f1[pixel_t]:.3f}) of the model's masks over "
+                          f"{len(normal_maps)} normal maps and the outlines of {where}, among {len(seg_f1)} "
+                          f"thresholds (normal-only {normal_pixel_threshold:.6g})"},
     }
     return float(image_t), float(pixel_t), evidence
+
+
+def model_cut(settings: Any, thresholds: Thresholds) -> Cut:
+    """The masks a model with `settings` (`Settings` or `HeadConfig`) and `thresholds` outputs, at another pixel
+    threshold: what `defect_thresholds` judges each candidate by."""
+    return lambda amap, pixel_t, flagged: model_mask(amap, settings, replace(thresholds, pixel_threshold=pixel_t), flagged)
 
 
 def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder: str | Path) -> tuple[Thresholds, dict]:
@@ -92,7 +123,7 @@ def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder
     kept = [v for source in BUDGET_SOURCES for v in old.normal_samples.get(source, {}).get("image", [])]
     image_t, pixel_t, evidence = defect_thresholds(
         np.r_[[p.score for p in normal], kept], [p.anomaly_map for p in normal],
-        np.array([p.score for p in defects]), [p.anomaly_map for p in defects], masks)
+        np.array([p.score for p in defects]), [p.anomaly_map for p in defects], masks, model_cut(predictor.settings, old), old.pixel_threshold)
     record = {"folder": str(folder), "images": len(pairs), "image_f1": evidence["image"]["f1"],
               "seg_f1": evidence["pixel"]["f1"]}
     return replace(old, image_threshold=image_t, pixel_threshold=pixel_t, evidence=evidence), record
