@@ -76,22 +76,36 @@ def defect_set(args: argparse.Namespace):
         return defects_from_store(url, store)
 
 
+def warn_in_sample(calibration: list[Path], defects) -> None:
+    """Say so when thresholds are to be set on defects the model also learns: scored by evidence learnt from
+    themselves they look separable, and the thresholds do not carry over (docs/adaptation.md: kolektor, 10
+    defects, SegF1 0.535 without thresholds from them, 0.247 with)."""
+    learnt = {Path(image).resolve() for image, _ in defects.pairs} if defects is not None else set()
+    both = sum(Path(image).resolve() in learnt for image in calibration)
+    if both:
+        print(f"anomalyvfm: warning: {both} of the {len(calibration)} --calibration-defects images are also learnt "
+              "(--defects): thresholds set on them are optimistic; give images the model does not learn from",
+              file=sys.stderr)
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
     from anomalyvfm.detector.fit import fit_category
 
     check_writable(args.out)
+    variant = variant_of(args)
     if args.calibration_defects:
         from anomalyvfm.detector.defect_thresholds import read_defects
 
-        read_defects(args.calibration_defects)  # a bad folder is one line now, not after the fit
+        calibration = read_defects(args.calibration_defects)  # a bad folder is one line now, not after the fit
+        warn_in_sample([image for image, _ in calibration], variant.defects)
     if args.engine == "ray":
         if args.calibration_defects:
             raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")
-        detector, seconds = fit_on_ray(args, variant_of(args))
+        detector, seconds = fit_on_ray(args, variant)
     else:
         check_local(args)
-        detector, seconds = fit_category(args.data, args.category, args.layout, variant_of(args))
+        detector, seconds = fit_category(args.data, args.category, args.layout, variant)
     with output_errors(args.out, lambda: "the model there, if any, is unchanged"):  # e.g. the disk filled up
         out = detector.save(args.out, store_backbone=not args.reference_backbone)
     thresholds = detector.thresholds()
