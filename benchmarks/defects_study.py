@@ -6,7 +6,7 @@ Per category: one default fit on all of train/good (thresholds from validation/g
 OUT/CAT/model (a later run loads it and its recorded fit time); every validation
 and test_public image's view features are computed once, kept in memory and beside the model (a later run on
 the same model reads them back). Then for k = 1, 3, 10 defect
-images drawn from test_public/bad (`SEEDS`; the draw of `calibration_defects.py`) the defect bank is
+images drawn from test_public/bad (`SEEDS`) the defect bank is
 learnt as `fit --defects` learns it (`detector.defects.learn_defects` on the drawn images' features and outlines,
 then the calibration fitted again on validation) and the *rest* of test_public — the drawn images never
 count — is scored by the frozen model and by the model with defects: image AUROC, AU-PRO(0.05), SegF1 and
@@ -37,7 +37,6 @@ from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images
 from anomalyvfm.detector.settings import STORED_BEFORE, Settings
 from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
-from anomalyvfm.maps.binarize import model_mask
 from anomalyvfm.prediction import ImageViews
 
 CATEGORIES = ("magnetic_tile", "bottle", "kolektor", "ball_screw_drive")
@@ -48,7 +47,6 @@ KS = (1, 3, 10)
 SEEDS = (6, 7, 8)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
 CALIBRATED = ("frozen", "defects")  # arms also judged at thresholds from the drawn defects (`--calibration-defects`)
-OUTLINED = "defects, outline from normal distances"  # verdict and map with the evidence, mask cut without it
 
 
 def cached(detector: AnomalyDetector, paths: list[Path], what: str, folder: Path) -> tuple[list[ImageViews], float]:
@@ -78,12 +76,10 @@ def with_evidence(detector: AnomalyDetector, images: list[ScoredImage], evidence
 
 
 def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None,
-            labels: np.ndarray, thresholds: Thresholds | None = None, outline_from_normal: bool = False) -> dict:
-    """The figures of the detector's head and calibration (or `thresholds`) on `images` with the defect `evidence`;
-    with `outline_from_normal`, each mask is cut from the map of the normal distances alone (the evidence moves
-    the verdict and the map, not where MEBin cuts)."""
+            labels: np.ndarray, thresholds: Thresholds | None = None) -> dict:
+    """The figures of the detector's head and calibration (or `thresholds`) on `images` with the defect `evidence`."""
     return judged_figures(detector, with_evidence(detector, images, evidence), [image.mask for image in images], labels,
-                          "distance", thresholds, [image.scored for image in images] if outline_from_normal else None)
+                          "distance", thresholds)
 
 
 def drawn_thresholds(detector: AnomalyDetector, evidence: DefectEvidence | None, normal: list[ScoredImage],
@@ -102,14 +98,12 @@ def drawn_thresholds(detector: AnomalyDetector, evidence: DefectEvidence | None,
 
 
 def judged_figures(detector: AnomalyDetector, scored: list, truths: list, labels: np.ndarray, mode: str,
-                   thresholds: Thresholds | None = None, outlines: list | None = None) -> dict:
+                   thresholds: Thresholds | None = None) -> dict:
     """Image AUROC, AU-PRO, SegF1 and ClassF1 (and the oracles) of scored views judged in score `mode` at the
-    detector's own thresholds of that mode (or `thresholds`); masks cut from the maps of `outlines` if given."""
-    calibration, head = detector.calibration, detector.pipeline.head
+    detector's own thresholds of that mode (or `thresholds`)."""
+    calibration = detector.calibration
     thresholds = thresholds or calibration.thresholds(mode)
-    preds = [head.judge(views, calibration, mode, thresholds) for views in scored]
-    for pred, views in zip(preds, outlines or ()):
-        pred.mask = model_mask(head.judge(views, calibration, mode).anomaly_map, head.config, thresholds, pred.is_anomalous)
+    preds = [detector.pipeline.head.judge(views, calibration, mode, thresholds) for views in scored]
     masks = [m if m is not None else np.zeros(p.anomaly_map.shape, bool) for m, p in zip(truths, preds)]
     counts = np.array([M.mask_counts(m, p.mask) for m, p in zip(masks, preds)])
     result, _ = M.evaluate_images(labels, [p.score for p in preds], masks, [p.anomaly_map for p in preds],
@@ -190,8 +184,6 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                 if name in CALIBRATED:  # the same model, its thresholds also from the drawn defects
                     row[f"{name} + calibration"] = figures(detector, rest, evidence, labels,
                                                            drawn_thresholds(detector, evidence, normal, labelled))
-                if name == "defects":
-                    row[OUTLINED] = figures(detector, rest, evidence, labels, outline_from_normal=True)
                 row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
             if k in lora_ks:
                 row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad_masks[i]) for i in drawn],
@@ -206,8 +198,7 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    extra = [f"{name} + calibration" for name in CALIBRATED] + [OUTLINED]
-    arms = ["frozen", fixed, "defects"] + [name for name in extra if name in rows[0]]
+    arms = ["frozen", fixed, "defects"] + [f"{name} + calibration" for name in CALIBRATED if f"{name} + calibration" in rows[0]]
     lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |"
              + "".join(f" {name.replace(' + calibration', ': thresholds from the drawn defects too')} |" for name in arms[3:]),
              "|---|---|---|---|---|---|" + "---|" * len(arms[3:])]
