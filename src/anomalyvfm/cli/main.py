@@ -76,10 +76,18 @@ def defect_set(args: argparse.Namespace):
         return defects_from_store(url, store)
 
 
-def warn_in_sample(calibration: list[Path], defects) -> None:
-    """Say so when thresholds are to be set on defects the model also learns: scored by evidence learnt from
-    themselves they look separable, and the thresholds do not carry over (docs/adaptation.md: kolektor, 10
-    defects, SegF1 0.535 without thresholds from them, 0.247 with)."""
+ADVISED_CALIBRATION_DEFECTS = 10  # measured: thresholds from 10 defects raised SegF1, from 1-3 lowered it
+
+
+def warn_calibration_defects(calibration: list[Path], defects) -> None:
+    """Say so, before the fit, when the thresholds are to be set on too few labelled defects or on defects the model
+    also learns (docs/adaptation.md, draws 6-8: mean SegF1 0.432 -> 0.378 from one defect, 0.437 -> 0.461 from
+    ten; kolektor with 10 learnt defects 0.535 -> 0.247: scored by evidence learnt from themselves they look
+    separable, and the thresholds do not carry over)."""
+    if len(calibration) < ADVISED_CALIBRATION_DEFECTS:
+        print(f"anomalyvfm: warning: thresholds from {len(calibration)} labelled defects: with 1-3 they lowered SegF1 "
+              f"on the mean of four categories, with {ADVISED_CALIBRATION_DEFECTS} they raised it "
+              "(docs/adaptation.md); compare with anomalyvfm evaluate", file=sys.stderr)
     learnt = {Path(image).resolve() for image, _ in defects.pairs} if defects is not None else set()
     both = sum(Path(image).resolve() in learnt for image in calibration)
     if both:
@@ -98,7 +106,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from anomalyvfm.detector.defect_thresholds import read_defects
 
         calibration = read_defects(args.calibration_defects)  # a bad folder is one line now, not after the fit
-        warn_in_sample([image for image, _ in calibration], variant.defects)
+        warn_calibration_defects([image for image, _ in calibration], variant.defects)
     if args.engine == "ray":
         if args.calibration_defects:
             raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")
