@@ -15,62 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 import defects_study as study
-from anomalyvfm.data import list_images, load_mask
-from anomalyvfm.detector.calibration import calibrate_scored
-from anomalyvfm.detector.defect_thresholds import defect_thresholds, model_cut
-from anomalyvfm.detector.defects import Learner, scored_images
+from anomalyvfm.detector.defects import Learner
 from anomalyvfm.head.defects import DefectEvidence
 
 
 def held_out_rows(data: Path, out: Path, category: str, rows: list[dict]) -> list[dict]:
-    root = data / category
-    detector, _ = study.fitted(root, "", out / category)  # loaded: the study saved it
-    views = {what: study.cached(detector, [], what, out / category)[0] for what in ("validation", "test good", "test bad")}
-    bad_paths = list_images(root / "test_public" / "bad")
-    masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{p.stem}_mask.png", v.image_shape)
-             for p, v in zip(bad_paths, views["test bad"])]
-    head, frozen_arrays, frozen_calibration = detector.pipeline.head, detector.pipeline.head.state_dict(), detector.calibration
-    normal = scored_images(head, views["validation"], [None] * len(views["validation"]))
-    good = scored_images(head, views["test good"], [None] * len(views["test good"]))
-    bad = scored_images(head, views["test bad"], masks)
-    gaussians = [head.gaussian(v) for v in range(len(views["validation"][0].views))]
-    learner, results = Learner(head, frozen_calibration), []
+    scored = study.scored_category(data, "", category, out)  # the study saved the model: loaded, not fitted
+    detector, normal, bad = scored.detector, scored.normal, scored.bad
+    frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration
+    learner, results = Learner(detector.pipeline.head, frozen_calibration), []
     for row in rows:
         kind, weight = row["record defects"]["kind"], row["record defects"]["weight"]
         if row["category"] != category or weight == 0:
             continue
-        drawn = [i for i, v in enumerate(views["test bad"]) if v.source in row["drawn"]]
-        rest = [*good, *(bad[i] for i in range(len(bad)) if i not in drawn)]
-        labels = np.r_[np.zeros(len(good)), np.ones(len(rest) - len(good))]
-        labelled = [bad[i] for i in drawn]
-        arrays = {**frozen_arrays, **learner.learn(kind, labelled)[0]}
-        detector.pipeline.use_head_arrays(arrays)
-        detector.pipeline.configure(defect_weight=weight)
-        evidence = DefectEvidence(arrays, gaussians)
-        detector.calibration = calibrate_scored(detector.pipeline, study.with_evidence(detector, normal, evidence), "distance")
-        rebuilt = study.figures(detector, rest, evidence, labels)
-        if rebuilt["seg_f1"] != row["defects"]["seg_f1"]:
+        drawn = [i for i, image in enumerate(bad) if image.scored.source in row["drawn"]]
+        (rest, labels), labelled = scored.split(drawn), [bad[i] for i in drawn]
+        evidence = study.with_arrays(detector, {**frozen_arrays, **learner.learn(kind, labelled)[0]}, weight, normal)
+        if study.figures(detector, rest, evidence, labels)["seg_f1"] != row["defects"]["seg_f1"]:
             raise SystemExit(f"{category} k={row['k']} seed={row['seed']}: the rebuilt model differs from the row's")
         held = []
         for j, image in enumerate(labelled):
             taught = learner.learn(kind, [d for m, d in enumerate(labelled) if m != j])[0]
-            e = DefectEvidence({**frozen_arrays, **taught}, gaussians) if taught else None
+            e = DefectEvidence({**frozen_arrays, **taught}, evidence.gaussians) if taught else None
             held.append(image.scored if e is None else e.raised(image, e.of(image), weight))
-        calibration = detector.calibration
-        goods = [head.judge(s, calibration) for s in study.with_evidence(detector, normal, evidence)]
-        bads = [head.judge(s, calibration) for s in held]
-        normal_only = calibration.thresholds("distance")
-        image_t, pixel_t, _ = defect_thresholds(
-            np.array([p.score for p in goods]), [p.anomaly_map for p in goods], np.array([p.score for p in bads]),
-            [p.anomaly_map for p in bads], [image.mask for image in labelled], model_cut(head.config, normal_only),
-            normal_only.pixel_threshold)
-        thresholds = replace(normal_only, image_threshold=image_t, pixel_threshold=pixel_t)
+        thresholds = study.drawn_thresholds(detector, evidence, normal, labelled, held)
         results.append({key: row[key] for key in ("category", "k", "seed", "defects", "defects + calibration")}
                        | {"defects + held-out calibration": study.figures(detector, rest, evidence, labels, thresholds)})
         print(json.dumps({key: results[-1][key] for key in ("category", "k", "seed")}), flush=True)

@@ -22,7 +22,7 @@ import argparse
 import json
 import pickle
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +83,13 @@ def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: Defe
 
 
 def drawn_thresholds(detector: AnomalyDetector, evidence: DefectEvidence | None, normal: list[ScoredImage],
-                     drawn: list[ScoredImage]) -> Thresholds:
+                     drawn: list[ScoredImage], drawn_scored: list | None = None) -> Thresholds:
     """`fit --calibration-defects` given the drawn defects too: the thresholds that maximise image F1 and SegF1
-    over the validation images and the drawn defects as the model (with its evidence, if any) scores them."""
+    over the validation images and the drawn defects as the model (with its evidence, if any) scores them — or
+    as `drawn_scored` holds them (scored otherwise, e.g. held out)."""
     head, calibration = detector.pipeline.head, detector.calibration
-    good, bad = ([head.judge(scored, calibration) for scored in with_evidence(detector, images, evidence)]
-                 for images in (normal, drawn))
+    good = [head.judge(scored, calibration) for scored in with_evidence(detector, normal, evidence)]
+    bad = [head.judge(scored, calibration) for scored in drawn_scored or with_evidence(detector, drawn, evidence)]
     normal_only = calibration.thresholds("distance")
     image_t, pixel_t, _ = defect_thresholds(np.array([p.score for p in good]), [p.anomaly_map for p in good],
                                             np.array([p.score for p in bad]), [p.anomaly_map for p in bad],
@@ -144,8 +145,26 @@ def fitted(root: Path, backbone: str, model: Path) -> tuple[AnomalyDetector, flo
     return detector, seconds
 
 
-def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tuple[int, ...],
-                 ks: tuple[int, ...] = KS, lora_ks: tuple[int, ...] = ()) -> list[dict]:
+@dataclass
+class Category:
+    """A category's default model and its images as the frozen head scores them (once per run)."""
+
+    detector: AnomalyDetector
+    fit_seconds: float
+    normal: list[ScoredImage]  # validation
+    good: list[ScoredImage]  # test_public/good
+    bad: list[ScoredImage]  # test_public/bad, with outlines
+    bad_paths: list[Path]
+    seconds_per_image: tuple[float, float]  # features of a validation image, of a test image
+
+    def split(self, drawn: list[int]) -> tuple[list[ScoredImage], np.ndarray]:
+        """The images scored for a draw — test_public without the `drawn` defects — and their labels."""
+        rest = [*self.good, *(image for i, image in enumerate(self.bad) if i not in drawn)]
+        return rest, np.r_[np.zeros(len(self.good)), np.ones(len(rest) - len(self.good))]
+
+
+def scored_category(data: Path, backbone: str, category: str, out: Path) -> Category:
+    """The default model of `category` (fitted, or loaded from `out`) and its images' frozen scores."""
     root = data / category
     detector, fit_seconds = fitted(root, backbone, out / category)
     validation, val_seconds = cached(detector, list_images(root / "validation" / "good"), "validation", out / category)
@@ -154,18 +173,36 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
     bad, image_seconds = cached(detector, bad_paths, "test bad", out / category)
     bad_masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{p.stem}_mask.png", v.image_shape)
                  for p, v in zip(bad_paths, bad)]
-    frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration
     head = detector.pipeline.head
-    normal = scored_images(head, validation, [None] * len(validation))  # the frozen head's normal distances, once
-    good_scored, bad_scored = scored_images(head, good, [None] * len(good)), scored_images(head, bad, bad_masks)
+    return Category(detector, fit_seconds, scored_images(head, validation, [None] * len(validation)),
+                    scored_images(head, good, [None] * len(good)), scored_images(head, bad, bad_masks), bad_paths,
+                    (val_seconds, image_seconds))
+
+
+def with_arrays(detector: AnomalyDetector, arrays: dict, weight: float, normal: list[ScoredImage]) -> DefectEvidence:
+    """Give the detector's head the learnt `arrays` at `weight` and refit its calibration on the validation images
+    (what `fit --defects` does after learning); the evidence those arrays give."""
+    head = detector.pipeline.head
+    detector.pipeline.use_head_arrays(arrays)
+    detector.pipeline.configure(defect_weight=weight)
+    evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(normal[0].features))])
+    detector.calibration = calibrate_scored(detector.pipeline, with_evidence(detector, normal, evidence), "distance")
+    return evidence
+
+
+def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tuple[int, ...],
+                 ks: tuple[int, ...] = KS, lora_ks: tuple[int, ...] = ()) -> list[dict]:
+    root, scored = data / category, scored_category(data, backbone, category, out)
+    detector, normal, bad, bad_paths = scored.detector, scored.normal, scored.bad, scored.bad_paths
+    frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration
+    head, (val_seconds, image_seconds) = detector.pipeline.head, scored.seconds_per_image
     rows = []
     for k in ks:
         for seed in seeds:
             drawn = sorted(np.random.default_rng(seed).choice(len(bad), size=min(k, len(bad) - 1), replace=False).tolist())
-            rest = [*good_scored, *(bad_scored[i] for i in range(len(bad)) if i not in drawn)]
-            labels = np.r_[np.zeros(len(good)), np.ones(len(rest) - len(good))]
-            row = {"category": category, "k": k, "seed": seed, "drawn": [bad[i].source for i in drawn]}
-            labelled = [bad_scored[i] for i in drawn]
+            rest, labels = scored.split(drawn)
+            row = {"category": category, "k": k, "seed": seed, "drawn": [bad[i].scored.source for i in drawn]}
+            labelled = [bad[i] for i in drawn]
             for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
                 detector.pipeline.use_head_arrays(frozen_arrays)
                 detector.pipeline.configure(defect_weight=None)
@@ -173,20 +210,17 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                 start = time.perf_counter()
                 if weight != 0.0:
                     arrays, record = learn_defects(head, frozen_calibration, labelled, normal, "test_public draw", weight)
-                    detector.pipeline.use_head_arrays(arrays)
-                    detector.pipeline.configure(defect_weight=record["weight"])
-                    evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(validation[0].views))])
-                    detector.calibration = calibrate_scored(detector.pipeline, with_evidence(detector, normal, evidence),
-                                                            "distance")
+                    evidence = with_arrays(detector, arrays, record["weight"], normal)
                     row[f"record {name}"] = record
-                extra = time.perf_counter() - start + val_seconds * len(validation) + image_seconds * len(drawn)
+                extra = time.perf_counter() - start + val_seconds * len(normal) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)
                 if name in CALIBRATED:  # the same model, its thresholds also from the drawn defects
                     row[f"{name} + calibration"] = figures(detector, rest, evidence, labels,
                                                            drawn_thresholds(detector, evidence, normal, labelled))
-                row[f"fit_seconds {name}"] = fit_seconds + (extra if weight != 0.0 else 0.0)
+                row[f"fit_seconds {name}"] = scored.fit_seconds + (extra if weight != 0.0 else 0.0)
             if k in lora_ks:
-                row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad_masks[i]) for i in drawn],
+                good_paths = list_images(root / "test_public" / "good")
+                row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad[i].mask) for i in drawn],
                                        [*good_paths, *(bad_paths[i] for i in range(len(bad)) if i not in drawn)],
                                        [image.mask for image in rest], labels)
             rows.append(row)
