@@ -33,7 +33,7 @@ from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.defect_thresholds import defect_thresholds, model_cut
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.adaptation.config import AdaptationConfig
-from anomalyvfm.detector.defects import DefectSet, held_out_views, learn_defects, scored_images
+from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images
 from anomalyvfm.detector.settings import STORED_BEFORE, Settings
 from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
@@ -206,26 +206,17 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
             for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
                 detector.pipeline.use_head_arrays(frozen_arrays)
                 detector.pipeline.configure(defect_weight=None)
-                detector.calibration, evidence, held = frozen_calibration, None, None
+                detector.calibration, evidence = frozen_calibration, None
                 start = time.perf_counter()
                 if weight != 0.0:
                     arrays, record = learn_defects(head, frozen_calibration, labelled, normal, "test_public draw", weight)
-                    if name == "defects":  # the learnt defects held out, which only `--calibration-defects` pays for
-                        paused = time.perf_counter()
-                        held = held_out_views(head, frozen_calibration, labelled, record)
-                        row["held_out_seconds"] = time.perf_counter() - paused
-                        start += row["held_out_seconds"]
                     evidence = with_arrays(detector, arrays, record["weight"], normal)
                     row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(normal) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)
-                if name in CALIBRATED:  # the same model, its thresholds also from the drawn defects: as
-                    # `fit --defects D --calibration-defects D` sets them (learnt defects held out), and in-sample
+                if name in CALIBRATED:  # the same model, its thresholds also from the drawn defects
                     row[f"{name} + calibration"] = figures(detector, rest, evidence, labels,
-                                                           drawn_thresholds(detector, evidence, normal, labelled, held))
-                if name == "defects":
-                    row["defects + calibration in-sample"] = row["defects + calibration"] if record["weight"] == 0 else \
-                        figures(detector, rest, evidence, labels, drawn_thresholds(detector, evidence, normal, labelled))
+                                                           drawn_thresholds(detector, evidence, normal, labelled))
                 row[f"fit_seconds {name}"] = scored.fit_seconds + (extra if weight != 0.0 else 0.0)
             if k in lora_ks:
                 good_paths = list_images(root / "test_public" / "good")
@@ -241,12 +232,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    calibrated = {f"{name} + calibration": f"{name}: thresholds from the drawn defects too" for name in CALIBRATED}
-    calibrated["defects + calibration"] += " (held out, as `fit` sets them)"
-    calibrated["defects + calibration in-sample"] = "defects: thresholds from the drawn defects, in-sample"
-    arms = ["frozen", fixed, "defects"] + [name for name in calibrated if name in rows[0]]
+    arms = ["frozen", fixed, "defects"] + [f"{name} + calibration" for name in CALIBRATED if f"{name} + calibration" in rows[0]]
     lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |"
-             + "".join(f" {calibrated[name]} |" for name in arms[3:]), "|---|---|---|---|---|---|" + "---|" * len(arms[3:])]
+             + "".join(f" {name.replace(' + calibration', ': thresholds from the drawn defects too')} |" for name in arms[3:]),
+             "|---|---|---|---|---|---|" + "---|" * len(arms[3:])]
     groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in KS] + [("mean", k) for k in KS]
     for category, k in groups:
         group = [r for r in rows if r["k"] == k and category in ("mean", r["category"])]

@@ -79,13 +79,21 @@ def defect_set(args: argparse.Namespace):
 ADVISED_CALIBRATION_DEFECTS = 10  # measured: thresholds from 10 defects raised SegF1, from 1-3 lowered it
 
 
-def warn_calibration_defects(calibration: list[Path]) -> None:
-    """Say so, before the fit, when the thresholds are to be set on too few labelled defects (docs/adaptation.md,
-    draws 6-8: mean SegF1 0.432 -> 0.378 from one defect, 0.437 -> 0.461 from ten)."""
+def warn_calibration_defects(calibration: list[Path], defects) -> None:
+    """Say so, before the fit, when the thresholds are to be set on too few labelled defects or on defects the model
+    also learns (docs/adaptation.md, draws 6-8: mean SegF1 0.432 -> 0.378 from one defect, 0.437 -> 0.461 from
+    ten; kolektor with 10 learnt defects 0.535 -> 0.247: scored by evidence learnt from themselves they look
+    separable, and the thresholds do not carry over)."""
     if len(calibration) < ADVISED_CALIBRATION_DEFECTS:
         print(f"anomalyvfm: warning: thresholds from {len(calibration)} labelled defects: with 1-3 they lowered SegF1 "
               f"on the mean of four categories, with {ADVISED_CALIBRATION_DEFECTS} they raised it "
               "(docs/adaptation.md); compare with anomalyvfm evaluate", file=sys.stderr)
+    learnt = {Path(image).resolve() for image, _ in defects.pairs} if defects is not None else set()
+    both = sum(Path(image).resolve() in learnt for image in calibration)
+    if both:
+        print(f"anomalyvfm: warning: {both} of the {len(calibration)} --calibration-defects images are also learnt "
+              "(--defects): thresholds set on them are optimistic; give images the model does not learn from",
+              file=sys.stderr)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -98,7 +106,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from anomalyvfm.detector.defect_thresholds import read_defects
 
         calibration = read_defects(args.calibration_defects)  # a bad folder is one line now, not after the fit
-        warn_calibration_defects([image for image, _ in calibration])
+        warn_calibration_defects([image for image, _ in calibration], variant.defects)
     if args.engine == "ray":
         if args.calibration_defects:
             raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")

@@ -16,11 +16,6 @@ tie the earlier of these wins (the normal-only threshold first, the higher quant
 labels move it only where they show a gain. Measured with ten defects: SegF1 0.437 → 0.461 on the mean of four
 categories (the global-cut choice: 0.392); with one to three it can lose (docs/adaptation.md).
 
-A defect the model also learnt (`fit --defects` given the same images) is scored *held out*: by the evidence the
-other learnt defects taught (`detector.defects.held_out_views`). Scored by evidence learnt from itself it looks
-separable at a floor that floods every other image (measured: kolektor, ten defects, SegF1 0.535 → 0.247 in-sample,
-0.515 held out).
-
 These are the user's labels, never test labels: the model records that labels were used
 (`FitRecord.calibration_defects`) and the threshold evidence says so, so a report never mistakes them for
 a normal-only model. DIR has the `test_public` layout: `bad/NAME.png` and `ground_truth/bad/NAME_mask.png`;
@@ -30,18 +25,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from anomalyvfm import metrics as M
-from anomalyvfm.checksums import sha256
 from anomalyvfm.data import list_images
 from anomalyvfm.data.images import ImageLike, load_mask
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.head.budget import BUDGET_SOURCES
 from anomalyvfm.head.calibration import Thresholds
-from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.maps.binarize import model_mask
 
 CANDIDATES = 16  # quantiles of the outlined defect pixels tried as pixel thresholds (module docstring)
@@ -78,13 +71,12 @@ def read_outline(mask: Path, shape: tuple[int, int], what: str = "calibration de
 
 def defect_thresholds(normal_scores: np.ndarray, normal_maps: Sequence[np.ndarray], defect_scores: np.ndarray,
                       defect_maps: Sequence[np.ndarray], defect_masks: Sequence[np.ndarray], cut: Cut,
-                      normal_pixel_threshold: float, held_out: int = 0) -> tuple[float, float, dict[str, Any]]:
+                      normal_pixel_threshold: float) -> tuple[float, float, dict[str, Any]]:
     """(image threshold, pixel threshold, evidence): the image threshold of best image F1 over normal images and
     labelled defects (`metrics.f1_max`, here on the user's labels, not on a test set), then the pixel threshold
     whose masks — `cut` at the verdicts of that image threshold — reach the best pooled SegF1 (module docstring).
 
-    `normal_scores` may hold more images than `normal_maps` (kept normal samples without maps); `held_out` of the
-    defects were scored held out (`calibrate_on_defects`), which the evidence says."""
+    `normal_scores` may hold more images than `normal_maps` (kept normal samples without maps)."""
     labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(defect_scores))]
     image_f1, image_t = M.f1_max(labels, np.r_[normal_scores, defect_scores])
     truths = [np.zeros(m.shape, bool) for m in normal_maps] + list(defect_masks)
@@ -96,8 +88,7 @@ def defect_thresholds(normal_scores: np.ndarray, normal_maps: Sequence[np.ndarra
     seg_f1 = {float(t): M.seg_f1_masks(truths, (cut(m, float(t), bool(f)) for m, f in zip(maps, flagged)))
               for t in candidates if np.isfinite(t)}
     pixel_t = max(seg_f1, key=seg_f1.get)  # the first of the best: the normal-only threshold on a tie
-    where = f"{len(defect_scores)} labelled defects" + (
-        f" ({held_out} also learnt, each scored by what the other learnt defects taught)" if held_out else "")
+    where = f"{len(defect_scores)} labelled defects"
     evidence = {
         "image": {"rule": "defects", "defects": len(defect_scores), "normal": len(normal_scores), "f1": image_f1,
                   "text": f"{image_t:.6g} = best image F1 ({image_f1:.3f}) over {len(normal_scores)} normal image "
@@ -117,14 +108,11 @@ def model_cut(settings: Any, thresholds: Thresholds) -> Cut:
                                                      flagged)
 
 
-def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder: str | Path,
-                         learnt: Mapping[str, ViewScores] | None = None) -> tuple[Thresholds, dict]:
+def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder: str | Path) -> tuple[Thresholds, dict]:
     """The fitted `predictor`'s thresholds set from the labelled defects in `folder` (module docstring), and
-    the record of what was used. A defect whose image the model also learnt from (`learnt`: its held-out views by
-    the file's SHA-256, `detector.defects.held_out_views`) counts as those views score it, not as the model that
-    learnt it does: thresholds set on defects scored by evidence learnt from themselves are optimistic."""
+    the record of what was used."""
     pairs = read_defects(folder)  # (an empty bad/ is already one line there)
-    old, learnt = predictor.thresholds(), learnt or {}
+    old = predictor.thresholds()
 
     def predicted(images: Sequence[ImageLike], what: str) -> list:
         preds = list(predictor.predict_iter(list(images), f"thresholds ({what})", decide=False))
@@ -133,17 +121,13 @@ def calibrate_on_defects(predictor: Any, validation: Sequence[ImageLike], folder
             raise UserInputError(f"{what} image unreadable: {failed.error}")
         return preds
 
-    digests = [sha256(image) if learnt else "" for image, _ in pairs]
-    fresh = iter(predicted([image for (image, _), d in zip(pairs, digests) if d not in learnt], "defects"))
-    normal, head = predicted(validation, "validation"), predictor.pipeline.head
-    defects = [head.judge(learnt[d], predictor.calibration, predictor.score_mode) if d in learnt else next(fresh)
-               for d in digests]
+    normal, defects = predicted(validation, "validation"), predicted([image for image, _ in pairs], "defects")
     masks = [read_outline(mask, pred.anomaly_map.shape) for (_, mask), pred in zip(pairs, defects)]
     kept = [v for source in BUDGET_SOURCES for v in old.normal_samples.get(source, {}).get("image", [])]
     image_t, pixel_t, evidence = defect_thresholds(
         np.r_[[p.score for p in normal], kept], [p.anomaly_map for p in normal],
         np.array([p.score for p in defects]), [p.anomaly_map for p in defects], masks,
-        model_cut(predictor.settings, old), old.pixel_threshold, sum(d in learnt for d in digests))
+        model_cut(predictor.settings, old), old.pixel_threshold)
     record = {"folder": str(folder), "images": len(pairs), "image_f1": evidence["image"]["f1"],
-              "seg_f1": evidence["pixel"]["f1"], "held_out": sum(d in learnt for d in digests)}
+              "seg_f1": evidence["pixel"]["f1"]}
     return replace(old, image_threshold=image_t, pixel_threshold=pixel_t, evidence=evidence), record

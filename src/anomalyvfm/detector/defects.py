@@ -55,7 +55,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from anomalyvfm import metrics as M
-from anomalyvfm.checksums import sha256
 from anomalyvfm.data import load_rgb
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.detector.calibration import calibrate_scored
@@ -66,7 +65,6 @@ from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.head.defects import (FLOOR_SIGMA, DefectEvidence, ScoredImage, bank_key, defect_bank,
                                      linear_keys)
 from anomalyvfm.head.head import ScoringHead
-from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.prediction import ImageViews
 from anomalyvfm.scoring.distances import unit_rows
 
@@ -142,14 +140,11 @@ def lora_record(defects: DefectSet) -> dict[str, Any]:
 
 
 def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validation: Sequence, mode: str,
-                progress: bool, held_out: bool = False) -> tuple[Calibration, dict[str, Any], dict[str, ViewScores]]:
-    """Learn `defects` into the fitted `pipeline`'s head and refit the calibration on `validation`; return it,
-    the record of what was learnt (module docstring) and, with `held_out`, each defect's views as the evidence
-    learnt from the *other* defects raises them (`held_out_views`), by the SHA-256 of its image file — what
-    thresholds set on these defects too must see (`--calibration-defects`). A LoRA fit has learnt them in
-    training: its record only."""
+                progress: bool) -> tuple[Calibration, dict[str, Any]]:
+    """Learn `defects` into the fitted `pipeline`'s head and refit the calibration on `validation`; return it
+    and the record of what was learnt (module docstring). A LoRA fit has learnt them in training: its record only."""
     if pipeline.settings.lora is not None:
-        return calibration, lora_record(defects), {}
+        return calibration, lora_record(defects)
     views = {}
     for what, images in (("validation", validation), ("defect", [image for image, _ in defects.pairs])):
         views[what] = list(pipeline.image_views(images, f"features ({what})" if progress else None))
@@ -160,32 +155,10 @@ def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validati
     found = scored_images(pipeline.head, views["defect"], [mask for _, mask in defects.pairs])
     arrays, record = learn_defects(pipeline.head, calibration, found, normal, defects.source,
                                    pipeline.settings.defect_weight)
-    held = {} if not held_out else {sha256(image): views for (image, _), views in
-                                    zip(defects.pairs, held_out_views(pipeline.head, calibration, found, record))}
     pipeline.use_head_arrays(arrays)
     pipeline.configure(defect_weight=record["weight"])
     rescored = [pipeline.head.score_views(v.views, v.source, v.processed_shape, v.image_shape) for v in views["validation"]]
-    return calibrate_scored(pipeline, rescored, mode), record, held
-
-
-def held_out_views(head: ScoringHead, calibration: Calibration, defects: Sequence[ScoredImage],
-                   record: dict[str, Any]) -> list[ViewScores]:
-    """Each labelled defect's views raised by the evidence of `record`'s kind and weight learnt from the *other*
-    defects, by the normal-only `head` — as the choice's folds score them.
-
-    Why: scored by evidence learnt from itself, a defect's own patches sit at distance 0 from the bank (or on the
-    linear head's side of them), so defects look separable at thresholds that flood every other image: thresholds
-    set on the very defects a model learnt lowered SegF1 (kolektor, ten defects: 0.535 → 0.247; held out: 0.515,
-    docs/adaptation.md). Nothing learnt (weight 0): the normal-only views."""
-    if record["weight"] == 0:
-        return [d.scored for d in defects]
-    learner = Learner(head, calibration)
-    held = []
-    for i, defect in enumerate(defects):
-        taught, _ = learner.learn(record["kind"], [d for j, d in enumerate(defects) if j != i])
-        held.append(DefectEvidence.raised(defect, learner.evidence(taught).of(defect), record["weight"])
-                    if taught else defect.scored)
-    return held
+    return calibrate_scored(pipeline, rescored, mode), record
 
 
 def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence[ScoredImage],

@@ -71,8 +71,7 @@ class AnomalyDetector:
         """Learn normal patch statistics from `images`, then thresholds from `validation_images` — and, with
         `calibration_defects` (a folder of labelled defects), from those too (`defect_thresholds`). With
         `defects` (labelled real defects, `detector.defects`), their patches become evidence in the score;
-        they set no threshold — unless they are in `calibration_defects` too, where each is scored by what the
-        *other* defects taught (`held_out_views`).
+        they set no threshold.
 
         Without validation images a seeded 10 % of `images` is held out, so thresholds never come from
         the same images the statistics were fitted on.
@@ -104,16 +103,13 @@ class AnomalyDetector:
 
             self.calibration, self.record.auto_choice["image_evidence"] = settle_image_evidence(
                 self.pipeline, self.calibration, validation_images, mode, progress)
-        learnt = {}  # the learnt defects' held-out views, for thresholds also set on them
         if defects is not None:
-            self.calibration, self.record.defects, learnt = fit_defects(
-                self.pipeline, self.calibration, defects, validation_images, mode, progress,
-                held_out=calibration_defects is not None)
+            self.calibration, self.record.defects = fit_defects(self.pipeline, self.calibration, defects, validation_images,
+                                                                mode, progress)
         if calibration_defects is not None:
             from anomalyvfm.detector.defect_thresholds import calibrate_on_defects
 
-            thresholds, self.record.calibration_defects = calibrate_on_defects(self, validation_images, calibration_defects,
-                                                                               learnt)
+            thresholds, self.record.calibration_defects = calibrate_on_defects(self, validation_images, calibration_defects)
             self.calibration = replace(self.calibration, modes={**self.calibration.modes, self.score_mode: thresholds})
         self.record.package_version = __version__
         self.record.fitted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
