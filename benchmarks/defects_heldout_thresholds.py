@@ -10,6 +10,8 @@ evidence learnt — same kind and weight as the row's choice — from the *other
 folds already do), the validation images by the full evidence, and `defect_thresholds` sets the thresholds on those.
 Only rows where a kind was chosen differ from the in-sample arm; the model of each row is rebuilt from its recorded
 choice, and its SegF1 is checked against the row's before anything is reported. Output: OUT/defects_heldout_thresholds.json.
+(Built into `fit` at commit a09cce1 and judged on fresh draws 9-11, it lost to both arms it had beaten here and was
+reverted: docs/adaptation.md.)
 """
 from __future__ import annotations
 

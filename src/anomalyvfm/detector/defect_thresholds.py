@@ -13,8 +13,9 @@ global cut is far too low a floor for MEBin (measured, docs/adaptation.md: on ko
 0.535 to 0.052). MEBin has no closed form in its floor, so the candidates are few: the model's normal-only
 threshold, the best global cut, and `CANDIDATES` quantiles of the defect pixels inside the outlines; on a
 tie the earlier of these wins (the normal-only threshold first, the higher quantile before a lower one), so
-labels move it only where they show a gain. Measured with ten defects: SegF1 0.437 → 0.461 on the mean of four
-categories (the global-cut choice: 0.392); with one to three it can lose (docs/adaptation.md).
+labels move it only where they show a gain. Measured with ten defects, mean SegF1 of four categories: 0.437 →
+0.461 on one set of draws (the global-cut choice: 0.392), 0.402 → 0.375 on another; with one to three it lost on
+both (docs/adaptation.md) — not a reliable gain.
 
 These are the user's labels, never test labels: the model records that labels were used
 (`FitRecord.calibration_defects`) and the threshold evidence says so, so a report never mistakes them for
