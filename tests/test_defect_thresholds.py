@@ -13,7 +13,10 @@ from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_mask
 from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
-from anomalyvfm.detector.defect_thresholds import defect_thresholds
+from anomalyvfm.detector.defect_thresholds import CalibrationDefectsWarning, defect_thresholds
+from anomalyvfm.detector.defects import DefectSet
+from anomalyvfm.detector.detector import AnomalyDetector
+from anomalyvfm.errors import UserInputError
 
 
 def global_cut(amap: np.ndarray, pixel_t: float, flagged: bool) -> np.ndarray:
@@ -85,6 +88,25 @@ def test_thresholds_from_few_defects_or_from_the_defects_the_model_learns_are_wa
     err = capsys.readouterr().err
     assert "warning: 8 of the 8 --calibration-defects images are also learnt" in err
     assert "warning: thresholds from 8 labelled defects: with 1-3 they lowered SegF1" in err
+    assert err.count("labelled defects: with 1-3") == 1 and "UserWarning" not in err  # said once, before the fit
+
+
+def test_the_python_api_warns_too_and_reads_the_folder_before_fitting(backbone_dir, data_root, tmp_path):
+    """`AnomalyDetector.fit(calibration_defects=...)` gives the CLI's warnings as `CalibrationDefectsWarning`s, before
+    any image is fitted: with a training image that does not exist, a bad calibration folder is still the error."""
+    folder = _defects(tmp_path, data_root)
+    learnt = DefectSet("test", tuple((image, None) for image in sorted((folder / "bad").glob("*.png"))[:3]))
+    train = sorted((data_root / "demo" / "train" / "good").glob("*.png"))
+    validation = sorted((data_root / "demo" / "validation" / "good").glob("*.png"))
+    with pytest.warns(CalibrationDefectsWarning) as caught:
+        AnomalyDetector(backbone=str(backbone_dir), image_size=112).fit(train, validation, progress=False,
+                                                                       calibration_defects=folder, defects=learnt)
+    texts = [str(w.message) for w in caught if w.category is CalibrationDefectsWarning]
+    assert texts[0].startswith("thresholds from 8 labelled defects") and texts[1].startswith("3 of the 8")
+    shutil.rmtree(folder / "bad")
+    with pytest.raises(UserInputError, match="no bad/ folder"):
+        AnomalyDetector(backbone=str(backbone_dir), image_size=112).fit([tmp_path / "missing.png"], validation,
+                                                                       progress=False, calibration_defects=folder)
 
 
 def _defects(tmp_path: Path, data_root: Path) -> Path:

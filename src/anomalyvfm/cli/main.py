@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import uuid
+import warnings
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -76,46 +77,25 @@ def defect_set(args: argparse.Namespace):
         return defects_from_store(url, store)
 
 
-ADVISED_CALIBRATION_DEFECTS = 10  # measured: thresholds from 1-3 defects lowered SegF1 on two sets of draws, 10 was mixed
-
-
-def warn_calibration_defects(calibration: list[Path], defects) -> None:
-    """Say so, before the fit, when the thresholds are to be set on too few labelled defects or on defects the model
-    also learns (docs/adaptation.md, mean SegF1 of four categories on draws 6-8 / 9-11: from one defect 0.432 -> 0.378
-    / 0.437 -> 0.357; from ten 0.437 -> 0.461 / 0.402 -> 0.375; ten defects also learnt, 0.424 -> 0.392 /
-    0.444 -> 0.432 against the same model without thresholds from them)."""
-    if len(calibration) < ADVISED_CALIBRATION_DEFECTS:
-        print(f"anomalyvfm: warning: thresholds from {len(calibration)} labelled defects: with 1-3 they lowered SegF1 "
-              f"on the mean of four categories on both sets of draws measured, with {ADVISED_CALIBRATION_DEFECTS} "
-              "they raised it on one and lowered it on the other (docs/adaptation.md); compare with anomalyvfm evaluate",
-              file=sys.stderr)
-    learnt = {Path(image).resolve() for image, _ in defects.pairs} if defects is not None else set()
-    both = sum(Path(image).resolve() in learnt for image in calibration)
-    if both:
-        print(f"anomalyvfm: warning: {both} of the {len(calibration)} --calibration-defects images are also learnt "
-              "(--defects): thresholds set on them lowered SegF1 on both sets of draws measured; give images the "
-              "model does not learn from",
-              file=sys.stderr)
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
+    from anomalyvfm.detector.defect_thresholds import CalibrationDefectsWarning, calibration_warnings
     from anomalyvfm.detector.model_dir import ADAPTER_DIR, HEADS_FILE, check_writable
     from anomalyvfm.detector.fit import fit_category
 
     check_writable(args.out)
     variant = variant_of(args)
     if args.calibration_defects:
-        from anomalyvfm.detector.defect_thresholds import read_defects
-
-        calibration = read_defects(args.calibration_defects)  # a bad folder is one line now, not after the fit
-        warn_calibration_defects([image for image, _ in calibration], variant.defects)
+        for text in calibration_warnings(args.calibration_defects, variant.defects):  # now, not after the fit
+            print(f"anomalyvfm: warning: {text}", file=sys.stderr)
     if args.engine == "ray":
         if args.calibration_defects:
             raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")
         detector, seconds = fit_on_ray(args, variant)
     else:
         check_local(args)
-        detector, seconds = fit_category(args.data, args.category, args.layout, variant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationDefectsWarning)  # said above, before the fit
+            detector, seconds = fit_category(args.data, args.category, args.layout, variant)
     with output_errors(args.out, lambda: "the model there, if any, is unchanged"):  # e.g. the disk filled up
         out = detector.save(args.out, store_backbone=not args.reference_backbone)
     thresholds = detector.thresholds()

@@ -39,6 +39,7 @@ from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.maps.binarize import model_mask
 
 CANDIDATES = 16  # quantiles of the outlined defect pixels tried as pixel thresholds (module docstring)
+ADVISED_DEFECTS = 10  # measured: thresholds from 1-3 defects lowered SegF1 on two sets of draws, from 10 mixed
 # A map's mask at a pixel threshold, given the image's verdict: the model's own cut (`maps.binarize.model_mask`).
 Cut = Callable[[np.ndarray, float, bool], np.ndarray]
 
@@ -60,6 +61,30 @@ def read_defects(folder: str | Path, outlines: bool = True, what: str = "calibra
             raise UserInputError(f"{image}: no mask {mask} ({what} need an outline each)")
         pairs.append((image, mask if mask.is_file() else None))
     return pairs
+
+
+class CalibrationDefectsWarning(UserWarning):
+    """Thresholds are to be set on labelled defects in a way measured to lower SegF1 (`calibration_warnings`)."""
+
+
+def calibration_warnings(folder: str | Path, defects: Any = None) -> list[str]:
+    """One line each, said before a fit, when the thresholds are to be set on too few labelled defects in `folder`
+    or on images the model also learns (`defects`, a `detector.defects.DefectSet`). Measured (docs/adaptation.md),
+    mean SegF1 of four categories on draws 6-8 / 9-11: from one defect 0.432 -> 0.378 / 0.437 -> 0.357; from ten
+    0.437 -> 0.461 / 0.402 -> 0.375; ten defects also learnt 0.424 -> 0.392 / 0.444 -> 0.432 against the same model
+    without thresholds from them. Reading `folder` here also makes a bad one one line before the fit, not after."""
+    images = [image for image, _ in read_defects(folder)]
+    texts = []
+    if len(images) < ADVISED_DEFECTS:
+        texts.append(f"thresholds from {len(images)} labelled defects: with 1-3 they lowered SegF1 on the mean of four "
+                     f"categories on both sets of draws measured, with {ADVISED_DEFECTS} they raised it on one and "
+                     "lowered it on the other (docs/adaptation.md); compare with anomalyvfm evaluate")
+    learnt = {Path(image).resolve() for image, _ in defects.pairs} if defects is not None else set()
+    both = sum(Path(image).resolve() in learnt for image in images)
+    if both:
+        texts.append(f"{both} of the {len(images)} --calibration-defects images are also learnt (--defects): thresholds "
+                     "set on them lowered SegF1 on both sets of draws measured; give images the model does not learn from")
+    return texts
 
 
 def read_outline(mask: Path, shape: tuple[int, int], what: str = "calibration defect") -> np.ndarray:

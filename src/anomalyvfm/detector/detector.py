@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from anomalyvfm.data.images import ImageLike
 from anomalyvfm.declare import SettingError
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.calibration import calibrate
+from anomalyvfm.detector.defect_thresholds import CalibrationDefectsWarning, calibration_warnings
 from anomalyvfm.detector.defects import DefectSet, check_defects_allowed, fit_defects, outlined
 from anomalyvfm.detector.pipeline import Accumulator, Pipeline, accumulate
 from anomalyvfm.detector.settings import Runtime, Settings
@@ -71,7 +73,8 @@ class AnomalyDetector:
         """Learn normal patch statistics from `images`, then thresholds from `validation_images` — and, with
         `calibration_defects` (a folder of labelled defects), from those too (`defect_thresholds`). With
         `defects` (labelled real defects, `detector.defects`), their patches become evidence in the score;
-        they set no threshold.
+        they set no threshold. Thresholds from fewer than ten labelled defects, or from defects the model also
+        learns, were measured to lower SegF1: a `CalibrationDefectsWarning` says so before anything is fitted.
 
         Without validation images a seeded 10 % of `images` is held out, so thresholds never come from
         the same images the statistics were fitted on.
@@ -85,6 +88,9 @@ class AnomalyDetector:
             raise UserInputError("no training images given")
         if defects is not None:
             check_defects_allowed(self.settings, defects)
+        if calibration_defects is not None:
+            for text in calibration_warnings(calibration_defects, defects):
+                warnings.warn(text, CalibrationDefectsWarning, stacklevel=2)
         if self.settings.auto:
             from anomalyvfm.detector.auto import choose_settings
 
