@@ -84,12 +84,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     variant = variant_of(args)
+    if args.calibration_defects and args.engine == "ray":
+        raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")
     if args.calibration_defects:
         for text in calibration_warnings(args.calibration_defects, variant.defects):  # now, not after the fit
             print(f"anomalyvfm: warning: {text}", file=sys.stderr)
     if args.engine == "ray":
-        if args.calibration_defects:
-            raise UserInputError("--calibration-defects needs --engine local (the thresholds are set in this process)")
         detector, seconds = fit_on_ray(args, variant)
     else:
         check_local(args)
