@@ -36,7 +36,7 @@ from anomalyvfm.adaptation.config import AdaptationConfig
 from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images
 from anomalyvfm.detector.settings import STORED_BEFORE, Settings
 from anomalyvfm.head.calibration import Thresholds
-from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage, image_bank_key
 from anomalyvfm.prediction import ImageViews
 
 CATEGORIES = ("magnetic_tile", "bottle", "kolektor", "ball_screw_drive")
@@ -47,6 +47,8 @@ KS = (1, 3, 10)
 # `--seeds 0,1,2`, `3,4,5` or `9,10,11` repeats an earlier run's draws.
 SEEDS = (6, 7, 8)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
+PATCH_ONLY = "defects, patch image score"  # `fit --defects` without the image score's defect term
+IMAGE_PREFIX = image_bank_key(0).split("view")[0]  # the image defect bank's arrays
 CALIBRATED = ("frozen", "defects")  # arms also judged at thresholds from the drawn defects (`--calibration-defects`)
 
 
@@ -72,8 +74,9 @@ def cached(detector: AnomalyDetector, paths: list[Path], what: str, folder: Path
 def with_evidence(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None) -> list:
     """`images` (scored by the frozen head) with the defect `evidence` applied at the detector's weight — the
     arithmetic of a head holding what was learnt."""
-    weight = detector.pipeline.head.config.defect_weight
-    return [image.scored if evidence is None else evidence.raised(image, evidence.of(image), weight) for image in images]
+    config = detector.pipeline.head.config
+    return [image.scored if evidence is None else evidence.rescored(image, config.defect_weight, config.top_percent)
+            for image in images]
 
 
 def figures(detector: AnomalyDetector, images: list[ScoredImage], evidence: DefectEvidence | None,
@@ -219,6 +222,9 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                     row[f"{name} + calibration"] = figures(detector, rest, evidence, labels,
                                                            drawn_thresholds(detector, evidence, normal, labelled))
                 row[f"fit_seconds {name}"] = scored.fit_seconds + (extra if weight != 0.0 else 0.0)
+            # the same learnt patch evidence without the image score's defect term (the product before it)
+            plain = {key: value for key, value in arrays.items() if not key.startswith(IMAGE_PREFIX)}
+            row[PATCH_ONLY] = figures(detector, rest, with_arrays(detector, plain, record["weight"], normal), labels)
             if k in lora_ks:
                 good_paths = list_images(root / "test_public" / "good")
                 row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad[i].mask) for i in drawn],
@@ -233,10 +239,13 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    arms = ["frozen", fixed, "defects"] + [f"{name} + calibration" for name in CALIBRATED if f"{name} + calibration" in rows[0]]
+    extra = [name for name in (PATCH_ONLY, *(f"{arm} + calibration" for arm in CALIBRATED)) if name in rows[0]]
+    arms = ["frozen", fixed, "defects", *extra]
+    heads = {PATCH_ONLY: "`fit --defects` without the image score's defect term"}
     lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |"
-             + "".join(f" {name.replace(' + calibration', ': thresholds from the drawn defects too')} |" for name in arms[3:]),
-             "|---|---|---|---|---|---|" + "---|" * len(arms[3:])]
+             + "".join(f" {heads.get(name, name.replace(' + calibration', ': thresholds from the drawn defects too'))} |"
+                       for name in extra),
+             "|---|---|---|---|---|---|" + "---|" * len(extra)]
     groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in KS] + [("mean", k) for k in KS]
     for category, k in groups:
         group = [r for r in rows if r["k"] == k and category in ("mean", r["category"])]

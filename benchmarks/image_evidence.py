@@ -67,7 +67,7 @@ def run_category(data: str, category: str, backbone: str, max_train: int | None)
     stats, rows = fused_cal.image_stats, []
     z = {name: (np.array(v) - stats[name][0]) / max(stats[name][1], 1e-12) for name, v in (("patch", patch), ("global", distance))}
     for evidence, cal in (("patch", patch_cal), ("patch+global", fused_cal)):
-        scores = np.array([fuse_image_evidence(p, d, stats, evidence) for p, d in zip(patch, distance)])
+        scores = np.array([fuse_image_evidence(p, {"global": d}, stats, evidence) for p, d in zip(patch, distance)])
         t = cal.thresholds()
         result = M.evaluate_images(labels, scores, masks, maps, t.image_threshold, t.pixel_threshold)[0]
         rows.append({"category": category, "evidence": evidence, **{k: round(float(result[k]), 4) for k in KEYS},

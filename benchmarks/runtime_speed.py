@@ -72,7 +72,7 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
         backbone = _timed(lambda: grids.extend(predictor._features([p])[0] for p in prepared))
         scores = []
         view = len(predictor.views) - 1
-        scoring = _timed(lambda: scores.extend(predictor.head.patch_scores(view, g).reshape(g.shape[:2]) for g in grids))
+        scoring = _timed(lambda: scores.extend(predictor.head.normal_scores(view, g).reshape(g.shape[:2]) for g in grids))
         shapes = [(p[0], rgb.shape[:2]) for p, rgb in zip(prepared, decoded)]
     else:  # torch detector: the backbone on the same pre-processed tensors
         import torch
@@ -91,7 +91,7 @@ def _stages(predictor, images: list[str]) -> dict[str, float]:
             backbone = _timed(lambda: grids.extend(pipe.backbone(t[None])[0] for t in tensors))
         scores = []
         view = len(pipe.settings.views()) - 1
-        scoring = _timed(lambda: scores.extend(pipe.head.patch_scores(view, g.numpy()).reshape(g.shape[:2]) for g in grids))
+        scoring = _timed(lambda: scores.extend(pipe.head.normal_scores(view, g.numpy()).reshape(g.shape[:2]) for g in grids))
         shapes = [(tuple(t.shape[1:]), rgb.shape[:2]) for t, rgb in zip(tensors, decoded)]
     sigma = predictor.settings.sigma
     maps = _timed(lambda: [anomaly_map(s, p, i, sigma) for s, (p, i) in zip(scores, shapes)])

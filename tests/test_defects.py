@@ -40,7 +40,7 @@ def test_a_patch_is_raised_only_by_how_much_nearer_a_known_defect_it_is_than_nor
     x = np.r_[bank[:5] + 0.01 * rng.normal(size=(5, 8)), defect + 0.05 * rng.normal(size=(3, 8)), rng.normal(size=(20, 8))]
     normal = 1 - (unit_rows(x) @ bank.T).max(1)
     nearest_defect = 1 - (unit_rows(x) @ defect.T).max(1)
-    scores = head.patch_scores(0, x)
+    scores = head.score_views([x.reshape(1, -1, 8)], "x", (14, 392), (14, 392)).grids[0].reshape(-1)
     np.testing.assert_allclose(scores, normal + np.maximum(normal - nearest_defect, 0), rtol=1e-5, atol=1e-6)
     assert (scores >= normal - 1e-6).all()
     np.testing.assert_allclose(scores[:5], normal[:5], atol=1e-6)  # nearer normal than any defect: unchanged
@@ -105,8 +105,14 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
     calibration = calibrate_scored_head(head, normal_images)
     labelled = synthetic_images(head, defects, masks)
     arrays, record = learn_defects(head, calibration, labelled, normal_images, "test")
-    _, single = learn_defects(head, calibration, labelled[:1], normal_images, "test")
+    single_arrays, single = learn_defects(head, calibration, labelled[:1], normal_images, "test")
     assert single["weight"] == 0.0 and single["choice"]["folds"] == 0  # one defect: nothing to check it on, none learnt
+    assert not single["image_evidence"]["learnt"] and not any(key.startswith("defects.") for key in single_arrays)
+    # the image score's defect term needs ten defects, and is then kept whatever the patch evidence chosen
+    assert not record["image_evidence"]["learnt"] and "defects.image.view0.bank" not in arrays
+    many_arrays, many = learn_defects(head, calibration, labelled * 3, normal_images, "test")
+    assert many["image_evidence"]["learnt"] and many["image_evidence"]["images"] == 12
+    assert "defects.image.view0.bank" in many_arrays
     figures = record["choice"]["figures"]
     assert record["choice"]["folds"] == 4 and set(figures) == {"none", *(f"{k} {w}" for k in ("bank", "linear") for w in (1, 2, 4))}
     if chosen == "raised":
@@ -114,7 +120,7 @@ def test_the_weight_is_chosen_on_held_out_labelled_defects(alike, chosen):
         assert record["weight"] > 0 and learnt in arrays
         assert figures[f"{record['kind']} {record['weight']:g}"] > figures["none"]
     else:
-        assert record["weight"] == 0.0 and not any(key.startswith("defects.") for key in arrays)
+        assert record["weight"] == 0.0 and not any(key.startswith("defects.view") for key in arrays)
 
 
 def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_beyond_noise():
@@ -156,15 +162,19 @@ def calibrate_scored_head(head: ScoringHead, images: list[ScoredImage]) -> Calib
     return Calibration("distance", {}, view_stats=view_statistics([image.scored for image in images]))
 
 
-def defect_folder(data_root: Path, folder: Path, names: list[str], outlines: bool = True) -> Path:
+def defect_folder(data_root: Path, folder: Path, names: list[str], outlines: bool = True, copies: int = 1) -> Path:
+    """A labelled-defect folder of the demo defects `names`, each `copies` times (the demo has 8 defects; the image
+    score learns from ten)."""
     source = data_root / "demo" / "test_public"
     (folder / "bad").mkdir(parents=True)
     (folder / "ground_truth" / "bad").mkdir(parents=True)
     for name in names:
-        shutil.copy(source / "bad" / name, folder / "bad" / name)
-        if outlines:
-            mask = f"{Path(name).stem}_mask.png"
-            shutil.copy(source / "ground_truth" / "bad" / mask, folder / "ground_truth" / "bad" / mask)
+        for copy in range(copies):
+            stem = Path(name).stem + (f"_{copy}" if copy else "")
+            shutil.copy(source / "bad" / name, folder / "bad" / f"{stem}.png")
+            if outlines:
+                shutil.copy(source / "ground_truth" / "bad" / f"{Path(name).stem}_mask.png",
+                            folder / "ground_truth" / "bad" / f"{stem}_mask.png")
     return folder
 
 
@@ -185,29 +195,53 @@ def halves(data_root) -> tuple[list[Path], list[Path]]:
 
 @pytest.fixture(scope="module")
 def with_defects(backbone_dir, data_root, halves, tmp_path_factory) -> Path:
-    """A model that learnt the first half of the demo defects (outlined)."""
+    """A model that learnt the first half of the demo defects (outlined), each three times (twelve defects)."""
     folder = tmp_path_factory.mktemp("defects")
     out = folder / "model"
     assert fit(backbone_dir, data_root, out, "--defect-weight", "1", "--defects",
-               str(defect_folder(data_root, folder / "labelled", [p.name for p in halves[0]]))) == 0
+               str(defect_folder(data_root, folder / "labelled", [p.name for p in halves[0]], copies=3))) == 0
     return out
+
+
+def predictions(model: Path, paths: list[Path]) -> list:
+    return load_predictor(model).predict(paths, progress=False)
 
 
 def test_learnt_defects_raise_similar_defects_and_leave_good_parts_alone(fitted_model, with_defects, data_root, halves):
     learnt, held_out = halves
     stored = model_dir.read(with_defects)
     record = stored.record.defects
-    assert record["images"] == record["outlined"] == 4 and record["patches_per_view"][0] > 0
+    assert record["images"] == record["outlined"] == 12 and record["patches_per_view"][0] > 0
     assert record["weight"] == stored.settings.defect_weight == 1.0 and record["choice"]["rule"].startswith("given")
     assert len(stored.head["defects.view0.bank"]) == record["patches_per_view"][0]
     good = sorted((data_root / "demo" / "test_public" / "good").glob("*.png"))
-    np.testing.assert_allclose(scores(with_defects, good), scores(fitted_model, good), rtol=1e-6)
-    before, after = scores(fitted_model, held_out), scores(with_defects, held_out)
-    assert (after >= before - 1e-6).all() and (after > before * 1.05).any()  # never lower; a similar one raised
-    assert (scores(with_defects, learnt) > scores(fitted_model, learnt)).all()
-    # no threshold was set from the defects: the validation images give the same ones
-    assert stored.calibration.thresholds().image_threshold == pytest.approx(
-        model_dir.read(fitted_model).calibration.thresholds().image_threshold, rel=1e-6)
+    for mine, plain in zip(predictions(with_defects, good), predictions(fitted_model, good)):  # maps: good parts alone
+        np.testing.assert_allclose(mine.anomaly_map, plain.anomaly_map, rtol=1e-5, atol=1e-6)
+    before = [p.anomaly_map for p in predictions(fitted_model, held_out)]
+    after = [p.anomaly_map for p in predictions(with_defects, held_out)]
+    assert all((a >= b - 1e-5).all() for a, b in zip(after, before))  # never lower
+    assert any(a.max() > b.max() * 1.05 for a, b in zip(after, before))  # a similar one raised
+    # the image score adds the defect term, standardised on validation: every defect scores above every good part
+    assert record["image_evidence"]["learnt"] and len(stored.head["defects.image.view0.bank"]) == len(stored.head["defects.view0.bank"])
+    assert {"patch", "defects"} <= set(stored.calibration.image_stats)
+    assert min(scores(with_defects, [*learnt, *held_out])) > max(scores(with_defects, good))
+    # no threshold was set from the defects: the pixel threshold is the normal-only model's
+    assert stored.calibration.thresholds().pixel_threshold == pytest.approx(
+        model_dir.read(fitted_model).calibration.thresholds().pixel_threshold, rel=1e-6)
+
+
+def test_fewer_than_ten_defects_leave_the_image_score_alone(fitted_model, backbone_dir, data_root, halves, tmp_path,
+                                                            capsys):
+    folder, out = defect_folder(data_root, tmp_path / "labelled", [p.name for p in halves[0]]), tmp_path / "model"
+    capsys.readouterr()
+    assert fit(backbone_dir, data_root, out, "--defect-weight", "1", "--defects", str(folder)) == 0
+    assert "the image score is unchanged (4 labelled defects kept patches, fewer than 10)" in capsys.readouterr().out
+    stored = model_dir.read(out)
+    assert not stored.record.defects["image_evidence"]["learnt"] and "defects.view0.bank" in stored.head
+    assert not any(key.startswith("defects.image.") for key in stored.head) and "defects" not in stored.calibration.image_stats
+    good = sorted((data_root / "demo" / "test_public" / "good").glob("*.png"))
+    np.testing.assert_allclose(scores(out, good), scores(fitted_model, good), rtol=1e-6)
+    assert (scores(out, halves[0]) > scores(fitted_model, halves[0])).all()  # the learnt defects raised, patches only
 
 
 def test_an_exported_form_carries_the_defect_bank(with_defects, halves, tmp_path):
@@ -326,7 +360,7 @@ def test_bad_defects_are_one_line_naming_the_file(damage, named, backbone_dir, d
 @pytest.mark.parametrize("scorer, kind", [("knn", "bank"), ("mahalanobis", "bank"), ("knn", "linear")])
 def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, kind, backbone_dir, data_root, halves):
     """`DefectEvidence` (the weight choice, the study) gives the very scores of a head holding what was learnt."""
-    from anomalyvfm.detector.defects import Learner
+    from anomalyvfm.detector.defects import Learner, image_bank
 
     from anomalyvfm.detector.defects import scored_images
     from anomalyvfm.detector.detector import AnomalyDetector
@@ -337,15 +371,18 @@ def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, 
     views = list(detector.view_features([*halves[0], *halves[1]]))
     masks = [load_mask(root / "test_public" / "ground_truth" / "bad" / f"{Path(v.source).stem}_mask.png") for v in views]
     images = scored_images(head, views, masks)
-    learnt, kept = Learner(head, detector.calibration).learn(kind, images[:4])
-    assert sum(rows[0] for rows in kept) > 0 and learnt
-    arrays = {**head.state_dict(), **learnt}
+    learner = Learner(head, detector.calibration)
+    learnt, kept = learner.learn(kind, images[:4])
+    image_arrays, record = image_bank(learner, images[:4] * 3, None)
+    assert sum(rows[0] for rows in kept) > 0 and learnt and record["learnt"] and image_arrays
+    arrays = {**head.state_dict(), **learnt, **image_arrays}
     with_bank = ScoringHead(replace(head.config, defect_weight=2.0), arrays)
     evidence = DefectEvidence(arrays, [head.gaussian(0)])
     changed = 0
     for image, v in zip(images, views):
-        raised = evidence.raised(image, evidence.of(image), 2.0)
+        rescored = evidence.rescored(image, 2.0, head.config.top_percent)
         direct = with_bank.score_views(v.views, v.source, v.processed_shape, v.image_shape)
-        np.testing.assert_array_equal(raised.grids[0], direct.grids[0])
-        changed += raised is not image.scored
+        np.testing.assert_array_equal(rescored.grids[0], direct.grids[0])
+        assert rescored.defect_evidence == direct.defect_evidence is not None
+        changed += rescored.grids[0] is not image.scored.grids[0]
     assert changed >= 4  # at least the learnt defects themselves were raised

@@ -48,8 +48,14 @@ def test_embedding_and_distance_arithmetic():
     assert global_distance(embedding, bank, k=1) == pytest.approx(0, abs=1e-6)
     assert global_distance(embedding, bank, k=99) == pytest.approx(np.mean(1 - bank @ embedding), abs=1e-6)
     stats = {"patch": [1.0, 2.0], "global": [0.1, 0.05]}
-    assert fuse_image_evidence(3.0, 0.2, stats, "patch") == 3.0
-    assert fuse_image_evidence(3.0, 0.2, stats, "patch+global") == pytest.approx(1.0 + 2.0)
+    assert fuse_image_evidence(3.0, {"global": 0.2}, stats, "patch") == 3.0
+    assert fuse_image_evidence(3.0, {"global": 0.2}, stats, "patch+global") == pytest.approx(1.0 + 2.0)
+    stats["defects"] = [0.5, 0.25]
+    terms = {"global": 0.2, "defects": 0.0}
+    assert fuse_image_evidence(3.0, terms, stats, "patch+defects") == pytest.approx(1.0 - 2.0)
+    assert fuse_image_evidence(3.0, terms, stats, "patch+global+defects") == pytest.approx(1.0 + 2.0 - 2.0)
+    with pytest.raises(ValueError, match="defects"):
+        fuse_image_evidence(3.0, {"global": 0.2, "defects": None}, stats, "patch+defects")
 
 
 def test_setting_round_trips_and_old_directories_score_patch(fitted_model, backbone_dir, data_root, tmp_path,

@@ -60,14 +60,14 @@ def test_a_training_image_is_at_distance_zero_in_sample_but_not_out_of_fold():
     scorer.finalize()
     head = ScoringHead(HeadConfig("knn", 1, 1), {"view0.bank": scorer.bank.numpy()})
     features = images[2].numpy()
-    inside = head.patch_scores(0, features)
+    inside = head.normal_scores(0, features)
     held = HeldOut(bank_rows=(np.flatnonzero(scorer.bank_sources == 2),))
-    outside = head.patch_scores(0, features, held)
+    outside = head.normal_scores(0, features, held)
     assert np.abs(inside).max() < 1e-5
     assert outside.min() > 1e-3
     # the exclusion is exactly a bank without those rows
     without = ScoringHead(HeadConfig("knn", 1, 1), {"view0.bank": scorer.bank.numpy()[scorer.bank_sources != 2]})
-    np.testing.assert_allclose(outside, without.patch_scores(0, features), atol=1e-6)
+    np.testing.assert_allclose(outside, without.normal_scores(0, features), atol=1e-6)
 
 
 def test_mahalanobis_fold_gaussians_equal_fits_without_the_fold():

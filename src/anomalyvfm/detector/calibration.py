@@ -47,9 +47,10 @@ def calibrate_scored(pipeline, scored: list[ViewScores], mode: str) -> Calibrati
         stats = mask_stats(head.separability, [torch.from_numpy(item.foreground) for item in scored])
         active = pipeline.settings.foreground == "on" or looks_like_object(stats)
         calibration.foreground = {**stats, "active": active}
-    if head.has_global:  # before any fused image score: those are standardised by it
+    if head.image_terms:  # before any fused image score: those are standardised by it
         patch = [head.fuse(item, calibration, "patch").distance_image for item in scored]
-        calibration.image_stats = evidence_stats(patch, [item.global_distance for item in scored])
+        values = {"global": [item.global_distance for item in scored], "defects": [item.defect_evidence for item in scored]}
+        calibration.image_stats = evidence_stats(patch, {name: values[name] for name in head.image_terms})
     raws = [head.fuse(item, calibration) for item in scored]
     shapes = [(item.processed_shape, item.image_shape) for item in scored]
     if pipeline.heads is not None:

@@ -66,7 +66,7 @@ def choose_image_evidence(pipeline, calibration, validation: Sequence[ImageLike]
     global_only = np.r_[:len(good), first_global:len(images)]
     figures = {}
     for evidence in IMAGE_EVIDENCE:
-        scores = np.array([fuse_image_evidence(p, d, calibration.image_stats, evidence) for p, d in zip(patch, distance)])
+        scores = np.array([fuse_image_evidence(p, {"global": d}, calibration.image_stats, evidence) for p, d in zip(patch, distance)])
         figures[evidence] = {"val_image_auroc": M.image_auroc(labels, scores),
                              "val_image_auroc_global_anomalies": M.image_auroc(labels[global_only], scores[global_only])}
     z = [(np.array(v) - mean) / max(std, 1e-12) for v, (mean, std) in

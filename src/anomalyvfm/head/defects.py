@@ -34,6 +34,14 @@ Which patches are kept, per view (`defect_rows`):
   scores (`Calibration.view_stats`). A patch inside an outline that scores like normal texture (an outline
   drawn generously, a faint defect) would otherwise teach that normal texture is a defect.
 
+The image score learns from them too (`defects.image.view<i>.bank`, kept whenever two or more labelled
+defects keep patches, whatever the patch evidence chosen): the image's *defect evidence* is the mean over
+views of its top `top_percent` % patches' bank evidence `e` (as above, on the normal distances), and enters
+the image score as one more standardised term beside the patch score (`scoring.image_evidence`, term
+"defects"). Raising patch scores alone barely moves the image score: the top patches of a good image are
+raised too (docs/adaptation.md); a term standardised on the validation images asks instead how much nearer
+known defects this image's top patches are than a good image's.
+
 The arrays are stored with the head's, so the model directory, every exported backbone form and the service
 carry them with no code of their own.
 """
@@ -46,6 +54,7 @@ import numpy as np
 
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.head.scores import ViewScores
+from anomalyvfm.scoring.pooling import image_score
 from anomalyvfm.scoring.distances import CHUNK, knn_distance, unit_rows
 
 FLOOR_SIGMA = 3.0  # kept defect patches score at least mean + FLOOR_SIGMA std of validation patches (per view)
@@ -58,6 +67,10 @@ def bank_key(view: int) -> str:
 
 def linear_keys(view: int) -> tuple[str, str]:
     return f"defects.view{view}.direction", f"defects.view{view}.bias"
+
+
+def image_bank_key(view: int) -> str:
+    return f"defects.image.view{view}.bank"
 
 
 @dataclass(frozen=True)
@@ -132,10 +145,17 @@ def raise_scores(normal: np.ndarray, evidence: np.ndarray, weight: float) -> np.
     return normal * (np.float32(1) + np.float32(weight) * np.asarray(evidence, np.float32))
 
 
+def bank_evidence(features, bank: np.ndarray, gaussian: tuple[np.ndarray, np.ndarray] | None,
+                  normal: np.ndarray) -> np.ndarray:
+    """Each patch's bank evidence `max(0, 1 - d_d / d_n)` (flat; `normal`: its normal distances `d_n`, flat)."""
+    nearest = defect_distance(features, bank, gaussian)
+    return np.where(normal > 0, np.maximum(0, 1 - nearest / np.maximum(normal, 1e-12)), 0).astype(np.float32)
+
+
 class DefectEvidence:
-    """The defect evidence of a head's arrays, per view that has any: what `ScoringHead` raises its scores with,
-    and, on views already scored against the normal model (`ScoredImage`), what the weight choice and studies
-    use without the normal search again — the same code, so the same scores."""
+    """The defect evidence of a head's arrays, per view that has any: what `ScoringHead` raises its scores with
+    and its image's defect evidence, and, on views already scored against the normal model (`ScoredImage`), what
+    the weight choice and studies use without the normal search again — the same code, so the same scores."""
 
     def __init__(self, arrays: dict[str, np.ndarray], gaussians: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> None:
         self.gaussians = list(gaussians)
@@ -143,6 +163,8 @@ class DefectEvidence:
                       if bank_key(view) in arrays}
         self.linear = {view: (arrays[keys[0]], float(arrays[keys[1]][0])) for view in range(len(gaussians))
                        if (keys := linear_keys(view))[0] in arrays}
+        self.image_banks = {view: prepared_bank(arrays[image_bank_key(view)], gaussian)
+                            for view, gaussian in enumerate(gaussians) if image_bank_key(view) in arrays}
 
     def has(self, view: int) -> bool:
         return view in self.banks or view in self.linear
@@ -150,8 +172,7 @@ class DefectEvidence:
     def evidence(self, view: int, features, normal: np.ndarray) -> np.ndarray:
         """Each patch's defect evidence in [0, 1] (flat; `normal`: its normal distances, flat)."""
         if view in self.banks:
-            nearest = defect_distance(features, self.banks[view], self.gaussians[view])
-            return np.where(normal > 0, np.maximum(0, 1 - nearest / np.maximum(normal, 1e-12)), 0).astype(np.float32)
+            return bank_evidence(features, self.banks[view], self.gaussians[view], normal)
         direction, bias = self.linear[view]
         return (1 / (1 + np.exp(-(unit_rows(features) @ direction + bias)))).astype(np.float32)
 
@@ -159,6 +180,21 @@ class DefectEvidence:
         """Per view of a scored image, its patches' evidence as a grid (None: nothing learnt for that view)."""
         return [self.evidence(view, features, grid.reshape(-1)).reshape(grid.shape) if self.has(view) else None
                 for view, (grid, features) in enumerate(zip(image.scored.grids, image.features))]
+
+    def image_evidence(self, image: ScoredImage, top_percent: float) -> float | None:
+        """The image's defect evidence (module docstring); None without an image defect bank."""
+        if not self.image_banks:
+            return None
+        return float(np.mean([image_score(bank_evidence(image.features[view], bank, self.gaussians[view],
+                                                        np.asarray(image.scored.grids[view]).reshape(-1)), top_percent)
+                              for view, bank in self.image_banks.items()], dtype=np.float64))
+
+    def rescored(self, image: ScoredImage, weight: float, top_percent: float) -> ViewScores:
+        """What a head holding these arrays makes of an image scored by the normal model: its views raised at
+        `weight`, and its image defect evidence."""
+        scored = self.raised(image, self.of(image), weight)
+        evidence = self.image_evidence(image, top_percent)
+        return scored if evidence is None else replace(scored, defect_evidence=evidence)
 
     @staticmethod
     def raised(image: ScoredImage, evidence: list[np.ndarray | None], weight: float) -> ViewScores:

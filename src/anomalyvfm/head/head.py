@@ -3,8 +3,8 @@
 The fitted state is a flat dict of float32 arrays (`state_dict`), keyed `<part>.<name>`: `view<i>.bank`
 (kNN) or `view<i>.mean` / `view<i>.whitener` (Mahalanobis) per view, `foreground.mean` /
 `foreground.component` / `foreground.threshold` when the model has a foreground model, and
-`global.embeddings` (the training images' global embeddings, for image evidence), and `defects.view<i>.*`
-when the model learnt from labelled defects (`head.defects`). The torch fit produces
+`global.embeddings` (the training images' global embeddings, for image evidence), and `defects.view<i>.*` /
+`defects.image.view<i>.bank` when the model learnt from labelled defects (`head.defects`). The torch fit produces
 it (`detector.pipeline`), the model directory and the exported bundle store it; the head reads nothing else.
 
 Out-of-fold scores of training images (fit time, `detector.out_of_fold`) go through the same
@@ -24,7 +24,7 @@ import numpy as np
 from anomalyvfm.errors import NotFittedError
 from anomalyvfm.features.masks import foreground_mask
 from anomalyvfm.head.calibration import Calibration, Thresholds
-from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, raise_scores
+from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage
 from anomalyvfm.head.scores import HeadLogits, RawScores, ViewScores, combine
 from anomalyvfm.head.search import BankSearch, make_search
 from anomalyvfm.maps.anomaly_maps import anomaly_map
@@ -111,15 +111,26 @@ class ScoringHead:
     def has_global(self) -> bool:
         return "global.embeddings" in self._arrays
 
+    @property
+    def image_terms(self) -> tuple[str, ...]:
+        """The image-level evidence terms this head computes beside the patch score (`scoring.image_evidence`)."""
+        return (("global",) if self.has_global else ()) + (("defects",) if self._defects.image_banks else ())
+
+    @property
+    def image_evidence(self) -> str:
+        """The evidence the image score is made of: the config's, plus "defects" when the head holds an image
+        defect bank (learnt at fit time, so no setting names it)."""
+        return self.config.image_evidence + ("+defects" if self._defects.image_banks else "")
+
     # -- per image ------------------------------------------------------------------------------------
     def score_views(self, features: Sequence[np.ndarray], source: str, processed_shape: tuple[int, int],
                     image_shape: tuple[int, int], head: HeadLogits | None = None,
                     held_out: HeldOut | None = None) -> ViewScores:
         """Patch scores of every view's `(h, w, C)` features (finest last), the foreground mask and the global
-        distance of the reference (last) view; `head` carries a LoRA head's logits through; `held_out`
-        scores a training image out of fold."""
+        distance of the reference (last) view, then what learnt defects make of them (`head.defects`); `head`
+        carries a LoRA head's logits through; `held_out` scores a training image out of fold."""
         features = [np.asarray(f, np.float32) for f in features]
-        grids = [self.patch_scores(view, f, held_out).reshape(f.shape[:2]) for view, f in enumerate(features)]
+        grids = [self.normal_scores(view, f, held_out).reshape(f.shape[:2]) for view, f in enumerate(features)]
         ref, a = features[-1], self._arrays
         mask = (foreground_mask(ref, a["foreground.mean"], a["foreground.component"], float(a["foreground.threshold"][0]))
                 if self.has_foreground else None)
@@ -129,23 +140,18 @@ class ScoringHead:
             if held_out is not None and held_out.global_row is not None and len(embeddings) > 1:
                 embeddings = np.delete(embeddings, held_out.global_row, axis=0)
             distance = global_distance(image_embedding(ref, self.config.blocks), embeddings)
-        return ViewScores(source, grids, mask, tuple(processed_shape), tuple(image_shape), head, distance)
+        normal = ViewScores(source, grids, mask, tuple(processed_shape), tuple(image_shape), head, distance)
+        return self._defects.rescored(ScoredImage(normal, features), self.config.defect_weight, self.config.top_percent)
 
-    def patch_scores(self, view: int, features: np.ndarray, held_out: HeldOut | None = None) -> np.ndarray:
-        """Flat patch scores of one view's features against that view's scorer (without what `held_out` names)."""
-        gaussian = self.gaussian(view)
+    def normal_scores(self, view: int, features: np.ndarray, held_out: HeldOut | None = None) -> np.ndarray:
+        """Flat distances of one view's features to normal, by that view's scorer (without what `held_out` names)."""
         if self._search:
             if held_out is not None and held_out.bank_rows:
-                normal = knn_distance(features, self._arrays[f"view{view}.bank"], held_out.bank_rows[view])
-            else:
-                normal = self._search[view](features)
-        elif held_out is not None and held_out.gaussians:
-            normal = mahalanobis_distance(features, *held_out.gaussians[view])
-        else:
-            normal = mahalanobis_distance(features, *gaussian)
-        if not self._defects.has(view):
-            return normal
-        return raise_scores(normal, self._defects.evidence(view, features, normal), self.config.defect_weight)
+                return knn_distance(features, self._arrays[f"view{view}.bank"], held_out.bank_rows[view])
+            return self._search[view](features)
+        if held_out is not None and held_out.gaussians:
+            return mahalanobis_distance(features, *held_out.gaussians[view])
+        return mahalanobis_distance(features, *self.gaussian(view))
 
     def gaussian(self, view: int) -> tuple[np.ndarray, np.ndarray] | None:
         """A Mahalanobis view's (mean, whitener); None for kNN."""
@@ -162,8 +168,8 @@ class ScoringHead:
         if calibration.suppress_background and scored.foreground is not None:
             grid = suppress_background(grid, scored.foreground)
         patch = image_score(grid, self.config.top_percent)
-        score = fuse_image_evidence(patch, scored.global_distance, calibration.image_stats,
-                                    evidence or self.config.image_evidence)
+        score = fuse_image_evidence(patch, {"global": scored.global_distance, "defects": scored.defect_evidence},
+                                    calibration.image_stats, evidence or self.image_evidence)
         raw = RawScores(grid, score)
         if scored.head is not None:
             raw.head, raw.head_image = scored.head

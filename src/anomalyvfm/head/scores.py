@@ -31,7 +31,7 @@ HeadLogits = tuple[np.ndarray, float]  # a LoRA head's `(h, w)` patch logits and
 
 @dataclass
 class ViewScores:
-    """One image's patch-score grid per view (finest last), foreground mask, head scores and global distance.
+    """One image's patch-score grid per view (finest last), foreground mask, head scores and image-level evidence.
 
     Small: grids of patch scores, not features, so every validation image's can be kept while calibrating.
     """
@@ -43,6 +43,7 @@ class ViewScores:
     image_shape: tuple[int, int]
     head: HeadLogits | None = None  # patch logits and image logit of the reference view
     global_distance: float | None = None  # reference view's distance to the training images (image_evidence)
+    defect_evidence: float | None = None  # how near known defects its top patches are (`head.defects`)
 
 
 @dataclass

@@ -10,9 +10,13 @@ each, N is small).
 
 With `image_evidence="patch+global"` the image score is the sum of both evidences, each standardised by
 its mean and std over the validation (good) images, as views are fused (`head.scores`): "one std above
-normal" then counts the same in both, and an image anomalous in either way stands out.
+normal" then counts the same in both, and an image anomalous in either way stands out. A model that learnt
+labelled defects adds a third term the same way, "defects" (`head.defects`: how much nearer its top patches
+are to known defect patches than to normal ones), so an evidence reads `patch[+global][+defects]`.
 """
 from __future__ import annotations
+
+from typing import Mapping
 
 import numpy as np
 
@@ -38,18 +42,22 @@ def global_distance(embedding: np.ndarray, bank: np.ndarray, k: int = GLOBAL_K) 
     return float(1.0 - np.partition(similarity, len(similarity) - k)[len(similarity) - k :].mean(dtype=np.float64))
 
 
-def fuse_image_evidence(patch: float, global_: float | None, stats: dict[str, list[float]], evidence: str) -> float:
-    """The image score under `evidence`: the patch score itself ("patch"), or the sum of the standardised
-    patch and global evidences ("patch+global", `stats` = validation [mean, std] of each)."""
-    if evidence == "patch":
+def fuse_image_evidence(patch: float, terms: Mapping[str, float | None], stats: dict[str, list[float]],
+                        evidence: str) -> float:
+    """The image score under `evidence`: the patch score itself ("patch"), or the sum of the standardised patch
+    score and each further term the evidence names ("patch+global", "patch+defects", …; `terms` holds their
+    values, `stats` the validation [mean, std] of each and of "patch")."""
+    names = evidence.split("+")[1:]
+    if not names:
         return patch
-    if global_ is None or not stats:
-        raise ValueError("patch+global evidence needs the global distance and its validation statistics")
-    (pm, ps), (gm, gs) = stats["patch"], stats["global"]
-    return float((patch - pm) / max(ps, 1e-12) + (global_ - gm) / max(gs, 1e-12))
+    missing = [name for name in names if terms.get(name) is None or name not in stats]
+    if missing or "patch" not in stats:
+        raise ValueError(f"{evidence} evidence needs the {', '.join(missing or ['patch'])} value and its validation statistics")
+    return float(sum((value - stats[name][0]) / max(stats[name][1], 1e-12)
+                     for name, value in (("patch", patch), *((name, terms[name]) for name in names))))
 
 
-def evidence_stats(patch: list[float], global_: list[float]) -> dict[str, list[float]]:
-    """[mean, std] of the patch image scores and of the global distances over validation (good) images."""
+def evidence_stats(patch: list[float], terms: Mapping[str, list[float]]) -> dict[str, list[float]]:
+    """[mean, std] of the patch image scores and of each further term over validation (good) images."""
     return {name: [float(np.mean(v, dtype=np.float64)), float(np.std(v, dtype=np.float64))]
-            for name, v in (("patch", patch), ("global", global_))}
+            for name, v in (("patch", patch), *terms.items())}
