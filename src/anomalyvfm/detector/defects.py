@@ -82,7 +82,7 @@ CHOICE_SIDE = 128  # the choice's AU-PRO is taken on maps averaged down to this 
 FPR_LIMIT = 0.05  # AU-PRO's false-positive-rate limit in the choice (MVTec AD 2's)
 CHOICE_RESAMPLES = 500  # bootstrap resamples of the choice's paired interval
 # labelled defects with kept patches before the image score learns from them: in a design look (draws 0-2) the term
-# moved the mean image AUROC by -0.004 / -0.001 / -0.002 / +0.014 with 1 / 3 / 5 / 10 defects (docs/adaptation.md)
+# moved the mean image AUROC by -0.002 / -0.001 / -0.002 / +0.014 with 1 / 3 / 5 / 10 defects (docs/adaptation.md)
 MIN_IMAGE_DEFECTS = 10
 
 
