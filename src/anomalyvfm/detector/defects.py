@@ -190,7 +190,7 @@ def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence
     return {**arrays, **({} if choice["weight"] == 0 else learnt), **image}, record
 
 
-def image_bank(learner: "Learner", defects: Sequence[ScoredImage], weight: float | None
+def image_bank(learner: Learner, defects: Sequence[ScoredImage], weight: float | None
                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The image defect bank (`head.defects`: the image score's "defects" term) and its record: the kept defect
     patches, whenever `MIN_IMAGE_DEFECTS` labelled defects keep any and the user did not set the weight to 0."""

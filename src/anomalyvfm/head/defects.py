@@ -34,8 +34,8 @@ Which patches are kept, per view (`defect_rows`):
   scores (`Calibration.view_stats`). A patch inside an outline that scores like normal texture (an outline
   drawn generously, a faint defect) would otherwise teach that normal texture is a defect.
 
-The image score learns from them too (`defects.image.view<i>.bank`, kept whenever two or more labelled
-defects keep patches, whatever the patch evidence chosen): the image's *defect evidence* is the mean over
+The image score learns from them too (`defects.image.view<i>.bank`, kept whenever ten or more labelled
+defects keep patches, whatever the patch evidence chosen: `detector.defects.MIN_IMAGE_DEFECTS`): the image's *defect evidence* is the mean over
 views of its top `top_percent` % patches' bank evidence `e` (as above, on the normal distances), and enters
 the image score as one more standardised term beside the patch score (`scoring.image_evidence`, term
 "defects"). Raising patch scores alone barely moves the image score: the top patches of a good image are
@@ -54,8 +54,8 @@ import numpy as np
 
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.head.scores import ViewScores
-from anomalyvfm.scoring.pooling import image_score
 from anomalyvfm.scoring.distances import CHUNK, knn_distance, unit_rows
+from anomalyvfm.scoring.pooling import image_score
 
 FLOOR_SIGMA = 3.0  # kept defect patches score at least mean + FLOOR_SIGMA std of validation patches (per view)
 DEFAULT_WEIGHT = 1.0  # a patch as near a known defect as it is far from normal counts double
