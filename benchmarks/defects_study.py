@@ -49,6 +49,7 @@ KS = (1, 3, 10)
 SEEDS = (6, 7, 8)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
 PATCH_ONLY = "defects, patch image score"  # `fit --defects` without the image score's defect term
+MEBIN_ONLY = "defects, MEBin cut"  # `fit --defects` with the cut kept at the default (no cut choice)
 IMAGE_PREFIX = image_bank_key(0).split("view")[0]  # the image defect bank's arrays
 CALIBRATED = ("frozen", "defects")  # arms also judged at thresholds from the drawn defects (`--calibration-defects`)
 
@@ -184,12 +185,12 @@ def scored_category(data: Path, backbone: str, category: str, out: Path) -> Cate
                     (val_seconds, image_seconds))
 
 
-def with_arrays(detector: AnomalyDetector, arrays: dict, weight: float, normal: list[ScoredImage]) -> DefectEvidence:
-    """Give the detector's head the learnt `arrays` at `weight` and refit its calibration on the validation images
-    (what `fit --defects` does after learning); the evidence those arrays give."""
-    head = detector.pipeline.head
+def with_arrays(detector: AnomalyDetector, arrays: dict, record: dict, normal: list[ScoredImage]) -> DefectEvidence:
+    """Give the detector's head the learnt `arrays` at the weight and cut of `record` and refit its calibration on the
+    validation images (what `fit --defects` does after learning); the evidence those arrays give."""
     detector.pipeline.use_head_arrays(arrays)
-    detector.pipeline.configure(defect_weight=weight)
+    detector.pipeline.configure(defect_weight=record["weight"], binarize=record["cut"]["chosen"])
+    head = detector.pipeline.head
     evidence = DefectEvidence(arrays, [head.gaussian(v) for v in range(len(normal[0].features))])
     detector.calibration = calibrate_scored(detector.pipeline, with_evidence(detector, normal, evidence), "distance")
     return evidence
@@ -200,6 +201,7 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
     root, scored = data / category, scored_category(data, backbone, category, out)
     detector, normal, bad, bad_paths = scored.detector, scored.normal, scored.bad, scored.bad_paths
     frozen_arrays, frozen_calibration = detector.pipeline.head.state_dict(), detector.calibration
+    frozen_cut = detector.settings.binarize
     head, (val_seconds, image_seconds) = detector.pipeline.head, scored.seconds_per_image
     rows = []
     for k in ks:
@@ -210,12 +212,12 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
             labelled = [bad[i] for i in drawn]
             for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
                 detector.pipeline.use_head_arrays(frozen_arrays)
-                detector.pipeline.configure(defect_weight=None)
+                detector.pipeline.configure(defect_weight=None, binarize=frozen_cut)
                 detector.calibration, evidence = frozen_calibration, None
                 start = time.perf_counter()
                 if weight != 0.0:
                     arrays, record = learn_defects(head, frozen_calibration, labelled, normal, "test_public draw", weight)
-                    evidence = with_arrays(detector, arrays, record["weight"], normal)
+                    evidence = with_arrays(detector, arrays, record, normal)
                     row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(normal) + image_seconds * len(drawn)
                 row[name] = figures(detector, rest, evidence, labels)
@@ -225,7 +227,12 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
                 row[f"fit_seconds {name}"] = scored.fit_seconds + (extra if weight != 0.0 else 0.0)
             # the same learnt patch evidence without the image score's defect term (the product before it)
             plain = {key: value for key, value in arrays.items() if not key.startswith(IMAGE_PREFIX)}
-            row[PATCH_ONLY] = figures(detector, rest, with_arrays(detector, plain, record["weight"], normal), labels)
+            row[PATCH_ONLY] = figures(detector, rest, with_arrays(detector, plain, record, normal), labels)
+            # the same learnt evidence with the cut left at the default (the product before the cut choice)
+            row[MEBIN_ONLY] = row["defects"]
+            if record["cut"]["chosen"] != frozen_cut:
+                row[MEBIN_ONLY] = figures(detector, rest, with_arrays(detector, arrays, record | {"cut": {"chosen": frozen_cut}},
+                                                                      normal), labels)
             if k in lora_ks:
                 good_paths = list_images(root / "test_public" / "good")
                 row["lora"] = lora_arm(root, backbone, [(bad_paths[i], bad[i].mask) for i in drawn],
@@ -240,9 +247,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    extra = [name for name in (PATCH_ONLY, *(f"{arm} + calibration" for arm in CALIBRATED)) if name in rows[0]]
+    extra = [name for name in (PATCH_ONLY, MEBIN_ONLY, *(f"{arm} + calibration" for arm in CALIBRATED)) if name in rows[0]]
     arms = ["frozen", fixed, "defects", *extra]
-    heads = {PATCH_ONLY: "`fit --defects` without the image score's defect term"}
+    heads = {PATCH_ONLY: "`fit --defects` without the image score's defect term",
+             MEBIN_ONLY: "`fit --defects` with the MEBin cut (no cut choice)"}
     lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |"
              + "".join(f" {heads.get(name, name.replace(' + calibration', ': thresholds from the drawn defects too'))} |"
                        for name in extra),
@@ -257,7 +265,8 @@ def table(rows: list[dict]) -> str:
             cells = [f"{mean(lambda r: r[name][figure]):.3f}" for name in arms]
             lines.append(f"| {category} | {k} | {figure} | {' | '.join(cells)} |")
         chosen = "" if category == "mean" else "chosen: " + ", ".join(
-            f"{r['record defects']['kind']} {r['record defects']['weight']:g}" for r in group) + "; "
+            f"{r['record defects']['kind']} {r['record defects']['weight']:g}"
+            + (f" {r['record defects']['cut']['chosen']}" if "cut" in r["record defects"] else "") for r in group) + "; "
         patches = mean(lambda r: sum(r["record defects"]["patches_per_view"]))
         seconds = " | ".join(f"{mean(lambda r: r['fit_seconds ' + name]):.0f}" for name in ("frozen", fixed, "defects"))
         lines.append(f"| {category} | {k} | fit s ({chosen}{patches:.0f} defect patches) | {seconds} |")

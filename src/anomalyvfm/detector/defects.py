@@ -45,6 +45,9 @@ test said "better"); it was judged once, on fresh draws (docs/adaptation.md).
 A weight the user gives (`--defect-weight`) is used as given. The weight is a setting: the chosen one is
 written into the model's settings, the figures behind the choice into its fit record.
 
+The mask cut is chosen from the outlined defects too (`detector.defect_cut`: MEBin, or MEBin grown to a good
+part's level when the defects are broad faint domes), by its own rule, on the normal model's outlines.
+
 Then the calibration is fitted again on the validation images (their features are kept from the choice), since
 view statistics and thresholds are taken from the scores the head now gives. The defects never set a threshold —
 that stays `--calibration-defects`, a separate choice the model records separately.
@@ -65,6 +68,7 @@ from anomalyvfm import metrics as M
 from anomalyvfm.data import load_rgb
 from anomalyvfm.data.resample import block_means
 from anomalyvfm.detector.calibration import calibrate_scored
+from anomalyvfm.detector.defect_cut import choose_cut
 from anomalyvfm.detector.defect_thresholds import read_defects, read_outline
 from anomalyvfm.errors import UserInputError
 from anomalyvfm.metrics.bootstrap import resample_indices, resampled
@@ -166,7 +170,7 @@ def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validati
     arrays, record = learn_defects(pipeline.head, calibration, found, normal, defects.source,
                                    pipeline.settings.defect_weight)
     pipeline.use_head_arrays(arrays)
-    pipeline.configure(defect_weight=record["weight"])
+    pipeline.configure(defect_weight=record["weight"], binarize=record["cut"]["chosen"])
     rescored = [pipeline.head.score_views(v.views, v.source, v.processed_shape, v.image_shape) for v in views["validation"]]
     return calibrate_scored(pipeline, rescored, mode), record
 
@@ -175,16 +179,18 @@ def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence
                   validation: Sequence[ScoredImage], source: str,
                   weight: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The head's arrays with the chosen defect evidence added (nothing if the weight is 0), and the record of
-    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why."""
+    what was learnt: kind and weight (`weight` given: a bank at that weight; else chosen) and why, and the mask cut
+    the defects chose (`detector.defect_cut`; the caller configures it)."""
     learner = Learner(head, calibration)
     choice = ({"kind": "bank", "weight": weight, "rule": "given (--defect-weight): a defect bank"}
               if weight is not None else choose(learner, defects, validation))
     learnt, kept = learner.learn(choice["kind"], defects)
     image, image_record = image_bank(learner, defects, weight)
+    cut = choose_cut(head, calibration, defects, validation)
     record = {"source": source, "images": len(defects), "outlined": sum(d.mask is not None for d in defects),
               "patches_per_view": [int(sum(rows[v] for rows in kept)) for v in range(len(learner.floors))],
               "floors": [float(f) for f in learner.floors], "kind": choice["kind"], "weight": choice["weight"],
-              "choice": choice, "image_evidence": image_record,
+              "choice": choice, "image_evidence": image_record, "cut": cut,
               "images_without_kept_patches": [d.scored.source for d, rows in zip(defects, kept) if not any(rows)]}
     arrays = head.state_dict()
     return {**arrays, **({} if choice["weight"] == 0 else learnt), **image}, record

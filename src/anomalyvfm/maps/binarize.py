@@ -33,6 +33,12 @@ SegF1, the report pictures) cuts masks through `model_mask`, so a model's stored
   maps) with growth down to about today's level. The minimum area alone helped on both, a little.
 * `mebin+hysteresis`: the union of both masks — MEBin's per-image cut where it is stable, plus the
   hysteresis regions it dropped (faint ones, or images without a stable run).
+* `mebin-grown`: MEBin's regions grown down to the level a typical good part reaches (the median of the
+  validation maps' maxima, `typical_good_maximum`; the pixel threshold if that is higher): the whole region
+  above that level around each MEBin region is outlined. MEBin cuts a broad faint *dome* at its core — the
+  component count is stable only near the peak — while the defect's extent is reached far lower (bottle,
+  magnetic_tile: docs/results.md). Normal data cannot tell whether a product's defects are domes, so this cut
+  is not a default: labelled defects choose it (`detector.defect_cut`, `fit --defects`) or the user does.
 
 `outline_only_flagged` (a setting, applied after any cut): an image whose verdict is *pass* gets an empty
 mask, so verdict and outline never disagree in that direction; a *rejected* image whose cut finds no region
@@ -65,6 +71,7 @@ class Cut:
     threshold: float
     low: float
     min_area: float = 0.0
+    grow: float = 0.0  # `mebin-grown`: the level MEBin's regions grow down to (never below `threshold`)
 
 
 # One strategy per cut (module docstring). Thresholds are compared in float64: a float16 map against a Python
@@ -74,6 +81,7 @@ CUTS: dict[str, Callable[[np.ndarray, Cut], np.ndarray]] = {
     "mebin": lambda amap, cut: adaptive_mask(amap, cut.threshold),
     "hysteresis": lambda amap, cut: hysteresis_mask(amap, cut.threshold, cut.low, cut.min_area),
     "mebin+hysteresis": lambda amap, cut: CUTS["mebin"](amap, cut) | CUTS["hysteresis"](amap, cut),
+    "mebin-grown": lambda amap, cut: grown_mask(amap, CUTS["mebin"](amap, cut), cut.grow),
 }
 BINARIZATIONS = tuple(CUTS)  # the `binarize` setting's choices
 
@@ -87,19 +95,22 @@ def low_threshold(threshold: float, normal_mean: float | None) -> float:
 
 
 def defect_mask(amap: np.ndarray, pixel_threshold: float, method: str = "global", *, normal_mean: float | None = None,
-                patch_side: float = 0.0, is_anomalous: bool | None = None) -> np.ndarray:
+                patch_side: float = 0.0, is_anomalous: bool | None = None, good_maximum: float | None = None
+                ) -> np.ndarray:
     """The predicted defect pixels of one map by cut `method` (see the module docstring).
 
     `normal_mean` (the validation pixel mean) places the hysteresis low threshold, `patch_side` (one backbone
-    patch's side in map pixels) the minimum region area. The verdict is given only when the model outlines
-    flagged images alone: `is_anomalous=False` gives an empty mask whatever the cut, `True` the global cut where
-    the chosen one finds nothing.
+    patch's side in map pixels) the minimum region area, `good_maximum` (`typical_good_maximum`) the level
+    `mebin-grown` grows down to. The verdict is given only when the model outlines flagged images alone:
+    `is_anomalous=False` gives an empty mask whatever the cut, `True` the global cut where the chosen one finds
+    nothing.
     """
     if method not in CUTS:
         raise ValueError(f"binarisation must be one of {BINARIZATIONS}, got {method!r}")
     if is_anomalous is not None and not is_anomalous:  # numpy's False is not `False`
         return np.zeros(amap.shape, dtype=bool)
-    cut = Cut(float(pixel_threshold), low_threshold(pixel_threshold, normal_mean), MIN_AREA_PATCHES * patch_side**2)
+    cut = Cut(float(pixel_threshold), low_threshold(pixel_threshold, normal_mean), MIN_AREA_PATCHES * patch_side**2,
+              max(float(pixel_threshold), good_maximum if good_maximum is not None else -np.inf))
     mask = CUTS[method](amap, cut)
     if is_anomalous and not mask.any():  # a rejected image shows where, if any pixel is over the threshold
         mask = CUTS["global"](amap, cut)
@@ -113,7 +124,24 @@ def model_mask(amap: np.ndarray, settings: Any, thresholds: Any, is_anomalous: b
     return defect_mask(amap, thresholds.pixel_threshold, settings.binarize,
                        normal_mean=thresholds.validation_stats.get("pixel_score_mean"),
                        patch_side=patch_side(settings, amap.shape),
-                       is_anomalous=is_anomalous if settings.outline_only_flagged else None)
+                       is_anomalous=is_anomalous if settings.outline_only_flagged else None,
+                       good_maximum=typical_good_maximum(thresholds))
+
+
+def typical_good_maximum(thresholds: Any) -> float | None:
+    """The median of the validation maps' maxima (`Thresholds.normal_samples`): a level a typical good part
+    reaches somewhere, which `mebin-grown` grows regions down to; None when the model kept no validation record."""
+    maxima = getattr(thresholds, "normal_samples", {}).get("validation", {}).get("map_max")
+    return float(np.median(maxima)) if maxima else None
+
+
+def grown_mask(amap: np.ndarray, seeds: np.ndarray, level: float) -> np.ndarray:
+    """`seeds` (MEBin's regions) plus every 8-connected region of `amap > level` that holds a seed pixel."""
+    regions, count = ndimage.label(amap > np.float64(level), structure=_EIGHT)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[regions[seeds]] = True
+    keep[0] = False
+    return keep[regions] | seeds
 
 
 def patch_side(settings: Any, shape: tuple[int, ...]) -> float:

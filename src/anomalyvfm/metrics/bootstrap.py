@@ -107,6 +107,12 @@ def resampled(images: PerImage, indices: np.ndarray, names: tuple[str, ...] = IN
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
+def resampled_seg_f1(counts: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Pooled SegF1 of every resample (rows of `indices`) from per-image pixel (TP, FP, FN) `counts`: the
+    `seg_f1` of `resampled` for masks that are not a model's own (a choice among cuts)."""
+    return _f1(_multiplicities(indices, len(counts)) @ np.asarray(counts, np.float64))
+
+
 def _percentiles(values: np.ndarray, level: float) -> list[float]:
     """The central `level` percentile interval of the defined values; [nan, nan] when none is defined."""
     values = values[~np.isnan(values)]
