@@ -12,8 +12,9 @@ import pytest
 
 from anomalyvfm import AnomalyDetector
 from anomalyvfm.detector.settings import Settings
+from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.maps.binarize import (BINARIZATIONS, HYSTERESIS_FRACTION, MIN_AREA_PATCHES, adaptive_mask, defect_mask,
-                                      hysteresis_mask, low_threshold, model_mask, patch_side)
+                                      hysteresis_mask, low_threshold, model_mask, patch_side, typical_good_maximum)
 
 
 def blob(shape: tuple[int, int], centre: tuple[int, int], height: float, width: float) -> np.ndarray:
@@ -103,6 +104,7 @@ def test_every_cut_and_the_pass_verdict() -> None:
     expected = {"global": amap > threshold, "mebin": adaptive_mask(amap, threshold),
                 "hysteresis": hysteresis_mask(amap, threshold, low, 9.0)}
     expected["mebin+hysteresis"] = expected["mebin"] | expected["hysteresis"]
+    expected["mebin-grown"] = grown_reference(amap, expected["mebin"], threshold)  # no good maximum: the threshold
     assert set(expected) == set(BINARIZATIONS)
     for method, mask in expected.items():
         got = defect_mask(amap, threshold, method, normal_mean=mean, patch_side=3.0)
@@ -115,6 +117,40 @@ def test_every_cut_and_the_pass_verdict() -> None:
     assert expected["hysteresis"].sum() > expected["global"].sum()  # the faint blob's shoulders
     with pytest.raises(ValueError, match="binarisation"):
         defect_mask(amap, threshold, "otsu")
+
+
+def grown_reference(amap: np.ndarray, seeds: np.ndarray, level: float) -> np.ndarray:
+    """`mebin-grown` the slow way: the seeds, plus a flood fill from every seed pixel above `level` through
+    8-neighbours above it."""
+    lifted = np.where(seeds & (amap > level), np.inf, amap)
+    return seeds | flood_fill_reference(lifted, np.finfo(np.float64).max, level, 0)
+
+
+def test_mebin_grown_outlines_a_broad_dome_down_to_a_good_parts_level() -> None:
+    shape = (90, 120)
+    dome = blob(shape, (45, 40), 3.0, 14.0)  # broad and faint at its edges: MEBin keeps its core
+    faint = blob(shape, (45, 100), 1.4, 5.0)  # a separate region above the level but holding no MEBin pixel
+    amap = (dome + faint + np.random.default_rng(3).random(shape) * 0.05).astype(np.float32)
+    threshold, good = 0.5, 1.0
+    core = defect_mask(amap, threshold, "mebin")
+    grown = defect_mask(amap, threshold, "mebin-grown", good_maximum=good)
+    assert core.any() and grown.sum() > 1.2 * core.sum() and not (core & ~grown).any()
+    assert np.array_equal(grown, grown_reference(amap, core, good))
+    assert not grown[:, 80:].any()  # the faint blob: above the level, but no MEBin region in it
+    assert np.array_equal(defect_mask(amap, threshold, "mebin-grown", good_maximum=0.2),  # never below the threshold
+                          grown_reference(amap, core, threshold))
+    assert not defect_mask(amap, threshold, "mebin-grown", good_maximum=good, is_anomalous=False).any()
+
+
+def test_the_good_level_is_the_median_validation_maximum_stored_with_the_statistics() -> None:
+    stored = Thresholds(1.0, 0.5, {"pixel_score_mean": 0.1, "map_max_median": 0.9})
+    assert typical_good_maximum(stored) == 0.9
+    recorded = Thresholds(1.0, 0.5, {}, normal_samples={"validation": {"image": [0.0] * 4, "map_max": [0.7, 2.0, 0.8, 0.6]}})
+    assert typical_good_maximum(recorded) == pytest.approx(0.75)  # a model calibrated before the statistic existed
+    assert typical_good_maximum(Thresholds(1.0, 0.5, {})) is None
+    amap = blob((80, 80), (40, 40), 3.0, 12.0).astype(np.float32)
+    settings = Settings(image_size=28, binarize="mebin-grown", outline_only_flagged=False)
+    assert np.array_equal(model_mask(amap, settings, stored), defect_mask(amap, 0.5, "mebin-grown", good_maximum=0.9))
 
 
 def test_a_rejected_image_shows_where_when_its_cut_finds_nothing() -> None:
@@ -182,19 +218,21 @@ def test_each_cut_is_a_stored_setting_used_by_predict_and_evaluate(method, fitte
     assert metrics["outlined_but_passed"] == 0
 
 
-def test_hysteresis_and_the_verdict_option_travel_in_exported_forms(fitted_model, tmp_path, data_root,
-                                                                   one_thread) -> None:
+@pytest.mark.parametrize("method", ["hysteresis", "mebin-grown"])
+def test_a_cut_and_the_verdict_option_travel_in_exported_forms(method, fitted_model, tmp_path, data_root,
+                                                             one_thread) -> None:
     from anomalyvfm.data import load_dataset
     from anomalyvfm.deploy.export import export_model
     from anomalyvfm.deploy.load import load_predictor
 
     detector = AnomalyDetector.load(fitted_model)
-    detector.pipeline.configure(binarize="hysteresis", outline_only_flagged=True)
+    detector.pipeline.configure(binarize=method, outline_only_flagged=True)
     paths = [s.path for s in load_dataset(data_root, "demo").split("test_public")]
     preds = detector.predict(paths, progress=False)
     detector.save(tmp_path / "model")
     graph = load_predictor(export_model(tmp_path / "model", out=tmp_path / "linepc")[0], backend="openvino")
-    assert graph.settings.binarize == "hysteresis" and graph.settings.outline_only_flagged
+    assert graph.settings.binarize == method and graph.settings.outline_only_flagged
+    assert typical_good_maximum(graph.thresholds()) == typical_good_maximum(detector.thresholds())
     for b, p in zip(graph.predict(paths, progress=False), preds):
         assert np.array_equal(b.mask, model_mask(b.anomaly_map, graph.settings, graph.thresholds(), b.is_anomalous))
         assert b.is_anomalous or not b.mask.any()

@@ -18,6 +18,7 @@ from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_mask
 from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
+from anomalyvfm.detector.defect_cut import DEFAULT_CUT, GROWN_CUT, cut_from_counts
 from anomalyvfm.detector.defects import learn_defects
 from anomalyvfm.head.calibration import Calibration
 from anomalyvfm.head.defects import (DefectEvidence, ScoredImage, defect_bank, defect_distance, defect_rows,
@@ -156,6 +157,20 @@ def test_the_pooled_choice_counts_false_alarms_around_defects_and_wants_a_gain_b
     assert figures[3] < figures[0] and differences[3][1] < 0  # the halo's false alarms sink it
 
 
+def test_the_cut_changes_only_when_grown_outlines_are_better_beyond_noise():
+    labels = np.r_[np.zeros(10, int), np.ones(5, int)]
+    normal = np.tile([0.0, 30.0, 0.0], (10, 1))  # a few false-alarm pixels on good images, the same under both cuts
+    core = np.tile([20.0, 2.0, 80.0], (5, 1))  # MEBin: a defect's core
+    dome = np.tile([85.0, 10.0, 15.0], (5, 1))  # grown: most of it
+    chosen = cut_from_counts({DEFAULT_CUT: np.r_[normal, core], GROWN_CUT: np.r_[normal, dome]}, labels)
+    assert chosen["chosen"] == GROWN_CUT and chosen["grown_minus_mebin_95"][0] > 0
+    assert chosen["seg_f1"][GROWN_CUT] > chosen["seg_f1"][DEFAULT_CUT] and chosen["why"].startswith(GROWN_CUT)
+    one = np.r_[dome[:1], core[1:] * [0.5, 1.0, 1.0] + [0.0, 0.0, 10.0]]  # better on one defect, worse on four
+    assert cut_from_counts({DEFAULT_CUT: np.r_[normal, core], GROWN_CUT: np.r_[normal, one]}, labels)["chosen"] == DEFAULT_CUT
+    same = cut_from_counts({DEFAULT_CUT: np.r_[normal, core], GROWN_CUT: np.r_[normal, core]}, labels)
+    assert same["chosen"] == DEFAULT_CUT and same["grown_minus_mebin_95"] == [0.0, 0.0]
+
+
 def calibrate_scored_head(head: ScoringHead, images: list[ScoredImage]) -> Calibration:
     from anomalyvfm.head.scores import view_statistics
 
@@ -225,6 +240,11 @@ def test_learnt_defects_raise_similar_defects_and_leave_good_parts_alone(fitted_
     assert record["image_evidence"]["learnt"] and len(stored.head["defects.image.view0.bank"]) == len(stored.head["defects.view0.bank"])
     assert {"patch", "defects"} <= set(stored.calibration.image_stats)
     assert min(scores(with_defects, [*learnt, *held_out])) > max(scores(with_defects, good))
+    # the mask cut the outlined defects chose is the model's, by its rule: grown only beyond the interval
+    cut = record["cut"]
+    assert cut["chosen"] == stored.settings.binarize and cut["defects"] == 12
+    assert (cut["chosen"] == GROWN_CUT) == (cut["grown_minus_mebin_95"][0] > 0)
+    assert all(0 <= f <= 1 for f in cut["seg_f1"].values())
     # no threshold was set from the defects: the pixel threshold is the normal-only model's
     assert stored.calibration.thresholds().pixel_threshold == pytest.approx(
         model_dir.read(fitted_model).calibration.thresholds().pixel_threshold, rel=1e-6)
@@ -234,8 +254,10 @@ def test_fewer_than_ten_defects_leave_the_image_score_alone(fitted_model, backbo
                                                             capsys):
     folder, out = defect_folder(data_root, tmp_path / "labelled", [p.name for p in halves[0]]), tmp_path / "model"
     capsys.readouterr()
-    assert fit(backbone_dir, data_root, out, "--defect-weight", "1", "--defects", str(folder)) == 0
-    assert "the image score is unchanged (4 labelled defects kept patches, fewer than 10)" in capsys.readouterr().out
+    assert fit(backbone_dir, data_root, out, "--defect-weight", "1", "--binarize", "hysteresis", "--defects", str(folder)) == 0
+    said = capsys.readouterr().out
+    assert "the image score is unchanged (4 labelled defects kept patches, fewer than 10)" in said
+    assert "mask cut hysteresis: set by the user" in said and model_dir.read(out).settings.binarize == "hysteresis"
     stored = model_dir.read(out)
     assert not stored.record.defects["image_evidence"]["learnt"] and "defects.view0.bank" in stored.head
     assert not any(key.startswith("defects.image.") for key in stored.head) and "defects" not in stored.calibration.image_stats
@@ -274,7 +296,8 @@ def test_an_update_keeps_the_defect_bank_of_a_mahalanobis_model(backbone_dir, da
 def test_defects_without_outlines_are_weak_labels(backbone_dir, data_root, halves, tmp_path, capsys):
     folder = defect_folder(data_root, tmp_path / "weak", [p.name for p in halves[0]], outlines=False)
     assert fit(backbone_dir, data_root, tmp_path / "model", "--defects", str(folder)) == 0
-    assert "defects: 4 labelled images (0 outlined)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "defects: 4 labelled images (0 outlined)" in said and "mask cut mebin: 0 outlined defects, fewer than 3" in said
     record = model_dir.read(tmp_path / "model").record.defects
     assert record["images"] == 4 and record["outlined"] == 0 and record["patches_per_view"][0] > 0
 

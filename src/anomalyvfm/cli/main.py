@@ -111,7 +111,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         else:
             learnt = f"a {d['kind']} defect evidence at weight {d['weight']:g}" if d["weight"] else "no patch evidence"
             image = d["image_evidence"]["why"]
-            print(f"{sum(d['patches_per_view'])} defect patches kept; learnt {learnt} ({d['choice']['rule']}){image}")
+            print(f"{sum(d['patches_per_view'])} defect patches kept; learnt {learnt} ({d['choice']['rule']}){image}; "
+                  f"mask cut {d['cut']['why']}")
     if detector.settings.lora is not None:
         r = detector.record.lora
         size = sum(p.stat().st_size for p in (out / ADAPTER_DIR).rglob("*") if p.is_file()) + (out / HEADS_FILE).stat().st_size

@@ -87,23 +87,28 @@ def _mode_thresholds(raws: list[RawScores], shapes: list[tuple], mode: str, head
             maxima.append(float(amap.max()))
         if items:
             records[source] = sample(image_scores, maxima)
+    maxima = records.get("validation", {}).get("map_max", [])
     if rules["image"].sample != "validation":
-        return budget_thresholds(records, rules, validation_stats(scores, pixels))
-    thresholds = thresholds_from(scores, pixels, rules)
+        return budget_thresholds(records, rules, validation_stats(scores, pixels, maxima))
+    thresholds = thresholds_from(scores, pixels, rules, maxima)
     thresholds.normal_samples = records
     return thresholds
 
 
-def thresholds_from(scores: NormalScores, pixels: NormalScores, rules: dict[str, ThresholdRule]) -> Thresholds:
-    """Thresholds from validation image scores and map pixels (also used by benchmarks on cached maps)."""
+def thresholds_from(scores: NormalScores, pixels: NormalScores, rules: dict[str, ThresholdRule],
+                    maxima: Sequence[float] = ()) -> Thresholds:
+    """Thresholds from validation image scores and map pixels (also used by benchmarks on cached maps);
+    `maxima`: each validation map's maximum."""
     image = rules["image"].decide(scores, "defect-free validation image scores")
     pixel = rules["pixel"].decide(pixels, "defect-free validation map pixels")
-    return Thresholds(image.threshold, pixel.threshold, validation_stats(scores, pixels),
+    return Thresholds(image.threshold, pixel.threshold, validation_stats(scores, pixels, maxima),
                       {"image": image.evidence, "pixel": pixel.evidence})
 
 
-def validation_stats(scores: NormalScores, pixels: NormalScores) -> dict[str, float]:
-    """Mean and std of validation image scores and map pixels (displays scale maps by them)."""
+def validation_stats(scores: NormalScores, pixels: NormalScores, maxima: Sequence[float] = ()) -> dict[str, float]:
+    """Mean and std of validation image scores and map pixels (displays scale maps by them), and the median of
+    the maps' maxima (the level the `mebin-grown` cut grows regions down to: `maps.binarize`)."""
     s, p = scores.moments, pixels.moments
     return {"images": s.n, "image_score_mean": s.mean, "image_score_std": s.std,
-            "pixel_score_mean": p.mean, "pixel_score_std": p.std}
+            "pixel_score_mean": p.mean, "pixel_score_std": p.std,
+            **({"map_max_median": float(np.median(maxima))} if len(maxima) else {})}

@@ -42,9 +42,9 @@ def choose_cut(head: ScoringHead, calibration: Calibration, defects: Sequence[Sc
             f"is higher beyond the 95 % paired bootstrap interval; needs {MIN_CUT_DEFECTS} outlined defects")
     current = head.config.binarize
     if current != DEFAULT_CUT or len(outlined) < MIN_CUT_DEFECTS:
-        why = (f"the cut is {current} (set by the user)" if current != DEFAULT_CUT
+        why = ("set by the user" if current != DEFAULT_CUT
                else f"{len(outlined)} outlined defects, fewer than {MIN_CUT_DEFECTS}")
-        return {"chosen": current, "rule": rule, "why": why}
+        return {"chosen": current, "rule": rule, "why": f"{current}: {why}"}
     thresholds = calibration.thresholds()
     images = [*validation, *outlined]
     preds = [head.judge(image.scored, calibration, calibration.mode, thresholds) for image in images]
@@ -53,14 +53,20 @@ def choose_cut(head: ScoringHead, calibration: Calibration, defects: Sequence[Sc
                                                              thresholds, p.is_anomalous))
                              for truth, p in zip(truths, preds)], np.float64)
               for cut in (DEFAULT_CUT, GROWN_CUT)}
-    indices = resample_indices(np.r_[np.zeros(len(validation), int), np.ones(len(outlined), int)], CUT_RESAMPLES)
+    return {**cut_from_counts(counts, np.r_[np.zeros(len(validation), int), np.ones(len(outlined), int)]),
+            "rule": rule, "defects": len(outlined), "validation_images": len(validation)}
+
+
+def cut_from_counts(counts: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+    """The choice from each cut's per-image pixel (TP, FP, FN) on the same images (`labels`: 1 for a defect):
+    the grown cut only if its pooled SegF1 minus MEBin's is above 0 beyond the 95 % paired bootstrap interval."""
+    indices = resample_indices(labels, CUT_RESAMPLES)
     difference = resampled_seg_f1(counts[GROWN_CUT], indices) - resampled_seg_f1(counts[DEFAULT_CUT], indices)
     low, high = (float(q) for q in np.nanquantile(difference, [0.025, 0.975]))
-    everyone = np.arange(len(images))[None]  # the images as they are: one "resample" holding each once
+    everyone = np.arange(len(labels))[None]  # the images as they are: one "resample" holding each once
     figures = {cut: float(resampled_seg_f1(c, everyone)[0]) for cut, c in counts.items()}
     chosen = GROWN_CUT if low > 0 else DEFAULT_CUT
-    return {"chosen": chosen, "rule": rule, "seg_f1": figures, "grown_minus_mebin_95": [low, high],
-            "defects": len(outlined), "validation_images": len(validation),
-            "why": f"{GROWN_CUT}: SegF1 {figures[GROWN_CUT]:.3f} against {figures[DEFAULT_CUT]:.3f}, beyond the interval"
-                   if chosen == GROWN_CUT else f"{DEFAULT_CUT}: {GROWN_CUT} not better beyond the interval "
-                   f"(SegF1 {figures[GROWN_CUT]:.3f} against {figures[DEFAULT_CUT]:.3f})"}
+    said = f"SegF1 {figures[GROWN_CUT]:.3f} against {figures[DEFAULT_CUT]:.3f}"
+    return {"chosen": chosen, "seg_f1": figures, "grown_minus_mebin_95": [low, high],
+            "why": f"{GROWN_CUT}: {said}, beyond the interval" if chosen == GROWN_CUT
+                   else f"{DEFAULT_CUT}: {GROWN_CUT} not better beyond the interval ({said})"}

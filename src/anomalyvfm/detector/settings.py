@@ -71,7 +71,9 @@ class Settings:
     binarize: str = setting("mebin", "defect masks: global: pixels above the pixel threshold; mebin: above each "
                                       "image's own most stable threshold over it; hysteresis: regions above a lower "
                                       f"threshold ({HYSTERESIS_FRACTION:g} of the way up from the normal pixel mean) "
-                                      "holding a pixel over it, at least one patch large; mebin+hysteresis: their union",
+                                      "holding a pixel over it, at least one patch large; mebin+hysteresis: their union; "
+                                      "mebin-grown: MEBin's regions grown down to a typical good part's maximum "
+                                      "(fit --defects may choose it)",
                             choices=BINARIZATIONS)
     outline_only_flagged: bool = setting(True, "outline defects only on images judged anomalous (a pass verdict "
                                                "gets an empty mask)")

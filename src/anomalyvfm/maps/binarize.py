@@ -129,8 +129,11 @@ def model_mask(amap: np.ndarray, settings: Any, thresholds: Any, is_anomalous: b
 
 
 def typical_good_maximum(thresholds: Any) -> float | None:
-    """The median of the validation maps' maxima (`Thresholds.normal_samples`): a level a typical good part
-    reaches somewhere, which `mebin-grown` grows regions down to; None when the model kept no validation record."""
+    """The median of the validation maps' maxima: a level a typical good part reaches somewhere, which
+    `mebin-grown` grows regions down to. Calibration stores it with the validation statistics (which exported
+    bundles carry); a model calibrated before has it in its validation record; None without either."""
+    if "map_max_median" in thresholds.validation_stats:
+        return float(thresholds.validation_stats["map_max_median"])
     maxima = getattr(thresholds, "normal_samples", {}).get("validation", {}).get("map_max")
     return float(np.median(maxima)) if maxima else None
 
