@@ -23,12 +23,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from anomalyvfm.detector.settings import Settings
 from anomalyvfm.metrics import bootstrap
 from anomalyvfm import metrics as M
-from anomalyvfm.maps.binarize import BINARIZATIONS, MIN_AREA_PATCHES, defect_mask, hysteresis_mask, patch_side
+from anomalyvfm.maps.binarize import (BINARIZATIONS, MIN_AREA_PATCHES, defect_mask, grown_mask, hysteresis_mask,
+                                      patch_side)
 
 CATEGORIES = ("bottle", "ball_screw_drive", "kolektor", "magnetic_tile")
 AREA_ONLY = "global, min area"  # the global cut with the one-patch minimum area (a candidate, not a setting)
@@ -55,18 +55,14 @@ def cut(name: str, amap: np.ndarray, threshold: float, normal_mean: float, flagg
     side = patch_side(Settings(), amap.shape)
     if name in (GROWN, GROWN_TO_GOOD):
         seeds = defect_mask(amap, threshold, "mebin", is_anomalous=flagged)
-        level = threshold if name == GROWN else max(threshold, good_peak)
-        regions, count = ndimage.label(amap > np.float64(level), structure=np.ones((3, 3), dtype=bool))
-        keep = np.zeros(count + 1, dtype=bool)
-        keep[regions[seeds]] = True
-        keep[0] = False
-        return keep[regions] | seeds
+        return grown_mask(amap, seeds, threshold if name == GROWN else max(threshold, good_peak))
     if name == AREA_ONLY or name.startswith("hysteresis@"):
         fraction = float(name.partition("@")[2] or 1)  # 1: the low threshold is the strict one
         low = normal_mean + fraction * (threshold - normal_mean)
         mask = hysteresis_mask(amap, threshold, low, MIN_AREA_PATCHES * side**2)
         return mask if flagged is None or flagged else np.zeros_like(mask)
-    return defect_mask(amap, threshold, name, normal_mean=normal_mean, patch_side=side, is_anomalous=flagged)
+    return defect_mask(amap, threshold, name, normal_mean=normal_mean, patch_side=side, is_anomalous=flagged,
+                       good_maximum=good_peak)
 
 
 def reduce(split: tuple, thresholds: tuple[float, float], normal_mean: float, good_peak: float, name: str,
