@@ -256,7 +256,8 @@ def table(rows: list[dict]) -> str:
              + "".join(f" {heads.get(name, name.replace(' + calibration', ': thresholds from the drawn defects too'))} |"
                        for name in extra),
              "|---|---|---|---|---|---|" + "---|" * len(extra)]
-    groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in KS] + [("mean", k) for k in KS]
+    ks = sorted({r["k"] for r in rows})
+    groups = [(c, k) for c in dict.fromkeys(r["category"] for r in rows) for k in ks] + [("mean", k) for k in ks]
     for category, k in groups:
         group = [r for r in rows if r["k"] == k and category in ("mean", r["category"])]
         if not group:
