@@ -21,8 +21,8 @@ from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defect_cut import DEFAULT_CUT, GROWN_CUT, cut_from_counts
 from anomalyvfm.detector.defects import learn_defects
 from anomalyvfm.head.calibration import Calibration
-from anomalyvfm.head.defects import (DefectEvidence, ScoredImage, defect_bank, defect_distance, defect_rows,
-                                     prepared_bank, raise_scores)
+from anomalyvfm.head.defects import (DefectEvidence, ScoredImage, bank_key, defect_bank, defect_distance, defect_rows,
+                                     image_bank_key, prepared_bank, raise_scores)
 from anomalyvfm.head.head import HeadConfig, ScoringHead
 from anomalyvfm.head.scores import ViewScores
 from anomalyvfm.scoring.distances import unit_rows
@@ -409,3 +409,10 @@ def test_evidence_on_scored_views_is_what_a_head_with_the_bank_computes(scorer, 
         assert rescored.defect_evidence == direct.defect_evidence is not None
         changed += rescored.grids[0] is not image.scored.grids[0]
     assert changed >= 4  # at least the learnt defects themselves were raised
+    if kind == "bank":  # image bank = patch bank (as `fit --defects` learns them): one defect search serves both
+        same = {**arrays, image_bank_key(0): learnt[bank_key(0)]}
+        shared = DefectEvidence(same, [head.gaussian(0)])
+        assert shared.shared == {0}
+        for image in images:
+            assert shared.rescored(image, 2.0, head.config.top_percent).defect_evidence == pytest.approx(
+                shared.image_evidence(image, head.config.top_percent), rel=1e-6)

@@ -165,6 +165,10 @@ class DefectEvidence:
                        if (keys := linear_keys(view))[0] in arrays}
         self.image_banks = {view: prepared_bank(arrays[image_bank_key(view)], gaussian)
                             for view, gaussian in enumerate(gaussians) if image_bank_key(view) in arrays}
+        # views whose image bank is their patch bank (the chosen patch evidence was the bank): the patch evidence
+        # already holds what the image term pools, so one defect search per view serves both
+        self.shared = {view for view in self.image_banks if view in self.banks
+                       and np.array_equal(arrays[bank_key(view)], arrays[image_bank_key(view)])}
 
     def has(self, view: int) -> bool:
         return view in self.banks or view in self.linear
@@ -181,19 +185,24 @@ class DefectEvidence:
         return [self.evidence(view, features, grid.reshape(-1)).reshape(grid.shape) if self.has(view) else None
                 for view, (grid, features) in enumerate(zip(image.scored.grids, image.features))]
 
-    def image_evidence(self, image: ScoredImage, top_percent: float) -> float | None:
-        """The image's defect evidence (module docstring); None without an image defect bank."""
+    def image_evidence(self, image: ScoredImage, top_percent: float,
+                       patch: Sequence[np.ndarray | None] = ()) -> float | None:
+        """The image's defect evidence (module docstring); None without an image defect bank. `patch`: the image's
+        patch evidence per view (`of`), reused on the views whose image bank is the patch bank."""
         if not self.image_banks:
             return None
-        return float(np.mean([image_score(bank_evidence(image.features[view], bank, self.gaussians[view],
-                                                        np.asarray(image.scored.grids[view]).reshape(-1)), top_percent)
+        return float(np.mean([image_score(patch[view].reshape(-1) if view in self.shared and len(patch) > view
+                                          else bank_evidence(image.features[view], bank, self.gaussians[view],
+                                                             np.asarray(image.scored.grids[view]).reshape(-1)),
+                                          top_percent)
                               for view, bank in self.image_banks.items()], dtype=np.float64))
 
     def rescored(self, image: ScoredImage, weight: float, top_percent: float) -> ViewScores:
         """What a head holding these arrays makes of an image scored by the normal model: its views raised at
         `weight`, and its image defect evidence."""
-        scored = self.raised(image, self.of(image), weight)
-        evidence = self.image_evidence(image, top_percent)
+        patch = self.of(image)
+        scored = self.raised(image, patch, weight)
+        evidence = self.image_evidence(image, top_percent, patch)
         return scored if evidence is None else replace(scored, defect_evidence=evidence)
 
     @staticmethod
