@@ -33,7 +33,7 @@ from anomalyvfm.detector.calibration import calibrate_scored
 from anomalyvfm.detector.defect_thresholds import defect_thresholds, model_cut
 from anomalyvfm.detector.detector import AnomalyDetector
 from anomalyvfm.adaptation.config import AdaptationConfig
-from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images
+from anomalyvfm.detector.defects import DefectSet, learn_defects, scored_images, with_flipped_copies
 from anomalyvfm.detector.settings import STORED_BEFORE, Settings
 from anomalyvfm.head.calibration import Thresholds
 from anomalyvfm.head.defects import DEFAULT_WEIGHT, DefectEvidence, ScoredImage, image_bank_key
@@ -51,6 +51,7 @@ SEEDS = (6, 7, 8)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
 PATCH_ONLY = "defects, patch image score"  # `fit --defects` without the image score's defect term
 MEBIN_ONLY = "defects, MEBin cut"  # `fit --defects` with the cut kept at the default (no cut choice)
+FLIPPED = "defects, flipped copies"  # `fit --defects --defect-flips`
 IMAGE_PREFIX = image_bank_key(0).split("view")[0]  # the image defect bank's arrays
 CALIBRATED = ("frozen", "defects")  # arms also judged at thresholds from the drawn defects (`--calibration-defects`)
 
@@ -211,13 +212,16 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
             rest, labels = scored.split(drawn)
             row = {"category": category, "k": k, "seed": seed, "drawn": [bad[i].scored.source for i in drawn]}
             labelled = [bad[i] for i in drawn]
-            for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), ("defects", None)):
+            for name, weight in (("frozen", 0.0), (f"weight {DEFAULT_WEIGHT:g}", DEFAULT_WEIGHT), (FLIPPED, None),
+                                 ("defects", None)):
                 detector.pipeline.use_head_arrays(frozen_arrays)
                 detector.pipeline.configure(defect_weight=None, binarize=frozen_cut)
                 detector.calibration, evidence = frozen_calibration, None
                 start = time.perf_counter()
                 if weight != 0.0:
-                    arrays, record = learn_defects(head, frozen_calibration, labelled, normal, "test_public draw", weight)
+                    learnt = labelled if name != FLIPPED else with_flipped_copies(
+                        detector.pipeline, labelled, DefectSet("draw", tuple((bad_paths[i], bad[i].mask) for i in drawn)), False)
+                    arrays, record = learn_defects(head, frozen_calibration, learnt, normal, "test_public draw", weight)
                     evidence = with_arrays(detector, arrays, record, normal)
                     row[f"record {name}"] = record
                 extra = time.perf_counter() - start + val_seconds * len(normal) + image_seconds * len(drawn)
@@ -248,9 +252,10 @@ def run_category(data: Path, backbone: str, category: str, out: Path, seeds: tup
 def table(rows: list[dict]) -> str:
     """Means over the seeds: frozen → fixed weight → the chosen weight (the default `fit --defects`)."""
     fixed = f"weight {DEFAULT_WEIGHT:g}"
-    extra = [name for name in (PATCH_ONLY, MEBIN_ONLY, *(f"{arm} + calibration" for arm in CALIBRATED)) if name in rows[0]]
+    extra = [name for name in (FLIPPED, PATCH_ONLY, MEBIN_ONLY, *(f"{arm} + calibration" for arm in CALIBRATED))
+             if name in rows[0]]
     arms = ["frozen", fixed, "defects", *extra]
-    heads = {PATCH_ONLY: "`fit --defects` without the image score's defect term",
+    heads = {FLIPPED: "`fit --defects --defect-flips`", PATCH_ONLY: "`fit --defects` without the image score's defect term",
              MEBIN_ONLY: "`fit --defects` with the MEBin cut (no cut choice)"}
     lines = [f"| category | k | figure | frozen | bank at weight {DEFAULT_WEIGHT:g} | `fit --defects` (chosen kind and weight) |"
              + "".join(f" {heads.get(name, name.replace(' + calibration', ': thresholds from the drawn defects too'))} |"
@@ -270,7 +275,8 @@ def table(rows: list[dict]) -> str:
             f"{r['record defects']['kind']} {r['record defects']['weight']:g}"
             + (f" {r['record defects']['cut']['chosen']}" if "cut" in r["record defects"] else "") for r in group) + "; "
         patches = mean(lambda r: sum(r["record defects"]["patches_per_view"]))
-        seconds = " | ".join(f"{mean(lambda r: r['fit_seconds ' + name]):.0f}" for name in ("frozen", fixed, "defects"))
+        timed = ("frozen", fixed, "defects", *(name for name in extra[:1] if name == FLIPPED))
+        seconds = " | ".join(f"{mean(lambda r: r['fit_seconds ' + name]):.0f}" for name in timed)
         lines.append(f"| {category} | {k} | fit s ({chosen}{patches:.0f} defect patches) | {seconds} |")
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from anomalyvfm.cli.main import main
 from anomalyvfm.data import load_mask
+from anomalyvfm.data.resample import block_means
 from anomalyvfm.deploy.load import load_predictor
 from anomalyvfm.detector import model_dir
 from anomalyvfm.detector.defect_cut import DEFAULT_CUT, GROWN_CUT, cut_from_counts
@@ -264,6 +265,35 @@ def test_fewer_than_ten_defects_leave_the_image_score_alone(fitted_model, backbo
     good = sorted((data_root / "demo" / "test_public" / "good").glob("*.png"))
     np.testing.assert_allclose(scores(out, good), scores(fitted_model, good), rtol=1e-6)
     assert (scores(out, halves[0]) > scores(fitted_model, halves[0])).all()  # the learnt defects raised, patches only
+
+
+def test_mirrored_copies_are_learnt_with_their_defect(fitted_model, backbone_dir, data_root, halves, tmp_path, capsys):
+    from anomalyvfm.detector.defects import FLIPS, defects_from_folder, scored_images, with_flipped_copies
+    from anomalyvfm.detector.detector import AnomalyDetector
+    folder = defect_folder(data_root, tmp_path / "labelled", [p.name for p in halves[0]])
+    # each copy is its defect mirrored, outline and all: the normal model scores it high inside the mirrored outline
+    detector, defects = AnomalyDetector.load(fitted_model), defects_from_folder(folder)
+    views = list(detector.view_features([image for image, _ in defects.pairs]))
+    found = with_flipped_copies(detector.pipeline, scored_images(detector.pipeline.head, views,
+                                                                 [m for _, m in defects.pairs]), defects, False)
+    for defect in found:
+        assert len(defect.copies) == len(FLIPS) == 3 and not defect.copies[0].copies
+        for copy, flip in zip(defect.copies, FLIPS):
+            np.testing.assert_array_equal(copy.mask, defect.mask[flip])
+            grid = copy.scored.grids[0]
+            inside = block_means(copy.mask.astype(np.float32), grid.shape) > 0
+            assert grid[inside].mean() > grid[~inside].mean()
+    plain, mirrored = tmp_path / "plain", tmp_path / "mirrored"
+    assert fit(backbone_dir, data_root, plain, "--defect-weight", "1", "--defects", str(folder)) == 0
+    capsys.readouterr()
+    assert fit(backbone_dir, data_root, mirrored, "--defect-weight", "1", "--defect-flips", "--defects", str(folder)) == 0
+    assert "4 labelled images (4 outlined, each also learnt mirrored 3 ways)" in capsys.readouterr().out
+    without, with_copies = model_dir.read(plain), model_dir.read(mirrored)
+    assert without.record.defects["copies"] == 0 and with_copies.record.defects["copies"] == 12
+    assert with_copies.settings.defect_flips and not without.settings.defect_flips
+    # the originals' kept patches and the copies': the plain bank's rows are all in the mirrored one, and more beside
+    plain_rows, mirrored_rows = without.head["defects.view0.bank"], with_copies.head["defects.view0.bank"]
+    assert len(mirrored_rows) > len(plain_rows) and all((mirrored_rows == row).all(1).any() for row in plain_rows)
 
 
 def test_an_exported_form_carries_the_defect_bank(with_defects, halves, tmp_path):

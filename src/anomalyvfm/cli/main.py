@@ -105,7 +105,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(threshold_lines(thresholds.evidence), end="")
     if detector.record.defects:
         d = detector.record.defects
-        print(f"defects: {d['images']} labelled images ({d['outlined']} outlined), ", end="")
+        mirrored = ", each also learnt mirrored 3 ways" if d.get("copies") else ""
+        print(f"defects: {d['images']} labelled images ({d['outlined']} outlined{mirrored}), ", end="")
         if d["kind"] == "lora":
             print(d["rule"])
         else:

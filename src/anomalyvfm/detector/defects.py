@@ -58,7 +58,7 @@ operator labelled "defect" in the inspection store (their kept images, without o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,6 +88,8 @@ CHOICE_RESAMPLES = 500  # bootstrap resamples of the choice's paired interval
 # labelled defects with kept patches before the image score learns from them: in a design look (draws 0-2) the term
 # moved the mean image AUROC by -0.002 / -0.001 / -0.002 / +0.014 with 1 / 3 / 5 / 10 defects (docs/adaptation.md)
 MIN_IMAGE_DEFECTS = 10
+# the mirrored copies `--defect-flips` learns beside each labelled defect: left-right, up-down, both (a half turn)
+FLIPS = ((slice(None), slice(None, None, -1)), (slice(None, None, -1),), (slice(None, None, -1), slice(None, None, -1)))
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,24 @@ def scored_images(head: ScoringHead, views: Sequence[ImageViews], masks: Sequenc
     """Images' features as a head without defects scores them."""
     return [ScoredImage(head.score_views(v.views, v.source, v.processed_shape, v.image_shape), v.views, mask)
             for v, mask in zip(views, masks)]
+
+
+def with_flipped_copies(pipeline, found: Sequence[ScoredImage], defects: DefectSet,
+                        progress: bool) -> list[ScoredImage]:
+    """The scored labelled defects `found` (of `defects`, in order), each with its mirrored copies attached
+    (`ScoredImage.copies`: left-right, up-down, both), image and outline flipped alike. A defect's copies are
+    featured together, so memory holds one defect's copies at a time, not every image of the set."""
+    from tqdm.auto import tqdm
+
+    result = []
+    for defect, (image, mask) in tqdm(list(zip(found, defects.pairs)), desc="features (flipped defects)",
+                                      disable=not progress, unit="img"):
+        rgb = load_rgb(image)
+        copies = [(np.ascontiguousarray(rgb[flip]), None if mask is None else np.ascontiguousarray(mask[flip]))
+                  for flip in FLIPS]
+        views = list(pipeline.image_views([copy for copy, _ in copies], None))
+        result.append(replace(defect, copies=tuple(scored_images(pipeline.head, views, [m for _, m in copies]))))
+    return result
 
 
 def check_defects_allowed(settings, defects: DefectSet) -> None:
@@ -167,6 +187,8 @@ def fit_defects(pipeline, calibration: Calibration, defects: DefectSet, validati
             raise UserInputError(f"{what} image unreadable: {failed.error}")
     normal = scored_images(pipeline.head, views["validation"], [None] * len(validation))
     found = scored_images(pipeline.head, views["defect"], [mask for _, mask in defects.pairs])
+    if pipeline.settings.defect_flips:
+        found = with_flipped_copies(pipeline, found, defects, progress)
     arrays, record = learn_defects(pipeline.head, calibration, found, normal, defects.source,
                                    pipeline.settings.defect_weight)
     pipeline.use_head_arrays(arrays)
@@ -188,6 +210,7 @@ def learn_defects(head: ScoringHead, calibration: Calibration, defects: Sequence
     image, image_record = image_bank(learner, defects, weight)
     cut = choose_cut(head, calibration, defects, validation)
     record = {"source": source, "images": len(defects), "outlined": sum(d.mask is not None for d in defects),
+              "copies": sum(len(d.copies) for d in defects),
               "patches_per_view": [int(sum(rows[v] for rows in kept)) for v in range(len(learner.floors))],
               "floors": [float(f) for f in learner.floors], "kind": choice["kind"], "weight": choice["weight"],
               "choice": choice, "image_evidence": image_record, "cut": cut,

@@ -80,6 +80,9 @@ class Settings:
     defect_weight: float | None = setting(None, "with labelled defects (fit --defects): how far a patch nearer a known "
                                                 "defect than anything normal is raised (score + W x how much nearer); "
                                                 "default: chosen on held-out labelled defects", low=0)
+    defect_flips: bool = setting(False, "with labelled defects (fit --defects): also learn each one mirrored left-right, "
+                                        "up-down and both (three more backbone passes per defect; for products whose "
+                                        "defects may appear mirrored)")
     tile_size: int = setting(0, "score overlapping tiles of this many px (multiple of 14; 0 = whole image)",
                              low=0)
     tile_overlap: int = setting(56, "tile overlap in px (multiple of 14)", low=0)

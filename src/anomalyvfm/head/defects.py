@@ -82,6 +82,9 @@ class ScoredImage:
     scored: ViewScores
     features: Sequence[np.ndarray]
     mask: np.ndarray | None = None
+    # mirrored copies of a labelled defect (`fit --defect-flips`): their patches are learnt with it, and a fold
+    # that holds the defect out holds them out too (they are part of it, not more defects)
+    copies: Sequence[ScoredImage] = ()
 
 
 def defect_rows(defect: ScoredImage, view: int, floor: float, top_percent: float) -> np.ndarray:
@@ -100,16 +103,17 @@ def defect_rows(defect: ScoredImage, view: int, floor: float, top_percent: float
 def defect_bank(arrays: dict[str, np.ndarray], scorer: str, defects: Sequence[ScoredImage],
                 floors: Sequence[float], top_percent: float) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     """The defect arrays to add to a head's `arrays` (one bank per view that keeps any patch), and the patches
-    kept per image and view (kNN rows unit-norm, Mahalanobis rows as they are)."""
+    kept per image (its copies' included) and view (kNN rows unit-norm, Mahalanobis rows as they are)."""
     banks: dict[str, np.ndarray] = {}
     kept = [[0] * len(floors) for _ in defects]
     for view, floor in enumerate(floors):
         rows = []
         for i, defect in enumerate(defects):
-            index = defect_rows(defect, view, floor, top_percent)
-            kept[i][view] = len(index)
-            features = np.asarray(defect.features[view], np.float32)
-            rows.append(features.reshape(-1, features.shape[-1])[index])
+            for part in (defect, *defect.copies):
+                index = defect_rows(part, view, floor, top_percent)
+                kept[i][view] += len(index)
+                features = np.asarray(part.features[view], np.float32)
+                rows.append(features.reshape(-1, features.shape[-1])[index])
         patches = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         if len(patches):
             banks[bank_key(view)] = unit_rows(patches) if scorer == "knn" else patches
