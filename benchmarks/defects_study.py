@@ -45,8 +45,9 @@ KS = (1, 3, 10)
 # (`detector.defects`); 3-5 judged it first (and prompted a SegF1-weighing variant), 6-8 judged both again:
 # today's main table; 9-11 judged held-out thresholds (reverted; benchmarks/results/defects_study_seeds91011.*);
 # 12-14 judged the image score's defect term (kept; benchmarks/results/defects_study_seeds121314.*); 15-17 judged the
-# mask cut chosen from the defects (kept; benchmarks/results/defects_study_seeds151617.*).
-# `--seeds 0,1,2`, `3,4,5`, `9,10,11`, `12,13,14` or `15,16,17` repeats an earlier run's draws.
+# mask cut chosen from the defects (kept; benchmarks/results/defects_study_seeds151617.*); 18-20 judged mirrored copies
+# (--defect-flips: not the default; benchmarks/results/defects_study_seeds181920.*, magnetic_tile not completed).
+# `--seeds 0,1,2`, `3,4,5`, `9,10,11`, `12,13,14`, `15,16,17` or `18,19,20` repeats an earlier run's draws.
 SEEDS = (6, 7, 8)
 FIGURES = ("image_auroc", "aupro_0.05", "seg_f1", "class_f1")
 PATCH_ONLY = "defects, patch image score"  # `fit --defects` without the image score's defect term
